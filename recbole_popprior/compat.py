@@ -1,0 +1,210 @@
+"""Every shim RecBole 1.2.1 needs on today's stack, in one place.
+
+Each shim names the upstream bug it works around (see ``shared/RECBOLE_NOTES.md``).
+Nothing else in the plugin patches RecBole.
+
+1. numpy >= 2 removed ``np.float_``/``np.complex_``/``np.unicode_``; RecBole's
+   ``Config.compatibility_settings`` uses them and crashes, while RecBole code
+   elsewhere (metrics.py, layers.py, dataset.py) relies on the old aliases
+   ``np.float``/``np.bool``/``np.long``... that function sets.  -> :func:`numpy_aliases`.
+2. ``Collector.get_data_struct`` calls ``.cpu()`` on every entry, including the
+   ``Counter`` stored under ``data.count_items``, so RecBole's own
+   ``AveragePopularity`` and ``TailPercentage`` crash.  -> :class:`FixedCollector`.
+3. torch >= 2.6 loads with ``weights_only=True`` by default and RecBole pickles its
+   ``Config`` into checkpoints, so ``evaluate(load_best_model=True)`` and resume fail;
+   turning ``weights_only`` off would run arbitrary pickled code.
+   -> :func:`save_checkpoint` / :func:`load_checkpoint` (state dict + plain metadata).
+4. pandas 3 copy-on-write turns RecBole's ``fillna(..., inplace=True)`` into a no-op:
+   handled by pinning ``pandas<3`` in setup.cfg and checked by :func:`check_pandas`.
+5. ``Config._init_device`` hard-codes the NCCL backend and asserts one GPU per
+   process, so distributed runs cannot use gloo on CPU.  -> :func:`init_distributed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recbole.evaluator.collector import Collector
+
+from recbole_popprior.errors import PopPriorError
+
+
+# --- 1. numpy 2 aliases ---------------------------------------------------------------
+def numpy_aliases() -> None:
+    """Set the deprecated numpy aliases RecBole 1.2.1 uses, in a numpy-2-safe way.
+
+    Replaces ``recbole.config.Config.compatibility_settings`` (configurator.py ~L625),
+    which reads ``np.float_``/``np.complex_``/``np.unicode_`` and raises under numpy 2.
+    """
+    np.bool = np.bool_
+    np.int = np.int_
+    np.float = np.float64
+    np.complex = np.complex128
+    np.object = np.object_
+    np.str = np.str_
+    np.long = np.int_
+    np.unicode = np.str_
+
+
+# --- 2. collector .cpu() crash ----------------------------------------------------------
+class FixedCollector(Collector):
+    """RecBole's ``Collector`` with ``get_data_struct`` fixed (collector.py ~L226).
+
+    Upstream calls ``.cpu()`` on every entry of the data struct, including the
+    ``collections.Counter`` under ``data.count_items``; only tensors are moved here.
+    """
+
+    def get_data_struct(self):
+        for key, value in self.data_struct._data_dict.items():
+            if isinstance(value, torch.Tensor):
+                self.data_struct._data_dict[key] = value.cpu()
+        returned_struct = copy.deepcopy(self.data_struct)
+        for key in ["rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label"]:
+            if key in self.data_struct:
+                del self.data_struct[key]
+        return returned_struct
+
+
+# --- 3. safe checkpoints ----------------------------------------------------------------
+CHECKPOINT_FORMAT = "recbole-popprior-checkpoint/1"
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """The JSON-representable part of a RecBole ``Config`` (for the checkpoint's metadata)."""
+    source = getattr(config, "final_config_dict", config) or {}
+    plain: dict[str, Any] = {}
+    for key, value in source.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        plain[key] = value
+    return plain
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: Any = None,
+                    optimizer: torch.optim.Optimizer | None = None, **meta: Any) -> Path:
+    """Save ``model``'s state dict plus plain metadata, loadable with ``weights_only=True``.
+
+    Replaces RecBole's ``Trainer._save_checkpoint`` (trainer.py ~L289), which pickles
+    the ``Config`` object. Metadata is stored as a JSON string, so no code is pickled.
+    The file is written to a temporary name and renamed.
+    """
+    from recbole_popprior.utils import atomic_write
+
+    other = model.other_parameter() if hasattr(model, "other_parameter") else None
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "other_parameter": other if isinstance(other, dict) and other else None,
+        "meta": json.dumps({"config": _plain_config(config), **meta}, default=str),
+    }
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Returns ``{"state_dict", "optimizer", "other_parameter", "meta"}``. A missing,
+    truncated, tampered or foreign file raises :class:`PopPriorError` with one line;
+    no pickled code is ever executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PopPriorError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
+            zipfile.BadZipFile, __import__("pickle").UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PopPriorError(f"cannot load checkpoint {path}: corrupt, truncated or not a "
+                            f"recbole-popprior checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PopPriorError(f"cannot load checkpoint {path}: not a recbole-popprior checkpoint "
+                            f"(expected format {CHECKPOINT_FORMAT})")
+    try:
+        state["meta"] = json.loads(state.get("meta") or "{}")
+    except (TypeError, ValueError):
+        raise PopPriorError(f"cannot load checkpoint {path}: its metadata is not valid JSON") from None
+    return state
+
+
+def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike = "?") -> None:
+    """Load a checkpoint's weights into ``model`` with a one-line error on mismatch."""
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PopPriorError(f"checkpoint {path} does not match this model: {first[:200]}") from None
+    if state.get("other_parameter") and hasattr(model, "load_other_parameter"):
+        model.load_other_parameter(state["other_parameter"])
+
+
+# --- 4. pandas 3 copy-on-write -----------------------------------------------------------
+def check_pandas() -> None:
+    """Refuse pandas >= 3, whose copy-on-write makes RecBole's in-place ``fillna`` a no-op.
+
+    RecBole 1.2.1 dataset.py ~L501 and ~L648 fill NaNs with ``inplace=True`` on a column
+    selection; under copy-on-write that silently does nothing (float NaNs stay NaN,
+    empty token_seq cells crash). setup.cfg pins ``pandas<3``; this guards other installs.
+    """
+    import pandas as pd
+
+    major = int(pd.__version__.split(".")[0])
+    if major >= 3:
+        raise PopPriorError(
+            f"pandas {pd.__version__} is not supported: RecBole 1.2.1 relies on in-place fillna, "
+            "which pandas 3 copy-on-write silently ignores; install 'pandas<3'")
+
+
+# --- 5. distributed backend --------------------------------------------------------------
+def init_distributed(config_dict: dict[str, Any]) -> None:
+    """Initialise ``torch.distributed`` for RecBole's DDP path with any backend.
+
+    Replaces the DDP branch of ``Config._init_device`` (configurator.py ~L495), which
+    hard-codes ``backend="nccl"`` and asserts one GPU per process. Here the backend is
+    ``config["ddp_backend"]`` (default: nccl when CUDA is available, else gloo) and the
+    device is ``cuda:<local_rank>`` only for nccl.
+    """
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and str(config_dict.get("gpu_id", "")) != ""
+    backend = config_dict.get("ddp_backend") or ("nccl" if use_cuda else "gloo")
+    if backend not in {"nccl", "gloo"}:
+        raise PopPriorError(f"ddp_backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and not use_cuda:
+        raise PopPriorError("ddp_backend=nccl needs CUDA GPUs; use ddp_backend=gloo on CPU")
+    local_rank = int(config_dict["local_rank"])
+    rank = local_rank + int(config_dict.get("offset", 0) or 0)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=int(config_dict["world_size"]),
+            init_method=f"tcp://{config_dict.get('ip', '127.0.0.1')}:{config_dict.get('port', 29500)}")
+    if backend == "nccl":
+        config_dict["device"] = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank)
+    else:
+        config_dict["device"] = torch.device("cpu")
+    config_dict["single_spec"] = False
+    config_dict["ddp_backend"] = backend
+    if rank != 0:
+        config_dict["state"] = "error"
+        config_dict["show_progress"] = False
+        config_dict["verbose"] = False
+
+
+def apply() -> None:
+    """Apply the process-wide shims (numpy aliases, pandas guard). Idempotent."""
+    numpy_aliases()
+    check_pandas()

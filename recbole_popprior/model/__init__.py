@@ -1,0 +1,63 @@
+"""Prior-separated versions of RecBole's sequential models, under RecBole's own names.
+
+``get_model("SASRec")`` returns ``type("SASRec", (PriorSeparatedMixin, SASRec), {})``: the
+class keeps RecBole's name, so RecBole's name-based lookups (model yaml, trainer choice)
+keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from recbole.utils import get_model as recbole_get_model
+
+from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.mixin import PriorSeparatedMixin, PriorLoss, prior_term
+from recbole_popprior.model.special_cases import SPECIAL_MIXINS, UNSUPPORTED
+
+#: every CE-capable RecBole 1.2.1 sequential model the plugin supports
+SUPPORTED_MODELS: tuple[str, ...] = (
+    "SASRec", "SASRecF", "GRU4Rec", "GRU4RecF", "NARM", "STAMP", "Caser", "NextItNet",
+    "SRGNN", "GCSAN", "FDSA", "FEARec", "LightSANs", "SHAN", "FOSSIL", "SINE", "HRM",
+    "BERT4Rec", "S3Rec", "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet",
+    "GRU4RecKG", "KSR",
+)
+
+
+def supported_models() -> list[str]:
+    """Names accepted by ``--model`` (RecBole's own model names)."""
+    return list(SUPPORTED_MODELS)
+
+
+def _canonical(name: str) -> str:
+    for known in (*SUPPORTED_MODELS, *UNSUPPORTED):
+        if known.lower() == name.lower():
+            return known
+    return name
+
+
+def check_supported(name: str) -> str:
+    """Return RecBole's spelling of ``name`` or raise a one-line :class:`PopPriorError`."""
+    name = _canonical(name)
+    if name in UNSUPPORTED:
+        raise PopPriorError(f"{name} cannot take a softmax prior: {UNSUPPORTED[name]}. "
+                            f"Supported models: {', '.join(SUPPORTED_MODELS)}")
+    if name not in SUPPORTED_MODELS:
+        raise PopPriorError(f"unknown or unsupported model {name!r}; supported models: "
+                            f"{', '.join(SUPPORTED_MODELS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def get_model(name: str, baseline: bool = False) -> type:
+    """The prior-separated class for RecBole model ``name`` (RecBole's own class if ``baseline``)."""
+    name = check_supported(name)
+    base = recbole_get_model(name)
+    if baseline:
+        return base
+    bases = (PriorSeparatedMixin, *([SPECIAL_MIXINS[name]] if name in SPECIAL_MIXINS else []), base)
+    return type(name, bases, {"__module__": __name__, "__doc__": f"Prior-separated {name} (DESIGN.md §1)."})
+
+
+__all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
+           "prior_term", "SUPPORTED_MODELS"]

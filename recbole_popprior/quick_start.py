@@ -1,0 +1,150 @@
+"""The plugin's quick start: RecBole's pipeline with prior-separated models.
+
+``recbole.quick_start`` imports ray at module level, so it is never imported here
+(RECBOLE_NOTES.md). :func:`run_recbole_popprior` is what ``run_recbole_popprior.py`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from logging import getLogger
+from pathlib import Path
+from typing import Any
+
+import colorlog
+from recbole.utils import get_local_time, init_seed, set_color
+from recbole.utils.logger import RemoveColorFilter, log_colors_config
+
+from recbole_popprior.config import Config
+from recbole_popprior.data import create_dataset, data_preparation
+from recbole_popprior.trainer import get_trainer
+from recbole_popprior.utils import write_json
+
+_HANDLER_TAG = "_recbole_popprior"
+
+
+@dataclass
+class Pipeline:
+    """Everything one run builds: config, data, model and trainer, and where it writes."""
+
+    config: Config
+    dataset: Any
+    train_data: Any
+    valid_data: Any
+    test_data: Any
+    model: Any
+    trainer: Any
+    run_dir: Path
+    extra: dict = field(default_factory=dict)
+
+
+def build_config(model: str | type | None = None, dataset: str | None = None,
+                 config_file_list: list[str] | None = None, config_dict: dict | None = None) -> Config:
+    """The plugin's :class:`Config` for one run."""
+    return Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+
+
+def init_logger(config: Config, run_dir: Path | None = None) -> logging.Logger:
+    """RecBole-style logging to the console and to ``run_dir/run.log`` (replaces earlier runs' handlers)."""
+    level = getattr(logging, str(config["state"] or "INFO").upper(), logging.INFO)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    stream = logging.StreamHandler()
+    stream.setFormatter(colorlog.ColoredFormatter(
+        "%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M", log_colors=log_colors_config))
+    handlers: list[logging.Handler] = [stream]
+    if run_dir is not None:
+        file_handler = logging.FileHandler(run_dir / "run.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%a %d %b %Y %H:%M:%S"))
+        file_handler.addFilter(RemoveColorFilter())
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler.setLevel(level)
+        setattr(handler, _HANDLER_TAG, True)
+        root.addHandler(handler)
+    root.setLevel(level)
+    return root
+
+
+def make_run_dir(config: Config) -> Path:
+    """``<output>/<model>-<dataset>-<time>[-k]``, or ``config["run_dir"]`` when given."""
+    if config["run_dir"] if "run_dir" in config else None:
+        run_dir = Path(config["run_dir"])
+    else:
+        stem = Path(config["output"]) / f'{config["model"]}-{config["dataset"]}-{get_local_time()}'
+        run_dir, k = stem, 1
+        while run_dir.exists():
+            k += 1
+            run_dir = stem.with_name(f"{stem.name}-{k}")
+    if config["local_rank"] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
+    """Seed, load and split the data, and build the model and its trainer (as RecBole's quick start)."""
+    run_dir = make_run_dir(config)
+    config["checkpoint_dir"] = str(run_dir)
+    if log:
+        init_logger(config, run_dir if config["local_rank"] == 0 else None)
+    logger = getLogger()
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config)(config, model)
+    trainer.saved_model_file = str(run_dir / "model.pth")
+    return Pipeline(config, dataset, train_data, valid_data, test_data, model, trainer, run_dir)
+
+
+def train_and_test(pipe: Pipeline, *, saved: bool = True, callback_fn=None) -> dict[str, Any]:
+    """Fit on train/valid, then evaluate the best model on test; return the result record."""
+    config, trainer, logger = pipe.config, pipe.trainer, getLogger()
+    best_valid_score, best_valid_result = trainer.fit(
+        pipe.train_data, pipe.valid_data, saved=saved, show_progress=config["show_progress"],
+        callback_fn=callback_fn)
+    test_result = trainer.evaluate(pipe.test_data, load_best_model=saved, show_progress=config["show_progress"])
+    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
+    logger.info(set_color("test result", "yellow") + f": {dict(test_result or {})}")
+    model = pipe.model
+    return {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "seed": config["seed"],
+        "prior_tau": config["prior_tau"],
+        "prior_beta": getattr(model, "beta", None),
+        "prior_alpha": config["prior_alpha"],
+        "prior_mode": config["prior_mode"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": dict(best_valid_result or {}),
+        "test_result": dict(test_result or {}),
+        "run_dir": str(pipe.run_dir),
+        "checkpoint": trainer.saved_model_file if saved else None,
+    }
+
+
+def run_recbole_popprior(model: str | None = None, dataset: str | None = None,
+                         config_file_list: list[str] | None = None, config_dict: dict | None = None,
+                         saved: bool = True) -> dict[str, Any]:
+    """Train and test one prior-separated model; save ``results.json`` in the run folder.
+
+    Mirrors ``recbole.quick_start.run_recbole`` (without importing ray). Returns the result
+    record: best validation score/result, test result, run folder and checkpoint path.
+    """
+    config = build_config(model, dataset, config_file_list, config_dict)
+    pipe = build_pipeline(config)
+    getLogger().info(config)
+    result = train_and_test(pipe, saved=saved)
+    if config["local_rank"] == 0:
+        path = write_json(pipe.run_dir / "results.json", result)
+        getLogger().info(set_color("results saved to", "blue") + f": {path}")
+    return result

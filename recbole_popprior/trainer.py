@@ -1,0 +1,93 @@
+"""The trainer mixin: RecBole's trainers with safe checkpoints and the energy collector.
+
+``get_trainer(config)`` takes whatever trainer RecBole picks for the model (``Trainer``,
+``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from recbole.utils import get_trainer as recbole_get_trainer
+
+from recbole_popprior import compat
+
+
+class PopPriorTrainerMixin:
+    """Checkpoints through :mod:`recbole_popprior.compat` (state dict + plain metadata,
+    ``weights_only=True``) and evaluation through the plugin's collector, which feeds the
+    energy metrics with the model's contexts (DESIGN §3)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        from recbole_popprior.evaluator.collector import PopPriorCollector
+
+        self.eval_collector = PopPriorCollector(config)
+        self.eval_stage = "test"
+
+    # --- checkpoints (compat shim 3) -----------------------------------------------------
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        compat.save_checkpoint(
+            saved_model_file, self.model, config=self.config, optimizer=self.optimizer,
+            epoch=epoch, cur_step=self.cur_step, best_valid_score=self.best_valid_score)
+        if verbose:
+            self.logger.info(f"Saving current: {saved_model_file}")
+
+    def save_pretrained_model(self, epoch, saved_model_file):
+        compat.save_checkpoint(saved_model_file, self.model, config=self.config,
+                               optimizer=self.optimizer, epoch=epoch)
+        self.saved_model_file = saved_model_file
+
+    def resume_checkpoint(self, resume_file):
+        state = compat.load_checkpoint(resume_file, map_location=self.device)
+        compat.restore_model(self.model, state, resume_file)
+        meta = state["meta"]
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = int(meta.get("epoch", -1)) + 1
+        self.cur_step = int(meta.get("cur_step", 0))
+        self.best_valid_score = meta.get("best_valid_score", self.best_valid_score)
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def load_model_file(self, model_file: str | None = None) -> None:
+        """Load weights from ``model_file`` (default: this run's best checkpoint)."""
+        model_file = model_file or self.saved_model_file
+        state = compat.load_checkpoint(model_file, map_location=self.device)
+        compat.restore_model(self.model, state, model_file)
+        self.logger.info(f"Loading model structure and parameters from {model_file}")
+
+    # --- evaluation ----------------------------------------------------------------------
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self.eval_stage = "valid"
+        try:
+            return super()._valid_epoch(valid_data, show_progress=show_progress)
+        finally:
+            self.eval_stage = "test"
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if not eval_data:
+            return None
+        if load_best_model:
+            self.load_model_file(model_file)
+        self.eval_collector.stage = self.eval_stage
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+        self.eval_collector.context_collect(self.model, interaction, scores, positive_u, positive_i)
+        return interaction, scores, positive_u, positive_i
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_class(base: type) -> type:
+    return type(base.__name__, (PopPriorTrainerMixin, base), {"__module__": __name__})
+
+
+def get_trainer(config: Any) -> type:
+    """RecBole's trainer class for ``config["model"]``, with :class:`PopPriorTrainerMixin`."""
+    return _trainer_class(recbole_get_trainer(config["MODEL_TYPE"], config["model"]))
