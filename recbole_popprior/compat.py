@@ -170,38 +170,94 @@ def check_pandas() -> None:
 
 # --- 5. distributed backend --------------------------------------------------------------
 def init_distributed(config_dict: dict[str, Any]) -> None:
-    """Initialise ``torch.distributed`` for RecBole's DDP path with any backend.
+    """Initialise ``torch.distributed`` for RecBole's DDP path with the nccl or gloo backend.
 
     Replaces the DDP branch of ``Config._init_device`` (configurator.py ~L495), which
-    hard-codes ``backend="nccl"`` and asserts one GPU per process. Here the backend is
-    ``config["ddp_backend"]`` (default: nccl when CUDA is available, else gloo) and the
-    device is ``cuda:<local_rank>`` only for nccl.
+    hard-codes ``backend="nccl"``, asserts one GPU per process and puts every process on
+    ``cuda:<local_rank>``. Here:
+
+    - ``config["ddp_backend"]`` picks the backend (default: nccl when CUDA is in use, i.e.
+      ``gpu_id`` is set and a GPU is visible; gloo otherwise). nccl needs CUDA.
+    - The device is ``cuda:<local_rank>`` when CUDA is in use (either backend), else CPU.
+    - The rendezvous is ``config["ddp_init_method"]`` when given (``env://`` under torchrun,
+      whose agent already serves a store on ``MASTER_PORT``), else ``tcp://<ip>:<port>``.
+    - The global rank is ``local_rank + offset``; ``offset`` is this node's group offset.
+
+    RecBole's trainer wraps the model as ``DistributedDataParallel(model,
+    device_ids=[local_rank])`` (trainer.py ~L62), which torch rejects for a CPU module, so
+    that name is also replaced by :func:`_ddp_any_device` (see :func:`_patch_trainer_ddp`).
+    Everything else RecBole's DDP path calls (``set_reduce_hook``, ``sync_grad_loss``,
+    ``_map_reduce``'s ``all_gather``, ``DistributedSampler``) works with gloo on CPU.
     """
     import torch.distributed as dist
 
-    use_cuda = torch.cuda.is_available() and str(config_dict.get("gpu_id", "")) != ""
-    backend = config_dict.get("ddp_backend") or ("nccl" if use_cuda else "gloo")
+    gpu_id = str(config_dict.get("gpu_id", "") or "")
+    use_cuda = gpu_id != "" and torch.cuda.is_available()
+    backend = str(config_dict.get("ddp_backend") or ("nccl" if use_cuda else "gloo")).lower()
     if backend not in {"nccl", "gloo"}:
         raise PopPriorError(f"ddp_backend must be 'nccl' or 'gloo', got {backend!r}")
     if backend == "nccl" and not use_cuda:
-        raise PopPriorError("ddp_backend=nccl needs CUDA GPUs; use ddp_backend=gloo on CPU")
-    local_rank = int(config_dict["local_rank"])
-    rank = local_rank + int(config_dict.get("offset", 0) or 0)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend, rank=rank, world_size=int(config_dict["world_size"]),
-            init_method=f"tcp://{config_dict.get('ip', '127.0.0.1')}:{config_dict.get('port', 29500)}")
-    if backend == "nccl":
-        config_dict["device"] = torch.device("cuda", local_rank)
+        raise PopPriorError("ddp_backend=nccl needs CUDA GPUs (gpu_id set and a GPU visible); "
+                            "use --ddp_backend=gloo on CPU")
+    local_rank = _int_setting(config_dict, "local_rank", 0)
+    offset = _int_setting(config_dict, "offset", 0)
+    nproc = _int_setting(config_dict, "nproc", 1)
+    world_size = _int_setting(config_dict, "world_size", -1)
+    world_size = world_size if world_size > 0 else nproc  # RecBole: -1 means one node
+    if not 0 <= local_rank < max(nproc, 1) or not 0 <= local_rank + offset < world_size:
+        raise PopPriorError(f"bad distributed settings: local_rank={local_rank}, offset={offset}, "
+                            f"nproc={nproc}, world_size={world_size}")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise PopPriorError(f"process local_rank={local_rank} has no GPU: {torch.cuda.device_count()} visible "
+                            f"with gpu_id={gpu_id!r}; list one GPU per process, e.g. "
+                            f"--gpu_id={','.join(map(str, range(nproc)))}")
+    init_method = config_dict.get("ddp_init_method") or \
+        f"tcp://{config_dict.get('ip') or '127.0.0.1'}:{config_dict.get('port') or 5678}"
+    if use_cuda:
         torch.cuda.set_device(local_rank)
-    else:
-        config_dict["device"] = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=str(init_method),
+                                rank=local_rank + offset, world_size=world_size)
+    _patch_trainer_ddp()
+    config_dict["device"] = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     config_dict["single_spec"] = False
     config_dict["ddp_backend"] = backend
-    if rank != 0:
+    for key, value in (("local_rank", local_rank), ("offset", offset), ("world_size", world_size),
+                       ("nproc", nproc)):
+        config_dict[key] = value
+    if local_rank != 0:
         config_dict["state"] = "error"
         config_dict["show_progress"] = False
         config_dict["verbose"] = False
+
+
+def _int_setting(config_dict: dict[str, Any], key: str, default: int) -> int:
+    value = config_dict.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PopPriorError(f"{key} must be an integer, got {value!r}") from None
+
+
+def _ddp_any_device(module: torch.nn.Module, device_ids: list[int] | None = None,
+                    **kwargs: Any) -> torch.nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel`` that passes ``device_ids`` only for a CUDA module.
+
+    torch raises for ``device_ids`` with a CPU module, which RecBole always passes.
+    """
+    param = next(module.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        device_ids = None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+def _patch_trainer_ddp() -> None:
+    """Point ``recbole.trainer.trainer.DistributedDataParallel`` at :func:`_ddp_any_device`."""
+    import recbole.trainer.trainer as recbole_trainer
+
+    recbole_trainer.DistributedDataParallel = _ddp_any_device
 
 
 def apply() -> None:

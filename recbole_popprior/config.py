@@ -83,13 +83,23 @@ class Config(RecBoleConfig):
             self.parameters["Dataset"] += [k for k in added if k not in self.parameters["Dataset"]]
 
     def _init_device(self):
-        # Shim 5 (compat.init_distributed): RecBole hard-codes NCCL for DDP.
-        if "local_rank" in self.final_config_dict:
-            self.final_config_dict["gpu_id"] = str(self.final_config_dict.get("gpu_id", ""))
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", self.final_config_dict["gpu_id"])
-            compat.init_distributed(self.final_config_dict)
+        """RecBole's device setup; the DDP branch goes through ``compat.init_distributed``.
+
+        Shim 5: RecBole hard-codes NCCL and one GPU per process for DDP. As in RecBole,
+        ``gpu_id`` (a string or tuple) becomes ``CUDA_VISIBLE_DEVICES`` and ``local_rank``
+        in the config switches distributed training on; this runs once per process, and
+        each process must build exactly one ``Config`` (it joins the process group).
+        """
+        config = self.final_config_dict
+        if "local_rank" not in config:
+            super()._init_device()
             return
-        super()._init_device()
+        gpu_id = config.get("gpu_id")
+        if isinstance(gpu_id, (tuple, list)):
+            gpu_id = ",".join(map(str, gpu_id))
+        config["gpu_id"] = "" if gpu_id is None else str(gpu_id)
+        os.environ["CUDA_VISIBLE_DEVICES"] = config["gpu_id"]
+        compat.init_distributed(config)
 
 
 def _number(config: dict[str, Any], key: str, *, low: float | None = None, strict: bool = False,

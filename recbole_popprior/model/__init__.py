@@ -13,7 +13,7 @@ from recbole.utils import get_model as recbole_get_model
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.mixin import PriorSeparatedMixin, PriorLoss, prior_term
-from recbole_popprior.model.special_cases import SPECIAL_MIXINS, UNSUPPORTED
+from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_MIXINS, UNSUPPORTED
 
 #: every CE-capable RecBole 1.2.1 sequential model the plugin supports
 SUPPORTED_MODELS: tuple[str, ...] = (
@@ -48,16 +48,22 @@ def check_supported(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
 def get_model(name: str, baseline: bool = False) -> type:
-    """The prior-separated class for RecBole model ``name`` (RecBole's own class if ``baseline``)."""
+    """The prior-separated class for RecBole model ``name`` (RecBole's own class if ``baseline``).
+
+    The same class object is returned for every spelling of the call (one class per model).
+    """
     name = check_supported(name)
-    base = recbole_get_model(name)
-    if baseline:
-        return base
-    bases = (PriorSeparatedMixin, *([SPECIAL_MIXINS[name]] if name in SPECIAL_MIXINS else []), base)
+    return recbole_get_model(name) if baseline else _prior_separated(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _prior_separated(name: str) -> type:
+    # generic mixin first, then the model's special case (special_cases.py), then RecBole's class
+    special = SPECIAL_MIXINS.get(name)
+    bases = (PriorSeparatedMixin, *([special] if special else []), recbole_get_model(name))
     return type(name, bases, {"__module__": __name__, "__doc__": f"Prior-separated {name} (DESIGN.md §1)."})
 
 
 __all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
-           "prior_term", "SUPPORTED_MODELS"]
+           "prior_term", "SUPPORTED_MODELS", "MODEL_NOTES", "UNSUPPORTED"]

@@ -8,7 +8,8 @@ RecBole models have no shared logits method: each builds its logits inline and c
 :class:`PriorLoss`, which adds the prior whenever the class dimension is the item table
 (auxiliary losses of other widths pass through untouched). Serving adds
 ``beta * log p_hat`` in ``full_sort_predict`` and ``predict``. Models that need more
-(BERT4Rec, CORE, NLL models, ...) are handled in :mod:`recbole_popprior.model.special_cases`.
+(BERT4Rec, S3Rec, CORE, probability models, ...) are handled in
+:mod:`recbole_popprior.model.special_cases`, the one place where models differ.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PriorLoss(nn.Module):
 
     ``log_space=True`` is for NLL-style losses that receive log-probabilities: the prior is
     added in log space and the result renormalised with ``log_softmax`` (DESIGN §1 applied
-    to a probability model).
+    to a probability model: ``log p(i|c) + tau log p_hat(i) - log Z_c``).
     """
 
     def __init__(self, inner: Any, owner: nn.Module, log_space: bool = False):
@@ -61,6 +62,29 @@ class PriorLoss(nn.Module):
         return self.inner(input, target, *args, **kwargs)
 
 
+#: per-model options (defaults) that :mod:`~recbole_popprior.model.special_cases` may override:
+#: ``prior_loss_attrs``: loss attribute(s) to wrap -> whether they receive log-probabilities;
+#: ``prior_extra_columns``: training logit columns beyond the item table (S3Rec's mask token);
+#: ``prior_scores_are_probabilities``: serving scores are probabilities (CPR models, RepeatNet).
+SPECIAL_CASE_OPTIONS: dict[str, Any] = {
+    "prior_loss_attrs": {"loss_fct": False},
+    "prior_extra_columns": 0,
+    "prior_scores_are_probabilities": False,
+}
+
+
+def _check_softmax_loss(config) -> None:
+    """The prior needs a softmax over items: refuse BPR (RecBole's CPR models would even
+    ``sys.exit(0)`` on it) with one clear line."""
+    loss_type = config["loss_type"] if "loss_type" in config else None
+    if loss_type not in (None, "CE", "NLL"):
+        from recbole_popprior.errors import PopPriorError
+
+        raise PopPriorError(f"{config['model']} with loss_type={loss_type!r} has no softmax over items "
+                            "to add the prior to; use loss_type: CE (or run the RecBole baseline "
+                            "with popprior_baseline: True)")
+
+
 class PriorSeparatedMixin:
     """Prior separation for a RecBole sequential model; put it first in the bases.
 
@@ -69,11 +93,17 @@ class PriorSeparatedMixin:
     ``prior_windows``, ``prior_window_by``, ``prior_serve_window``.
     """
 
-    #: the loss attribute(s) the mixin wraps, and whether they take log-probabilities
-    prior_loss_attrs: dict[str, bool] = {"loss_fct": False}
+    #: > 0 while RecBole code that reads its *own* ``self.tau`` runs (FEARec, SINE)
+    _recbole_tau_scope: int = 0
 
     def __init__(self, config, dataset):
+        _check_softmax_loss(config)
         super().__init__(config, dataset)
+        # options a special case (special_cases.py) may set, as a class or instance attribute;
+        # they are not class attributes here, which would shadow the special case's
+        for option, default in SPECIAL_CASE_OPTIONS.items():
+            if not hasattr(self, option):
+                setattr(self, option, default)
         self._init_prior(config, dataset)
         for attr, log_space in self.prior_loss_attrs.items():
             inner = getattr(self, attr, None)
@@ -92,6 +122,7 @@ class PriorSeparatedMixin:
         beta = config["prior_beta"]
         self.prior_beta: float | None = None if beta is None else float(beta)
         self.prior_alpha = float(config["prior_alpha"])
+        self._term_cache: dict[tuple, torch.Tensor] = {}
 
         item_field = config["ITEM_ID_FIELD"]
         n_items = dataset.num(item_field)
@@ -118,7 +149,21 @@ class PriorSeparatedMixin:
 
     @property
     def tau(self) -> torch.Tensor | float:
-        """The training weight of ``log p_hat`` (a parameter when ``prior_tau: learned``)."""
+        """The training weight of ``log p_hat`` (a parameter when ``prior_tau: learned``).
+
+        FEARec and SINE keep a temperature of their own under the same attribute name;
+        while their RecBole code runs (``_recbole_tau_scope``), ``self.tau`` is theirs.
+        """
+        if self._recbole_tau_scope:
+            return self._recbole_tau
+        return self._training_tau()
+
+    @tau.setter
+    def tau(self, value) -> None:
+        # only RecBole's own __init__ assigns ``self.tau`` (FEARec, SINE): keep it for them
+        self._recbole_tau = value
+
+    def _training_tau(self) -> torch.Tensor | float:
         return self.prior_tau_param if self.prior_tau_learned else self._tau
 
     @property
@@ -138,43 +183,88 @@ class PriorSeparatedMixin:
         """``[n_items]`` static prior, or ``[rows, n_items]`` per-example window priors."""
         if not self.prior_windowed or self._train_window_ids is None:
             return self.log_prior
+        return self.log_prior_windows[self._aligned_window_ids(rows)]
+
+    def _aligned_window_ids(self, rows: int) -> torch.Tensor:
         ids = self._train_window_ids
         if rows != ids.numel():
             if rows % ids.numel():
                 raise RuntimeError(f"cannot align {rows} logit rows with {ids.numel()} training examples")
             ids = ids.repeat_interleave(rows // ids.numel())
-        return self.log_prior_windows[ids]
+        return ids
+
+    def _cached_term(self, source: torch.Tensor, weight: float, width: int, like: torch.Tensor) -> torch.Tensor:
+        """``prior_term(source, weight, width)`` cast like ``like``, cached while nothing changes.
+
+        The key holds the buffer's version counter, so ``load_state_dict`` (an in-place copy)
+        or ``.to(device)`` invalidates it. Only used for a fixed (float) weight.
+        """
+        key = (id(source), source._version, weight, width, like.dtype, like.device)
+        term = self._term_cache.get(key)
+        if term is None:
+            if len(self._term_cache) > 16:
+                self._term_cache.clear()
+            term = prior_term(source, weight, width).to(device=like.device, dtype=like.dtype)
+            self._term_cache[key] = term
+        return term
 
     def add_training_prior(self, logits: torch.Tensor, log_space: bool = False) -> torch.Tensor:
-        """``logits + tau * log p_hat`` when ``logits`` spans the item table (DESIGN §1, train)."""
-        n_items = self.log_prior.shape[0]
+        """``logits + tau * log p_hat`` when ``logits`` spans the item table (DESIGN §1, train).
+
+        With ``log_space`` the sum is renormalised with ``log_softmax`` (probability models).
+        """
         width = logits.shape[-1]
-        if width not in (n_items, n_items + 1) or logits.dim() < 2:
+        if logits.dim() < 2 or width != self.log_prior.shape[0] + self.prior_extra_columns:
             return logits
-        if not self.prior_tau_learned and self._tau == 0.0:
+        tau = self._training_tau()
+        if not self.prior_tau_learned and tau == 0.0:
             return logits
-        rows = logits.reshape(-1, width).shape[0]
-        term = prior_term(self.training_log_prior(rows), self.tau, width)
-        out = logits.reshape(-1, width) + term
+        if self.prior_windowed and self._train_window_ids is not None:
+            rows = logits.numel() // width
+            if self.prior_tau_learned:
+                term = prior_term(self.log_prior_windows, tau, width)
+            else:
+                term = self._cached_term(self.log_prior_windows, tau, width, logits)
+            term = term.index_select(0, self._aligned_window_ids(rows).to(term.device))
+            out = (logits.reshape(rows, width) + term).reshape(logits.shape)
+        elif self.prior_tau_learned:
+            out = logits + prior_term(self.log_prior, tau, width)
+        else:
+            out = logits + self._cached_term(self.log_prior, tau, width, logits)
         if log_space:
             out = torch.log_softmax(out, dim=-1)
-        return out.reshape(logits.shape)
+        return out
 
     def add_serving_prior(self, scores: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """``scores + beta * log p_hat`` (DESIGN §1, serve); ``items`` for pointwise scores."""
+        """``scores + beta * log p_hat`` (DESIGN §1, serve); ``items`` for pointwise scores.
+
+        Probability models (``prior_scores_are_probabilities``) get the same term in log
+        space: full-sort scores become ``softmax(log p(i|c) + beta log p_hat(i))`` over the
+        items, still probabilities and ranked by ``log p(i|c) + beta log p_hat(i)``;
+        pointwise scores become ``p(i|c) * p_hat(i)^beta`` (the same ranking, unnormalised,
+        since one item does not see the row's normaliser).
+        """
         beta = self.beta
         if beta == 0.0:
             return scores
         log_prior = self.serving_log_prior()
         if items is not None:
-            return scores + prior_term(log_prior, beta)[items]
-        return scores + prior_term(log_prior, beta, scores.shape[-1])[: scores.shape[-1]]
+            term = prior_term(log_prior, beta)[items]
+            return scores * torch.exp(term) if self.prior_scores_are_probabilities else scores + term
+        term = self._cached_term(log_prior, beta, scores.shape[-1], scores)[: scores.shape[-1]]
+        if self.prior_scores_are_probabilities:
+            return torch.softmax(torch.log(scores) + term, dim=-1)
+        return scores + term
 
     # --- RecBole's model API ------------------------------------------------------------
+    def prior_window_ids(self, interaction) -> torch.Tensor:
+        """Window of each training example: the window of its target's time (DESIGN §2)."""
+        windows = WindowedPrior(self.log_prior_windows, self.prior_window_edges)
+        return windows.window_of(interaction[self._time_field].to(self.prior_window_edges.device))
+
     def calculate_loss(self, interaction):
         if self.prior_windowed:
-            self._train_window_ids = WindowedPrior(self.log_prior_windows, self.prior_window_edges) \
-                .window_of(interaction[self._time_field].to(self.prior_window_edges.device))
+            self._train_window_ids = self.prior_window_ids(interaction)
         try:
             return super().calculate_loss(interaction)
         finally:
@@ -188,8 +278,15 @@ class PriorSeparatedMixin:
 
     # --- what the energy metrics measure (DESIGN §3: the learned dot product only) ----------
     def popprior_learned_scores(self, interaction) -> torch.Tensor:
-        """Full-sort scores without the prior term: ``h_c . e_i`` (or the model's own score)."""
-        return super().full_sort_predict(interaction)
+        """Full-sort scores without the prior term: ``h_c . e_i`` (or the model's own score).
+
+        For probability models this is ``log(p(i|c) + 1e-8)``: the log space in which the
+        prior enters (the same epsilon the models use in their own losses).
+        """
+        scores = super().full_sort_predict(interaction)
+        if self.prior_scores_are_probabilities:
+            scores = torch.log(scores + 1e-8)
+        return scores
 
     def popprior_factors(self, interaction):
         """``(H [b, d], E [n_items, d])`` with ``H E^T`` = the learned scores, or ``None``."""

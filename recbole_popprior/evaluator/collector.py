@@ -1,0 +1,354 @@
+"""The plugin's evaluation collector: feeds the energy metrics with the model's contexts.
+
+The trainer mixin (:mod:`recbole_popprior.trainer`) calls, per full-sort batch,
+``context_collect(model, interaction, scores, positive_u, positive_i)``; RecBole itself
+calls ``data_collect(train_data)``, ``eval_batch_collect(...)``, ``model_collect(model)``
+and ``get_data_struct()``. Work happens only for the data-struct keys that the configured
+metrics declare in ``metric_need`` (``popprior.*``), so plain runs pay nothing.
+
+What is measured is the LEARNED score only (DESIGN.md §3), obtained from the model by:
+
+1. ``model.popprior_factors(interaction) -> (H, E)`` (or ``None``): factorised path;
+2. otherwise, for RecBole's own models, :func:`default_factors` (``forward`` + ``item_embedding``)
+   once it has verified ``H E^T`` against the model's learned scores on the first batch;
+3. otherwise the streaming fallback over ``model.popprior_learned_scores(interaction)``
+   (RecBole models: ``full_sort_predict``).
+
+The prior is ``model.log_prior`` / ``model.log_prior_windows`` when the model has them, else
+it is estimated from the training split in :meth:`PopPriorCollector.data_collect`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from recbole_popprior.compat import FixedCollector
+from recbole_popprior.errors import PopPriorError
+from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
+from recbole_popprior.evaluator.energy import ContextStats, ScoreStats, as_float64, energy_from_stats
+
+ENERGY_KEY = "popprior.energy"
+PERMUTATION_KEY = "popprior.permutation"
+SUBSPACE_KEY = "popprior.subspace"
+EMBEDDING_KEY = "popprior.embedding"
+TARGETS_KEY = "popprior.target_items"
+PERMUTATION_STAGES = ("test", "valid", "always")
+
+_FACTOR_RTOL = 1e-5
+
+
+def default_factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq_output, item_embedding.weight)`` for RecBole's common sequential pattern.
+
+    Raises ``AttributeError`` / ``TypeError`` / ``KeyError`` when the model does not follow
+    the pattern; :class:`PopPriorCollector` verifies the product before trusting it.
+    """
+    item_seq = interaction[model.ITEM_SEQ]
+    item_seq_len = interaction[model.ITEM_SEQ_LEN]
+    H = model.forward(item_seq, item_seq_len)
+    E = model.item_embedding.weight
+    if not (isinstance(H, torch.Tensor) and H.dim() == 2 and H.shape[1] == E.shape[1]):
+        raise TypeError("forward() did not return [batch, d] contexts matching item_embedding")
+    return H, E
+
+
+def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
+    """The model's learned full-sort scores, without any prior term (DESIGN §3)."""
+    method = getattr(model, "popprior_learned_scores", None)
+    return method(interaction) if method is not None else model.full_sort_predict(interaction)
+
+
+class EnergyState:
+    """One evaluation's collected statistics; metrics read the (cached) results from it.
+
+    Exactly one of ``contexts`` (factorised path, with the item table ``E``) or ``scores``
+    (streaming fallback) is filled. Numeric fields are sums: see
+    :meth:`PopPriorCollector.reduce_energy_stats` for distributed runs.
+    """
+
+    def __init__(self, log_prior: Any, windows_log_prior: Any, *, permutations: int, seed: int,
+                 subspace_energy: float, with_subspace: bool) -> None:
+        self.log_prior = log_prior
+        self.windows_log_prior = windows_log_prior if with_subspace else None
+        self.permutations = permutations
+        self.seed = seed
+        self.subspace_energy = subspace_energy
+        self.contexts: ContextStats | None = None
+        self.scores: ScoreStats | None = None
+        self.E: torch.Tensor | np.ndarray | None = None
+        self.path = "none"
+        self._energy: dict[str, Any] | None = None
+        self._embedding: dict[str, float] | None = None
+
+    @property
+    def m(self) -> int:
+        if self.contexts is not None:
+            return self.contexts.m
+        return self.scores.m if self.scores is not None else 0
+
+    def _item_table(self) -> np.ndarray:
+        """``E`` as float64 numpy, converted once for every metric."""
+        if self.E is not None and not isinstance(self.E, np.ndarray):
+            self.E = as_float64(self.E)
+        return self.E
+
+    def energy(self) -> dict[str, Any]:
+        """DESIGN §3 energies (with permutations / subspace when they were requested)."""
+        if self._energy is None:
+            if self.path == "factorised":
+                self._energy = energy_from_stats(
+                    self.contexts, self._item_table(), self.log_prior, permutations=self.permutations,
+                    seed=self.seed, windows_log_prior=self.windows_log_prior,
+                    subspace_energy=self.subspace_energy)
+            elif self.path == "scores":
+                self._energy = self.scores.result()
+            else:
+                raise PopPriorError("the energy metrics saw no evaluation contexts: evaluate through "
+                                    "the plugin's trainer (recbole_popprior.trainer.get_trainer)")
+            self._energy["path"] = self.path
+        return self._energy
+
+    def embedding(self) -> dict[str, float]:
+        """DESIGN §4 embedding diagnostics (NaN where an input is unavailable)."""
+        if self._embedding is None:
+            if self.E is None:
+                nan = float("nan")
+                self._embedding = {"R1": nan, "erank": nan, "mean_cos": nan, "pc1_corr": nan,
+                                   "balance_err": nan}
+            else:
+                G = self.contexts.G if self.contexts is not None else None
+                self._embedding = embedding_diagnostics(self._item_table(), self.log_prior, G)
+        return self._embedding
+
+
+class PopPriorCollector(FixedCollector):
+    """RecBole's ``Collector`` (with the ``get_data_struct`` fix) plus the energy statistics."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.logger = logging.getLogger()
+        self.stage = "test"
+        need = self.register.need
+        self._need_energy = bool(need(ENERGY_KEY))
+        self._need_permutation = bool(need(PERMUTATION_KEY))
+        self._need_subspace = bool(need(SUBSPACE_KEY))
+        self._need_embedding = bool(need(EMBEDDING_KEY))
+        self._need_targets = bool(need(TARGETS_KEY))
+        self._need_model = self._need_energy or self._need_embedding
+        self.permutations = int(config["energy_permutations"] if config["energy_permutations"] is not None else 2000)
+        self.permutation_stage = str(config["energy_permutation_stage"] or "test")
+        if self.permutation_stage not in PERMUTATION_STAGES:
+            raise PopPriorError(f"energy_permutation_stage must be one of {PERMUTATION_STAGES}, "
+                                f"got {self.permutation_stage!r}")
+        if self.permutations < 0:
+            raise PopPriorError(f"energy_permutations must be >= 0, got {self.permutations}")
+        max_contexts = config["energy_max_contexts"]
+        self.max_contexts = int(max_contexts) if max_contexts is not None else None
+        if self.max_contexts is not None and self.max_contexts < 1:
+            raise PopPriorError(f"energy_max_contexts must be a positive integer or None, got {max_contexts!r}")
+        self.subspace_energy = float(config["energy_subspace"] or 0.95)
+        seed = config["energy_seed"]
+        self.seed = int(seed if seed is not None else (config["seed"] or 0))
+        self.train_log_prior: torch.Tensor | None = None
+        self.train_log_prior_windows: torch.Tensor | None = None
+        self._default_factor_ok: dict[int, bool] = {}
+        self._state: EnergyState | None = None
+        self._target_rows: list[torch.Tensor] = []
+        self._target_items: list[torch.Tensor] = []
+        self._rows_seen = 0
+
+    # --- RecBole hooks ---------------------------------------------------------------------
+    def data_collect(self, train_data: Any) -> None:
+        """RecBole's data, plus the training-target prior for models without ``log_prior``."""
+        super().data_collect(train_data)
+        if not self._need_model:
+            return
+        from recbole_popprior.prior import estimate_log_prior, estimate_windowed_log_prior
+
+        dataset = train_data.dataset
+        items = dataset.inter_feat[self.config["ITEM_ID_FIELD"]]
+        alpha = float(self.config["prior_alpha"] or 1.0)
+        self.train_log_prior = estimate_log_prior(items, dataset.item_num, alpha)
+        time_field = self.config["TIME_FIELD"]
+        if self._need_subspace and time_field and time_field in dataset.inter_feat:
+            windows = int(self.config["prior_windows"] or 4)
+            by = self.config["prior_window_by"] or "time"
+            self.train_log_prior_windows = estimate_windowed_log_prior(
+                items, dataset.inter_feat[time_field], dataset.item_num, windows, by=by,
+                alpha=alpha).log_prior
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i) -> None:
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        if self._need_targets:
+            self._target_rows.append(positive_u.detach().cpu().long() + self._rows_seen)
+            self._target_items.append(positive_i.detach().cpu().long())
+            self._rows_seen += int(scores_tensor.shape[0])
+
+    @property
+    def wants_contexts(self) -> bool:
+        """Whether any configured metric needs the model's contexts (else context_collect is a no-op)."""
+        return self._need_model
+
+    def context_collect(self, model: torch.nn.Module, interaction: Any, scores: torch.Tensor,
+                        positive_u: torch.Tensor, positive_i: torch.Tensor,
+                        factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Accumulate this batch's contexts (or learned scores) for the energy metrics.
+
+        ``factors``: the batch's ``(H, E)`` when the caller already computed them to build
+        ``scores`` (saves the second forward pass that :meth:`_factors` would run).
+        """
+        if not self._need_model:
+            return
+        state = self._state or self._new_state(model)
+        limit = scores.shape[0] if self.max_contexts is None else min(
+            scores.shape[0], self.max_contexts - state.m)
+        if limit <= 0:
+            return
+        if factors is None:
+            factors = self._factors(model, interaction, scores)
+        if factors is not None:
+            H, E = factors
+            if state.path == "scores":
+                raise PopPriorError("model switched from score batches to factors within one evaluation")
+            state.path = "factorised"
+            state.E = E.detach()
+            if self._need_energy or self._need_embedding:
+                state.contexts = (state.contexts or ContextStats()).update(H[:limit])
+            return
+        if state.path == "factorised":
+            raise PopPriorError("model switched from factors to score batches within one evaluation")
+        state.path = "scores"
+        if not self._need_energy:
+            return
+        Z = self._learned_scores_batch(model, interaction, scores)
+        if state.scores is None:
+            state.scores = ScoreStats(state.log_prior, permutations=state.permutations, seed=state.seed,
+                                      windows_log_prior=state.windows_log_prior,
+                                      subspace_energy=state.subspace_energy)
+        state.scores.update(Z[:limit])
+
+    def model_collect(self, model: torch.nn.Module) -> None:
+        """Item table for the embedding diagnostics when the contexts did not bring one."""
+        if not self._need_embedding:
+            return
+        state = self._state or self._new_state(model)
+        if state.E is None:
+            table = getattr(getattr(model, "item_embedding", None), "weight", None)
+            if isinstance(table, torch.Tensor) and table.dim() == 2:
+                state.E = table.detach()
+
+    def get_data_struct(self):
+        """RecBole's struct (non-tensors left alone) plus this evaluation's ``popprior.*`` entries."""
+        struct = super().get_data_struct()
+        state, self._state = self._state, None
+        if self._need_model:
+            if state is None:
+                state = EnergyState(None, None, permutations=0, seed=self.seed,
+                                    subspace_energy=self.subspace_energy, with_subspace=False)
+            for key, needed in ((ENERGY_KEY, self._need_energy), (PERMUTATION_KEY, self._need_permutation),
+                                (SUBSPACE_KEY, self._need_subspace), (EMBEDDING_KEY, self._need_embedding)):
+                if needed:
+                    struct.set(key, state)
+        if self._need_targets:
+            rows = torch.cat(self._target_rows) if self._target_rows else torch.empty(0, dtype=torch.long)
+            items = torch.cat(self._target_items) if self._target_items else torch.empty(0, dtype=torch.long)
+            struct.set(TARGETS_KEY, (rows, items))
+            self._target_rows, self._target_items, self._rows_seen = [], [], 0
+        return struct
+
+    # --- distributed ---------------------------------------------------------------------
+    def reduce_energy_stats(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """All-reduce this evaluation's sums in place: ``fn`` maps a float64 array to its sum over workers.
+
+        Call it on every worker before ``get_data_struct``. Every worker must have taken the
+        same path (factorised or scores) and seen at least one batch.
+        """
+        state = self._state
+        if state is None:
+            return
+        if state.contexts is not None and state.contexts.G is not None:
+            c = state.contexts
+            c.G, c.hsum = fn(c.G), fn(c.hsum)
+            c.m = int(round(float(fn(np.array([float(c.m)]))[0])))
+        if state.scores is not None:
+            s = state.scores
+            s.flush()
+            packed = fn(np.array([float(s.m), s.total, s.s_sum, s.s_sq]))
+            s.m, s.total, s.s_sum, s.s_sq = int(round(packed[0])), float(packed[1]), float(packed[2]), float(packed[3])
+            if s.null_sq.size:
+                s.null_sq = fn(s.null_sq)
+            if s.sub_sq is not None:
+                s.sub_sq = fn(s.sub_sq)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _run_permutations(self) -> bool:
+        return self._need_permutation and self.permutations > 0 and (
+            self.stage == "test" or self.permutation_stage in ("valid", "always"))
+
+    def _new_state(self, model: torch.nn.Module) -> EnergyState:
+        log_prior = getattr(model, "log_prior", None)
+        if not isinstance(log_prior, torch.Tensor):
+            log_prior = self.train_log_prior
+        windows = getattr(model, "log_prior_windows", None)
+        if not isinstance(windows, torch.Tensor):
+            windows = self.train_log_prior_windows
+        if log_prior is None and self._need_energy:
+            raise PopPriorError("the energy metrics need a prior: the model has no log_prior and "
+                                "data_collect(train_data) was not called")
+        if windows is None and self._need_subspace:
+            self.logger.warning("PopSubspace: no windowed prior (no time field); using the single "
+                                "global prior, so the subspace is the popularity direction")
+            windows = log_prior[None, :] if log_prior is not None else None
+        self._state = EnergyState(
+            log_prior, windows, permutations=self.permutations if self._run_permutations() else 0,
+            seed=self.seed, subspace_energy=self.subspace_energy, with_subspace=self._need_subspace)
+        return self._state
+
+    def _factors(self, model, interaction, scores) -> tuple[torch.Tensor, torch.Tensor] | None:
+        method = getattr(model, "popprior_factors", None)
+        if method is not None:
+            return method(interaction)
+        key = id(model)
+        if self._default_factor_ok.get(key) is False:
+            return None
+        try:
+            H, E = default_factors(model, interaction)
+        except Exception as exc:  # any model that does not fit the pattern takes the score path
+            self.logger.debug(f"energy metrics: default factors unavailable for {type(model).__name__}: {exc}")
+            self._default_factor_ok[key] = False
+            return None
+        if key not in self._default_factor_ok:
+            ok = self._verify_factors(H, E, learned_scores(model, interaction))
+            self._default_factor_ok[key] = ok
+            self.logger.info(f"energy metrics: {type(model).__name__} uses the "
+                             f"{'factorised' if ok else 'streaming score'} path")
+            if not ok:
+                return None
+        return H, E
+
+    @staticmethod
+    def _verify_factors(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> bool:
+        """Does ``H E^T`` reproduce the learned scores, to 1e-5 relative (padding column excluded)?"""
+        if reference.dim() != 2 or reference.shape != (H.shape[0], E.shape[0]):
+            return False
+        Z = (H.detach().double() @ E.detach().double().T)[:, 1:]
+        ref = reference.detach().double()[:, 1:]
+        if not torch.isfinite(ref).all():
+            return False
+        scale = float(ref.abs().max()) or 1.0
+        return bool(torch.allclose(Z, ref, rtol=_FACTOR_RTOL, atol=_FACTOR_RTOL * scale))
+
+    @staticmethod
+    def _learned_scores_batch(model, interaction, scores: torch.Tensor) -> torch.Tensor:
+        # RecBole's own models: the trainer's scores ARE the learned scores (padding column set
+        # to -inf, which the energy ignores), unless it also masked history items.
+        if getattr(model, "popprior_learned_scores", None) is None and torch.isfinite(scores[:, 1:]).all():
+            return scores
+        return learned_scores(model, interaction)
+
+
+__all__ = ["PopPriorCollector", "EnergyState", "default_factors", "learned_scores"]

@@ -1,0 +1,351 @@
+"""``--tune``: an Optuna study per model over the prior weights, on one process, K local
+processes, or any number of machines sharing one storage (issue 5).
+
+    python run_recbole_popprior.py --tune --model=SASRec,GRU4Rec --dataset=ml-100k --n-trials=20 \
+        [--storage=URL] [--study-name=NAME] [--timeout=SECONDS] [--search-space=FILE] \
+        [--n-workers=K] [--multi-objective] [--pruner=median|hyperband|none]
+
+``--n-trials`` counts the trials *this command adds* to each model's study (as Optuna's own
+``n_trials``); rerunning a command resumes the study and adds that many more. ``--n-trials=0``
+only rewrites the report from the storage. ``--timeout`` is the whole command's budget: no new
+trial starts after it.
+
+Tuning settings that are not CLI options are config keys (yaml or ``--key=value``):
+``tune_beta_grid`` (serving weights swept per trial; default 0..2 step 0.25, plus the trained
+tau), ``tune_heartbeat_interval`` (seconds, RDB storages; default 60, 0 = off),
+``tune_grace_period`` (default twice the interval), ``tune_seed`` (sampler seed; worker k of
+``--n-workers`` uses seed + k), ``tune_max_failures`` (stop a model after that many failed
+trials in a row; default 3, 0 = never), ``tune_plots`` (default True).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model import check_supported, supported_models
+from recbole_popprior.quick_start import build_config
+from recbole_popprior.tuning.objective import Objective
+from recbole_popprior.tuning.report import write_report
+from recbole_popprior.tuning.space import Param, load_search_space
+from recbole_popprior.tuning.storage import default_storage, make_storage, redact
+
+logger = logging.getLogger("recbole_popprior.tuning")
+_HANDLER_TAG = "_recbole_popprior_tuning"
+_PRUNERS = ("median", "hyperband", "none")
+_TUNE_DEFAULTS: dict[str, Any] = {
+    "tune_beta_grid": None, "tune_heartbeat_interval": 60, "tune_grace_period": None,
+    "tune_seed": None, "tune_max_failures": 3, "tune_plots": True,
+}
+
+
+@dataclass
+class TuningPlan:
+    """Everything a worker process needs (plain data, so it pickles into spawned workers)."""
+
+    models: list[str]
+    dataset: str
+    config_file_list: list[str] | None
+    config_dict: dict[str, Any]
+    space: dict[str, Param]
+    study_name: str
+    storage_url: str
+    folder: Path
+    metrics: dict[str, tuple[str, bool]]  # model -> (valid metric key, bigger is better)
+    epochs: dict[str, int]
+    multi_objective: bool = False
+    pruner: str = "median"
+    n_workers: int = 1
+    show_progress: bool = False
+    settings: dict[str, Any] = field(default_factory=lambda: dict(_TUNE_DEFAULTS))
+
+    def study_of(self, model: str) -> str:
+        """The Optuna study name for ``model``: ``<study-name>.<Model>``."""
+        return f"{self.study_name}.{model}"
+
+    def directions(self, model: str) -> list[str]:
+        first = "maximize" if self.metrics[model][1] else "minimize"
+        return [first, "minimize"] if self.multi_objective else [first]
+
+    def storage(self) -> optuna.storages.BaseStorage:
+        return make_storage(self.storage_url, heartbeat_interval=self.settings["tune_heartbeat_interval"],
+                            grace_period=self.settings["tune_grace_period"])
+
+
+# --- options -> plan ------------------------------------------------------------------------
+def parse_models(model: str) -> list[str]:
+    """``"SASRec,GRU4Rec"`` or ``"all"`` -> RecBole's spellings, in order, without repeats."""
+    names = supported_models() if model.strip().lower() == "all" else [m for m in model.split(",") if m.strip()]
+    if not names:
+        raise PopPriorError("--model is empty: give a model name, a comma-separated list, or 'all'")
+    return list(dict.fromkeys(check_supported(name.strip()) for name in names))
+
+
+def _setting(config: Any, key: str) -> Any:
+    value = config[key] if key in config else None
+    return _TUNE_DEFAULTS[key] if value is None else value
+
+
+def _tune_settings(config: Any) -> dict[str, Any]:
+    settings = {key: _setting(config, key) for key in _TUNE_DEFAULTS}
+    grid = settings["tune_beta_grid"]
+    if grid is not None:
+        if isinstance(grid, str):
+            grid = [g for g in grid.replace(",", " ").split() if g]
+        try:
+            grid = [float(b) for b in (grid if isinstance(grid, (list, tuple)) else [grid])]
+        except (TypeError, ValueError):
+            raise PopPriorError(f"tune_beta_grid must be a list of numbers, got {settings['tune_beta_grid']!r}") from None
+        if not grid or not all(math.isfinite(b) for b in grid):
+            raise PopPriorError("tune_beta_grid must hold at least one finite number")
+        settings["tune_beta_grid"] = grid
+    for key, low in (("tune_heartbeat_interval", 0), ("tune_max_failures", 0), ("tune_grace_period", 1)):
+        value = settings[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise PopPriorError(f"{key} must be an integer >= {low}, got {value!r}")
+    seed = settings["tune_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise PopPriorError(f"tune_seed must be an integer, got {seed!r}")
+    settings["tune_plots"] = bool(settings["tune_plots"])
+    return settings
+
+
+def make_plan(model: str, dataset: str, config_file_list: list[str] | None = None,
+              config_dict: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> TuningPlan:
+    """Check every option once, in the parent, and turn them into a :class:`TuningPlan`."""
+    options = dict(options or {})
+    config_dict = dict(config_dict or {})
+    models = parse_models(model)
+    n_workers = int(1 if options.get("n_workers") is None else options["n_workers"])
+    if n_workers < 1:
+        raise PopPriorError(f"--n-workers must be >= 1, got {n_workers}")
+    pruner = str(options.get("pruner") or "median").lower()
+    if pruner not in _PRUNERS:
+        raise PopPriorError(f"--pruner must be one of {', '.join(_PRUNERS)}, got {options.get('pruner')!r}")
+    multi = bool(options.get("multi_objective"))
+    space = load_search_space(options.get("search_space"))
+    if multi:
+        from recbole.evaluator.register import metrics_dict
+
+        if "popenergy" not in metrics_dict:
+            raise PopPriorError("--multi-objective needs the PopEnergy metric, which is not registered")
+    metrics: dict[str, tuple[str, bool]] = {}
+    epochs: dict[str, int] = {}
+    first = None
+    for name in models:
+        overrides = dict(config_dict)
+        config = build_config(name, dataset, config_file_list, overrides)
+        if multi and "popenergy" not in [str(m).lower() for m in config["metrics"]]:
+            config_dict["metrics"] = [*config["metrics"], "PopEnergy"]
+            config = build_config(name, dataset, config_file_list, dict(config_dict))
+        metrics[name] = (str(config["valid_metric"]).lower(), bool(config["valid_metric_bigger"]))
+        epochs[name] = int(config["epochs"])
+        first = first or config
+    study_name = options.get("study_name") or f"popprior-{dataset}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
+        raise PopPriorError(f"--study-name may use letters, digits, '.', '_' and '-', got {study_name!r}")
+    output = first["output"] or "saved"
+    storage_url = options.get("storage") or default_storage(output, study_name, n_workers)
+    if n_workers > 1 and ":memory:" in storage_url:
+        raise PopPriorError("--n-workers > 1 needs a storage that several processes can open, not :memory:")
+    return TuningPlan(
+        models=models, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+        space=space, study_name=study_name, storage_url=storage_url,
+        folder=Path(output) / "tuning" / study_name, metrics=metrics, epochs=epochs,
+        multi_objective=multi, pruner=pruner, n_workers=n_workers,
+        show_progress=bool(first["show_progress"]), settings=_tune_settings(first))
+
+
+# --- studies --------------------------------------------------------------------------------
+def _pruner(plan: TuningPlan, model: str) -> optuna.pruners.BasePruner:
+    if plan.pruner == "median":
+        return optuna.pruners.MedianPruner()
+    if plan.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(plan.epochs[model], 1))
+    return optuna.pruners.NopPruner()
+
+
+def create_studies(plan: TuningPlan, storage: optuna.storages.BaseStorage) -> dict[str, optuna.Study]:
+    """Create each model's study, or load it when it exists (resume); refuse a mismatch."""
+    studies = {}
+    for model in plan.models:
+        metric = plan.metrics[model][0]
+        study = optuna.create_study(storage=storage, study_name=plan.study_of(model),
+                                    directions=plan.directions(model), load_if_exists=True)
+        found = [d.name.lower() for d in study.directions]
+        if found != plan.directions(model):
+            raise PopPriorError(f"study {study.study_name} exists with directions {found}, not "
+                                f"{plan.directions(model)}: use another --study-name")
+        known = study.user_attrs.get("objective")
+        if known is not None and known != metric:
+            raise PopPriorError(f"study {study.study_name} optimises {known}, not {metric}: use another --study-name")
+        for key, value in (("objective", metric), ("model", model), ("dataset", plan.dataset)):
+            if study.user_attrs.get(key) is None:
+                study.set_user_attr(key, value)
+        studies[model] = study
+    return studies
+
+
+class _TrialLog:
+    """One log line per finished trial; stops a model after too many failures in a row."""
+
+    def __init__(self, plan: TuningPlan, model: str, n_trials: int):
+        self.plan, self.model, self.n_trials = plan, model, n_trials
+        self.done = 0
+        self.failures_in_row = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.done += 1
+        metric = self.plan.metrics[self.model][0]
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        seconds = trial.duration.total_seconds() if trial.duration else float("nan")
+        head = f"[{self.done}/{self.n_trials}] {self.model} trial {trial.number}"
+        if trial.state == TrialState.COMPLETE:
+            beta = trial.user_attrs.get("best_beta")
+            extra = f" shared_frac={trial.values[1]:.4g}" if self.plan.multi_objective else ""
+            logger.info(f"{head} COMPLETE {metric}={trial.values[0]:.4f}{extra} at beta={beta} | {params} | {seconds:.1f}s")
+        elif trial.state == TrialState.PRUNED:
+            last = max(trial.intermediate_values) if trial.intermediate_values else None
+            logger.info(f"{head} PRUNED after epoch {last} | {params} | {seconds:.1f}s")
+        else:
+            logger.warning(f"{head} {trial.state.name}: {trial.user_attrs.get('fail_reason', 'unknown')} | {params}")
+        self.failures_in_row = self.failures_in_row + 1 if trial.state == TrialState.FAIL else 0
+        limit = self.plan.settings["tune_max_failures"]
+        if limit and self.failures_in_row >= limit:
+            logger.warning(f"{self.model}: {self.failures_in_row} failed trials in a row; moving on "
+                           "(tune_max_failures)")
+            study.stop()
+
+
+def init_tuning_logger(folder: Path) -> logging.Logger:
+    """The tuning logger: stderr plus ``<folder>/tuning.log``, separate from each trial's run.log."""
+    for handler in [h for h in logger.handlers if getattr(h, _HANDLER_TAG, False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    folder.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s %(processName)s %(levelname)s  %(message)s", "%d %b %H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(folder / "tuning.log")):
+        handler.setFormatter(formatter)
+        setattr(handler, _HANDLER_TAG, True)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return logger
+
+
+def work(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -> None:
+    """Run ``n_trials`` trials of each model's study in this process (one worker)."""
+    storage = plan.storage()
+    seed = plan.settings["tune_seed"]
+    for model in plan.models:
+        timeout = None if deadline is None else deadline - time.time()
+        if n_trials <= 0 or (timeout is not None and timeout <= 0):
+            if timeout is not None and timeout <= 0:
+                logger.info(f"{model}: timeout reached, no trial started")
+            continue
+        sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + worker)
+        study = optuna.load_study(study_name=plan.study_of(model), storage=storage, sampler=sampler,
+                                  pruner=_pruner(plan, model))
+        metric, bigger = plan.metrics[model]
+        objective = Objective(
+            model=model, dataset=plan.dataset, config_file_list=plan.config_file_list,
+            config_dict=plan.config_dict, space=plan.space, trials_dir=plan.folder / "trials" / model,
+            valid_metric=metric, bigger=bigger, multi_objective=plan.multi_objective,
+            prune=plan.pruner != "none", betas=plan.settings["tune_beta_grid"])
+        logger.info(f"{model}: {n_trials} trial(s) on study {study.study_name} ({redact(plan.storage_url)})")
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,),
+                       callbacks=[_TrialLog(plan, model, n_trials)], gc_after_trial=True,
+                       show_progress_bar=plan.show_progress and plan.n_workers == 1)
+
+
+def _worker_main(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -> None:
+    """Entry point of a spawned worker process."""
+    import recbole_popprior  # noqa: F401  (compat shims, metric registry)
+
+    init_tuning_logger(plan.folder)
+    work(plan, worker, n_trials, deadline)
+
+
+def _run_workers(plan: TuningPlan, n_trials: int, deadline: float | None) -> None:
+    shares = [n_trials // plan.n_workers + (k < n_trials % plan.n_workers) for k in range(plan.n_workers)]
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker_main, args=(plan, k, share, deadline), name=f"worker{k}")
+             for k, share in enumerate(shares) if share > 0]
+    logger.info(f"starting {len(procs)} worker process(es): {shares} trial(s) each")
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        raise
+    for proc in procs:
+        if proc.exitcode != 0:
+            logger.warning(f"{proc.name} exited with status {proc.exitcode}; its running trial, if any, "
+                           "stays RUNNING until a heartbeat marks it FAIL")
+
+
+def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = None,
+               config_dict: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tune each model's prior weights with Optuna and write the report (see module docstring).
+
+    ``options`` are the CLI's (``n_trials``, ``storage``, ``study_name``, ``timeout``,
+    ``search_space``, ``n_workers``, ``multi_objective``, ``pruner``). Returns the summary:
+    one row per model with the best value, tau, beta, alpha and trial counts.
+    """
+    options = dict(options or {})
+    n_trials = int(options.get("n_trials", 20) if options.get("n_trials") is not None else 20)
+    if n_trials < 0:
+        raise PopPriorError(f"--n-trials must be >= 0, got {n_trials}")
+    timeout = options.get("timeout")
+    if timeout is not None and float(timeout) <= 0:
+        raise PopPriorError(f"--timeout must be positive seconds, got {timeout}")
+    plan = make_plan(model, dataset, config_file_list, config_dict, options)
+    init_tuning_logger(plan.folder)
+    storage = plan.storage()
+    studies = create_studies(plan, storage)
+    deadline = None if timeout is None else time.time() + float(timeout)
+    if n_trials > 0:
+        if plan.n_workers == 1:
+            work(plan, 0, n_trials, deadline)
+        else:
+            _run_workers(plan, n_trials, deadline)
+    for model, study in studies.items():  # fresh views of every worker's trials
+        if isinstance(storage, optuna.storages.RDBStorage) and plan.settings["tune_heartbeat_interval"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        studies[model] = optuna.load_study(study_name=study.study_name, storage=storage)
+    metric, bigger = plan.metrics[plan.models[0]]
+    meta = {
+        "study_name": plan.study_name, "dataset": plan.dataset, "objective": metric,
+        "direction": plan.directions(plan.models[0]), "storage": redact(plan.storage_url),
+        "n_trials_added_per_model": n_trials, "n_workers": plan.n_workers, "pruner": plan.pruner,
+        "multi_objective": plan.multi_objective,
+        "search_space": {name: {k: v for k, v in vars(p).items()
+                                if k != "name" and v is not None and v is not False and v != ()}
+                         for name, p in plan.space.items()},
+        "beta_grid": plan.settings["tune_beta_grid"] or "0..2 step 0.25 + tau",
+    }
+    summary = write_report(studies, plan.folder, meta, bigger, plan.multi_objective,
+                           plots=plan.settings["tune_plots"])
+    logger.info(f"tuning report: {plan.folder / 'summary.md'}")
+    return summary

@@ -1,0 +1,94 @@
+"""Where a study lives: a storage URL, as in Optuna, plus the plugin's default.
+
+- no ``--storage``: ``<output>/tuning/<study>.db`` (SQLite, embedded). With ``--n-workers>1``
+  the default is the journal file ``<output>/tuning/<study>.journal`` instead, which Optuna
+  recommends for several processes on one machine; once either file exists, later runs of the
+  same study keep using it, so resuming never silently starts a second study.
+- ``sqlite:///path.db``, ``postgresql://user:pw@host:port/db``, ``mysql+pymysql://...``: an
+  Optuna ``RDBStorage`` with a heartbeat, so a worker that dies mid-trial has that trial
+  marked FAIL by the next worker that starts a trial (``fail_stale_trials``).
+- ``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage`` on a file.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+from recbole_popprior.errors import PopPriorError
+
+_RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and reports)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_storage(output: str | Path, study_name: str, n_workers: int = 1) -> str:
+    """The plugin's default storage URL for ``study_name`` under ``<output>/tuning/``."""
+    folder = Path(output) / "tuning"
+    db, journal = folder / f"{study_name}.db", folder / f"{study_name}.journal"
+    if journal.exists() or (n_workers > 1 and not db.exists()):
+        return f"journal:{journal}"
+    return f"sqlite:///{db}"
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` -> ``postgresql+psycopg2://`` when only psycopg2 is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; the plugin's ``postgres`` extra
+    installs psycopg2-binary, so a bare URL would otherwise fail with "No module named psycopg".
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"  # SQLAlchemy no longer knows the "postgres" alias
+
+
+def make_storage(url: str, *, heartbeat_interval: int | None = 60,
+                 grace_period: int | None = None) -> optuna.storages.BaseStorage:
+    """Open (and create) the storage at ``url``; one-line :class:`PopPriorError` on failure."""
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+    if url.startswith("journal:") or url.endswith(".journal"):
+        path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if scheme not in _RDB_SCHEMES:
+        raise PopPriorError(f"--storage must be a database URL (sqlite:///..., postgresql://...) "
+                            f"or journal:PATH, got {redact(url)!r}")
+    kwargs: dict[str, Any] = {}
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # several processes may write: wait for SQLite's lock instead of failing at once
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    url = _with_driver(url)
+    heartbeat = heartbeat_interval if heartbeat_interval and heartbeat_interval > 0 else None
+    grace = (grace_period or 2 * heartbeat) if heartbeat else None
+    last_error: Exception | None = None
+    for attempt in range(3):  # concurrent first use can race on creating the tables
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace, **kwargs)
+        except ModuleNotFoundError as exc:
+            hint = " (pip install 'recbole-popprior[postgres]')" if scheme.startswith("postgres") else ""
+            raise PopPriorError(f"storage {redact(url)} needs the {exc.name} package{hint}") from None
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of any kind
+            last_error = exc
+            time.sleep(0.5 * (attempt + 1))
+    message = str(last_error).strip().splitlines()[0] if str(last_error).strip() else type(last_error).__name__
+    raise PopPriorError(f"cannot open storage {redact(url)}: {message}")

@@ -1,0 +1,131 @@
+"""RecBole 1.2.1 on today's stack: numpy 2, torch >= 2.6 checkpoints, pandas, the collector bug."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recbole_popprior import compat
+from recbole_popprior.config import Config
+from recbole_popprior.errors import PopPriorError
+
+from conftest import tiny_config, write_inter
+
+
+def test_numpy_2_is_what_ci_runs():
+    # The issue asks that the numpy 2 path is exercised in CI.
+    assert int(np.__version__.split(".")[0]) >= 2
+
+
+def test_config_builds_under_numpy_2_and_sets_recbole_aliases(tiny_data):
+    config = Config("SASRec", "tiny", config_dict=tiny_config(tiny_data))
+    assert config["model"] == "SASRec"
+    # RecBole's metrics and layers use these old aliases.
+    assert np.float is np.float64 and np.bool is np.bool_ and np.long is np.int_
+
+
+def test_plain_recbole_config_is_broken_on_numpy_2_so_the_shim_matters():
+    from recbole.config import Config as RecBoleConfig
+
+    with pytest.raises(AttributeError):
+        RecBoleConfig.compatibility_settings(None)
+
+
+def test_ray_is_never_imported():
+    code = ("import sys, recbole_popprior, recbole_popprior.quick_start, recbole_popprior.cli;"
+            "print('ray' in sys.modules or 'recbole.quick_start' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_pandas_is_pinned_below_3():
+    assert int(pd.__version__.split(".")[0]) < 3
+
+
+def test_recbole_fills_missing_floats(tmp_path):
+    # pandas 3 copy-on-write would make RecBole's in-place fillna a no-op and leave NaN here.
+    write_inter(tmp_path / "holes" / "holes.inter",
+                [(u, i, 100 * u + i, "" if (u + i) % 3 == 0 else 1.5) for u in range(1, 8) for i in range(1, 6)],
+                header="user_id:token\titem_id:token\ttimestamp:float\tweight:float")
+    config = Config("SASRec", "holes", config_dict=tiny_config(tmp_path, load_col=None, fast_loader=False))
+    from recbole_popprior.data import create_dataset
+
+    dataset = create_dataset(config)
+    weights = dataset.inter_feat["weight"].to_numpy()
+    assert not np.isnan(weights).any()
+
+
+def test_fixed_collector_leaves_counters_alone(tiny_data):
+    config = Config("SASRec", "tiny", config_dict=tiny_config(tiny_data))
+    collector = compat.FixedCollector(config)
+    collector.data_struct.set("data.count_items", Counter({1: 3, 2: 1}))
+    collector.data_struct.set("rec.items", torch.ones(2, 3))
+    struct = collector.get_data_struct()
+    assert struct.get("data.count_items") == Counter({1: 3, 2: 1})
+    assert "rec.items" not in collector.data_struct  # reset after each evaluation, as upstream
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = _Model()
+    path = compat.save_checkpoint(tmp_path / "m.pth", model, config={"a": 1, "obj": object()}, epoch=4)
+    fresh = _Model()
+    state = compat.load_checkpoint(path)
+    compat.restore_model(fresh, state, path)
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    assert state["meta"]["epoch"] == 4 and state["meta"]["config"]["a"] == 1
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle_payload", "foreign_dict", "empty"])
+def test_bad_checkpoint_gives_clear_error_and_runs_no_code(tmp_path, damage):
+    path = tmp_path / "m.pth"
+    marker = tmp_path / "pwned"
+    compat.save_checkpoint(path, _Model())
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 20)
+    elif damage == "pickle_payload":
+        torch.save({"format": compat.CHECKPOINT_FORMAT, "state_dict": _Evil(marker)}, path)
+    elif damage == "foreign_dict":
+        torch.save({"state_dict": _Model().state_dict()}, path)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(PopPriorError) as info:
+        compat.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    path = compat.save_checkpoint(tmp_path / "m.pth", _Model())
+    other = torch.nn.Sequential(torch.nn.Linear(5, 5))
+    with pytest.raises(PopPriorError, match="does not match"):
+        compat.restore_model(other, compat.load_checkpoint(path), path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(PopPriorError, match="not found"):
+        compat.load_checkpoint(tmp_path / "nope.pth")
