@@ -67,25 +67,26 @@ def generate(path: Path, rows: int, seed: int = 0, chunk: int = 2_000_000) -> Pa
 # ----------------------------------------------------------------------------- contenders
 
 _CONVERT = """
-import sys, time, json
+import sys, time, json, resource
 from recbole_popprior.data.converters import convert
-t = time.perf_counter()
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+c, t = cpu(), time.perf_counter()
 s = convert("tianchi", sys.argv[1], sys.argv[2], progress=False, **json.loads(sys.argv[3]))
-import resource
-print(json.dumps({"seconds": time.perf_counter() - t, "rows_read": s["rows_read"], "rows_kept": s["rows_kept"],
-                  "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rows_read": s["rows_read"],
+                  "rows_kept": s["rows_kept"], "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 _IMPORT_ONLY = """
 import json, resource
 import recbole_popprior.data.converters
-print(json.dumps({"seconds": 0.0, "rows_read": 0, "rows_kept": 0,
+print(json.dumps({"seconds": 0.0, "cpu": 0.0, "rows_read": 0, "rows_kept": 0,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 _PURE_PYTHON = """
-import sys, time, json
-t = time.perf_counter()
+import sys, time, json, resource
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+c, t = cpu(), time.perf_counter()
 T0, T1 = 1511539200, 1512316799
 rows, read = [], 0
 with open(sys.argv[1], encoding="utf-8") as f:
@@ -99,8 +100,7 @@ rows.sort()
 with open(sys.argv[2], "w", encoding="utf-8") as out:
     out.write("user_id:token\\titem_id:token\\ttimestamp:float\\tbehavior_type:token\\tcategory_id:token\\n")
     out.writelines(f"{u}\\t{i}\\t{ts}\\tpv\\t{c}\\n" for u, ts, _, i, c in rows)
-import resource
-print(json.dumps({"seconds": time.perf_counter() - t, "rows_read": read, "rows_kept": len(rows),
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rows_read": read, "rows_kept": len(rows),
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -117,10 +117,11 @@ ds = cls.__new__(cls)
 ds.config, ds.logger = config, __import__("logging").getLogger()
 ds.field2type, ds.field2source, ds.field2seqlen, ds.field2bucketnum = {}, {}, {}, {}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+c, t = cpu(), time.perf_counter()
 df = ds._load_feat(sys.argv[3], FeatureSource.INTERACTION)
-seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "rows_read": len(df), "rows_kept": len(df), "rss_before_kb": before,
+seconds, cpu_s = time.perf_counter() - t, cpu() - c
+print(json.dumps({"seconds": seconds, "cpu": cpu_s, "rows_read": len(df), "rows_kept": len(df), "rss_before_kb": before,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -142,8 +143,9 @@ def run_child(code: str, *args: str) -> dict:
 def median_run(label: str, repeats: int, code: str, *args: str) -> dict:
     runs = [run_child(code, *args) for _ in range(repeats)]
     seconds = statistics.median(r["seconds"] for r in runs)
+    cpu = statistics.median(r["cpu"] for r in runs)
     rss = max(r["peak_rss_mb"] for r in runs)
-    out = {"label": label, "seconds": seconds, "rows_read": runs[0]["rows_read"], "rows_kept": runs[0]["rows_kept"],
+    out = {"label": label, "seconds": seconds, "cpu": cpu, "rows_read": runs[0]["rows_read"], "rows_kept": runs[0]["rows_kept"],
            "peak_rss_mb": rss, "repeats": repeats, "all_seconds": [round(r["seconds"], 2) for r in runs]}
     print(f"  {label}: {out['all_seconds']} s", file=sys.stderr)
     return out
@@ -184,16 +186,17 @@ def main() -> None:
     rows = args.rows
     print(f"\nUserBehavior-shaped input: {rows:,} rows; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.1f}; pure-Python output identical to the converter's: {same}\n")
-    print(f"| {'contender':<38} | {'median s':>8} | {'rows/s':>9} | {'peak RSS':>9} | {'x pure Py':>9} |")
-    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    print(f"| {'contender':<38} | {'median s':>8} | {'rows/s':>9} | {'CPU s':>6} | {'peak RSS':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 8}|")
     py = results[3]["seconds"]
     recbole = results[4]["seconds"]
     for r in results[1:]:
         rate = r["rows_read"] / r["seconds"]
-        ratio = (py / r["seconds"]) if r is not results[4] and r is not results[5] else recbole / r["seconds"]
-        print(f"| {r['label']:<38} | {r['seconds']:8.2f} | {rate / 1e6:7.2f} M | {r['peak_rss_mb'] / 1024:7.2f} GB "
-              f"| {ratio:8.1f}x |")
-    print("\n(ratio column: converters vs the pure-Python baseline; loaders vs RecBole's loader)")
+        ratio = recbole / r["seconds"] if r in results[4:] else py / r["seconds"]
+        print(f"| {r['label']:<38} | {r['seconds']:8.2f} | {rate / 1e6:7.2f} M | {r['cpu']:6.2f} "
+              f"| {r['peak_rss_mb'] / 1024:6.2f} GB | {ratio:5.1f}x |")
+    print("\n(ratio: converters vs the pure-Python baseline, loaders vs RecBole's loader, by median wall time;"
+          " CPU s: user+sys seconds of the measured section, all threads)")
     base_rss = results[0]["peak_rss_mb"]
     dd = results[2]
     slope = (dd["peak_rss_mb"] - quarter["peak_rss_mb"]) / (rows - rows // 4)  # MB per row

@@ -57,7 +57,7 @@ def _paired_epoch(models: dict, batches) -> dict[str, float]:
 
 
 def bench_model(name: str, dataset: str, repeats: int, max_batches: int | None,
-                extra: dict) -> tuple[float, float, float]:
+                extra: dict) -> tuple[float, float, float, float]:
     settings = {**SMALL, **extra}
     plugin_config = Config(model=name, dataset=dataset, config_dict={**settings, "prior_tau": 1.0})
     base_config = Config(model=name, dataset=dataset, config_dict={**settings, "popprior_baseline": True})
@@ -83,7 +83,21 @@ def bench_model(name: str, dataset: str, repeats: int, max_batches: int | None,
     base = statistics.median(e["recbole"] for e in epochs)
     plugin = statistics.median(e["popprior"] for e in epochs)
     ratio = statistics.median(e["popprior"] / e["recbole"] for e in epochs)
-    return base, plugin, ratio
+    return base, plugin, ratio, _hook_ms(models["popprior"][0], train_data.batch_size)
+
+
+def _hook_ms(model, rows: int) -> float:
+    """Milliseconds per call of the training hook alone (forward + backward of the prior add)."""
+    logits = torch.randn(rows, model.log_prior.shape[0] + model.prior_extra_columns, requires_grad=True)
+    start = time.perf_counter()
+    for _ in range(50):
+        model.add_training_prior(logits).sum().backward()
+    hooked = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(50):
+        logits.sum().backward()
+    plain = time.perf_counter() - start
+    return 1000 * (hooked - plain) / 50
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"dataset={args.dataset} repeats={repeats} max_batches={max_batches or 'all'} "
           f"threads={torch.get_num_threads()} settings={ {k: SMALL[k] for k in ('hidden_size', 'inner_size', 'MAX_ITEM_LIST_LENGTH', 'train_batch_size')} }")
-    print(f"{'model':<10} {'recbole s/epoch':>16} {'popprior s/epoch':>17} {'median ratio':>7}")
+    print(f"{'model':<10} {'recbole s/epoch':>16} {'popprior s/epoch':>17} {'median ratio':>12} {'hook ms/batch':>14}")
     for name in args.models.split(","):
-        base, plugin, ratio = bench_model(name, args.dataset, repeats, max_batches, {})
-        print(f"{name:<10} {base:>16.3f} {plugin:>17.3f} {ratio:>7.3f}", flush=True)
+        base, plugin, ratio, hook = bench_model(name, args.dataset, repeats, max_batches, {})
+        batches = max_batches or "all"
+        print(f"{name:<10} {base:>16.3f} {plugin:>17.3f} {ratio:>12.3f} {hook:>14.3f}   "
+              f"(hook share of a step: {hook / 1000 / (base / (batches if isinstance(batches, int) else 1)):.2%})",
+              flush=True)
     return 0
 
 

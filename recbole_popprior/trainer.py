@@ -77,6 +77,13 @@ class PopPriorTrainerMixin:
         self.eval_collector.stage = self.eval_stage
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
+    def _map_reduce(self, result, num_sample):
+        # energy metrics come from statistics summed over ranks (the collector all-reduces
+        # them), so they are global already; RecBole would average them per rank
+        from recbole_popprior.distributed import map_reduce
+
+        return map_reduce(super()._map_reduce, result, num_sample)
+
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
         self.eval_collector.context_collect(self.model, interaction, scores, positive_u, positive_i)

@@ -291,7 +291,7 @@ def test_training_loss_is_ce_over_own_logits_plus_tau_log_prior(zoo, monkeypatch
     # the baseline's own loss pipeline, with its softmax loss replaced by the hand-computed one
     expected, _ = _run_with_loss(zoo, zoo.baseline(), replies=replies, monkeypatch=monkeypatch)
     loss = loss.detach()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-5)
     assert abs(float(loss) - float(zoo.loss(baseline).detach())) > 1e-4  # the prior did change the loss
 
 
