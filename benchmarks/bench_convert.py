@@ -86,7 +86,7 @@ print(json.dumps({"seconds": 0.0, "cpu": 0.0, "rows_read": 0, "rows_kept": 0,
 _PURE_PYTHON = """
 import sys, time, json, resource
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-c, t = cpu(), time.perf_counter()
+c0, t = cpu(), time.perf_counter()
 T0, T1 = 1511539200, 1512316799
 rows, read = [], 0
 with open(sys.argv[1], encoding="utf-8") as f:
@@ -100,7 +100,7 @@ rows.sort()
 with open(sys.argv[2], "w", encoding="utf-8") as out:
     out.write("user_id:token\\titem_id:token\\ttimestamp:float\\tbehavior_type:token\\tcategory_id:token\\n")
     out.writelines(f"{u}\\t{i}\\t{ts}\\tpv\\t{c}\\n" for u, ts, _, i, c in rows)
-print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rows_read": read, "rows_kept": len(rows),
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c0, "rows_read": read, "rows_kept": len(rows),
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 

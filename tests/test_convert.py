@@ -296,6 +296,12 @@ def test_truncated_or_corrupt_archives_are_one_line_errors(tmp_path, capsys):
         assert not (tmp_path / "o" / "tianchi").exists()
 
 
+def test_binary_input_without_newlines_is_refused_quickly(tmp_path, capsys):
+    (tmp_path / "blob.csv").write_bytes(bytes(range(1, 10)) * 300_000)
+    code, _, err = run_cli(["tianchi", "--input", str(tmp_path / "blob.csv"), "--output", str(tmp_path / "o")], capsys)
+    assert_one_error_line(code, err, "not a csv log")
+
+
 def test_zip_with_two_csv_members_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
         archive.writestr("a.csv", "1,2,3,pv,1511539300\n")

@@ -267,3 +267,14 @@ def test_multi_objective_adds_shared_frac_and_a_pareto_front(tiny_data, out_dir)
         assert 0.0 <= trial.values[1] <= 1.0 and trial.values[1] == trial.user_attrs["shared_frac"]
     assert {p["trial"] for p in summary["models"][0]["pareto"]} == {t.number for t in study.best_trials}
     assert (out_dir / "tuning" / "m" / "plots" / "SASRec_pareto.html").is_file()
+
+
+def test_a_model_stops_after_tune_max_failures_failed_trials_in_a_row(tiny_data, out_dir, tmp_path):
+    space = _write(tmp_path / "nan.yaml", "prior_tau: {type: categorical, choices: [1.0e39]}\n")
+    summary = run_tuning("SASRec", "tiny", config_dict=_config(tiny_data, out_dir, tune_max_failures=2),
+                         options=_options(n_trials=5, study_name="f", search_space=str(space)))
+    trials = optuna.load_study(study_name="f.SASRec", storage=f"sqlite:///{out_dir / 'tuning' / 'f.db'}").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    row = summary["models"][0]
+    assert (row["complete"], row["failed"], row["best_value"], row["best_trial"]) == (0, 2, None, None)
+    assert summary["plots"] == []  # nothing to plot without a completed trial

@@ -4,8 +4,10 @@
     convert("alibaba", "tianchi_mobile_recommend_train_user.zip", "dataset", behaviors="click,cart")
 
 Rows are read in a stream (pass 1, :mod:`converters_read`), checked, filtered and spilled as
-compact columns; then bucketed by user range, de-duplicated, k-core filtered and written in
-order (pass 2, :mod:`converters_buckets`). The output ``NAME.inter`` is tab separated with the
+compact columns into user-range buckets; then each bucket is sorted and de-duplicated, the
+k-core found over all of them, and the rows written in order (pass 2, :mod:`converters_buckets`).
+Memory stays bounded by the bucket size (2M rows) except for the k-core, which holds two
+int32 ids per row. The output ``NAME.inter`` is tab separated with the
 header ``user_id:token item_id:token timestamp:float behavior_type:token category_id:token``,
 rows sorted by user (numeric), then time, then original line.
 

@@ -1,10 +1,11 @@
-"""Pass 2 of the converters: bucket by user range, sort, dedup, k-core, write (DESIGN.md §5).
+"""Spill, sort, dedup, k-core and write for the converters (DESIGN.md §5).
 
-Pass 1 appends compact columns to a spill in file order. The spill is then cut into
-user-range buckets (bounds from a sample of user ids), so each bucket fits in memory and
-the buckets, in order, are in user order. Within a bucket a stable sort by (user, time)
-keeps the original line order among ties; exact duplicates of a row all belong to the same
-user, hence to the same bucket, and the first one in file order is kept.
+Pass 1 appends compact columns straight into user-range buckets, with bounds taken from
+user ids sampled at a few hundred places of a plain csv (:func:`sample_bounds`); inputs
+that cannot be sampled (``.gz``, ``.zip``) go to one spill that is cut into buckets
+afterwards (:func:`repartition`). Each bucket fits in memory and the buckets, in order, are
+in user order. Pass 2 sorts each bucket by (user, time, file position); exact duplicates of
+a row share its user, hence its bucket, and the first one in file order is kept.
 """
 
 from __future__ import annotations

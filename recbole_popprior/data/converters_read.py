@@ -51,6 +51,7 @@ DEFAULT_BEHAVIORS = {"tianchi": ("pv",), "alibaba": ("click",)}
 BAD_KINDS = ("column_count", "encoding", "bad_id", "bad_time", "unknown_behavior")
 
 _BLOCK_BYTES = 1 << 20
+_MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -149,6 +150,8 @@ def iter_chunks(stream: BinaryIO, block_bytes: int = _BLOCK_BYTES) -> Iterator[b
         cut = data.rfind(b"\n") + 1
         if cut == 0:
             rest = data
+            if len(rest) > _MAX_LINE_BYTES:
+                raise PopPriorError(f"a line longer than {_MAX_LINE_BYTES >> 20} MiB: the input is not a csv log")
             continue
         rest = data[cut:]
         yield data[:cut]
