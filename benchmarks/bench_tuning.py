@@ -45,12 +45,11 @@ METRIC = "ndcg@10"
 
 def base_config(data_path: Path, quick: bool, model: str) -> dict:
     return {
-        "data_path": str(data_path), "synthetic_users": 200 if quick else 1000, "synthetic_items": 50,
-        "synthetic_seq_len": 15 if quick else 20, "synthetic_pmi_scale": 1.0, "synthetic_zipf": 1.2,
-        "epochs": 2 if quick else 10, "stopping_step": 100, "train_batch_size": 512, "eval_batch_size": 1024,
-        "hidden_size": 8 if quick else 16, "embedding_size": 8 if quick else 16, "inner_size": 16 if quick else 32,
-        "n_layers": 1, "n_heads": 1,
-        "MAX_ITEM_LIST_LENGTH": 20, "learning_rate": 0.005, "metrics": ["NDCG", "Recall"], "topk": [10],
+        "data_path": str(data_path), "synthetic_users": 250 if quick else 1000, "synthetic_items": 50,
+        "synthetic_seq_len": 15 if quick else 20, "synthetic_pmi_scale": 3.0, "synthetic_zipf": 1.0,
+        "epochs": 6 if quick else 15, "stopping_step": 100, "train_batch_size": 512, "eval_batch_size": 1024,
+        "hidden_size": 16, "embedding_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1,
+        "MAX_ITEM_LIST_LENGTH": 20, "learning_rate": 0.01, "metrics": ["NDCG", "Recall"], "topk": [10],
         "valid_metric": "NDCG@10", "show_progress": False, "state": "WARNING", "gpu_id": "", "seed": 2020,
         "reproducibility": True, "energy_permutations": 0, "prior_alpha": 1.0,
     }
@@ -71,10 +70,10 @@ def expected_first_hit(values: list[float], target: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small data, 3 epochs, 3 sampler seeds")
+    parser.add_argument("--quick", action="store_true", help="small data, 6 epochs, 3 sampler seeds")
     parser.add_argument("--model", default="SASRec")
     parser.add_argument("--seeds", type=int, default=None, help="Optuna sampler seeds (default 3 quick, 5 full)")
-    parser.add_argument("--max-trials", type=int, default=10, help="cap on Optuna trainings per seed")
+    parser.add_argument("--max-trials", type=int, default=8, help="cap on Optuna trainings per seed")
     parser.add_argument("--workdir", default=None, help="where runs go (default: a temp folder)")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 5)

@@ -61,6 +61,17 @@ def tiny_config(data_path: Path | str, **overrides) -> dict:
     return config
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded; on a busy 2-core machine extra threads thrash."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A data_path holding dataset ``tiny`` (60 users x 10 steps over 30 items)."""

@@ -103,7 +103,7 @@ def test_reduction_null_reproduces_matched_reduction_p_values() -> None:
 def test_compare_end_to_end_on_tiny_synthetic(tmp_path) -> None:
     settings = _settings(tmp_path)
     out = tmp_path / "out"
-    payload = run_compare("SASRec", "synthetic", config_dict=settings, seeds=2, output=out)
+    run_compare("SASRec", "synthetic", config_dict=settings, seeds=2, output=out)
 
     for name in ("compare.json", "compare.csv", "compare.md", "spectra.png", "energy.png", "permutation.png"):
         assert (out / name).stat().st_size > 0, name

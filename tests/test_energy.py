@@ -234,3 +234,24 @@ def test_bad_inputs_raise_popprior_error():
     bad[3] = np.nan
     with pytest.raises(PopPriorError):
         popularity_energy(H, E, bad)
+
+
+def test_non_finite_item_table_raises():
+    rng = np.random.default_rng(10)
+    H, E, lp = _problem(rng, m=5, n_items=50, d=4)
+    for bad in (np.inf, np.nan):
+        E2 = E.copy()
+        E2[7, 2] = bad
+        with pytest.raises(PopPriorError, match="non-finite"):
+            popularity_energy(H, E2, lp)
+
+
+def test_large_mean_item_table_keeps_precision():
+    # A large common offset in E (|mean| >> spread) must not cancel away the centred energy.
+    rng = np.random.default_rng(11)
+    H, E, lp = _problem(rng, m=30, n_items=3_000, d=8, planted=0.5)
+    E[1:] += 1e4
+    got = popularity_energy(H, E, lp)
+    ref = _dense(H, E, lp)
+    for key in ("total", "dir", "shared"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-6), key

@@ -222,6 +222,7 @@ def test_sqlite_study_is_written_then_resumed_with_more_trials(tiny_data, out_di
     assert "trial 3 COMPLETE" in (folder / "tuning.log").read_text()
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter prior_tau")
 def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tiny_data, out_dir):
     storage = f"sqlite:///{out_dir / 'nan.db'}"
     out_dir.mkdir(parents=True)

@@ -8,6 +8,7 @@ The storage is read through Optuna's API; each completed trial is cross-checked 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,11 +23,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from test_tuning import HAS_FAST_LOADER
-
 URL = os.environ.get("POPPRIOR_TEST_POSTGRES_URL")
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT, GRACE = 1, 3
+HAS_FAST_LOADER = importlib.util.find_spec("recbole_popprior.data.fast_loader") is not None
 
 pytestmark = pytest.mark.skipif(
     not URL, reason="POPPRIOR_TEST_POSTGRES_URL is unset: start a server with "

@@ -29,7 +29,8 @@ import torch
 from recbole_popprior.compat import FixedCollector
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
-from recbole_popprior.evaluator.energy import ContextStats, ScoreStats, as_float64, energy_from_stats
+from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,
+                                               item_table)
 
 ENERGY_KEY = "popprior.energy"
 PERMUTATION_KEY = "popprior.permutation"
@@ -62,6 +63,13 @@ def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
     return method(interaction) if method is not None else model.full_sort_predict(interaction)
 
 
+def _distributed_world() -> int:
+    """Number of workers in the running process group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 class EnergyState:
     """One evaluation's collected statistics; metrics read the (cached) results from it.
 
@@ -81,6 +89,8 @@ class EnergyState:
         self.scores: ScoreStats | None = None
         self.E: torch.Tensor | np.ndarray | None = None
         self.path = "none"
+        self.reduced = False  # statistics already summed over workers
+        self._table_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._energy: dict[str, Any] | None = None
         self._embedding: dict[str, float] | None = None
 
@@ -96,6 +106,13 @@ class EnergyState:
             self.E = as_float64(self.E)
         return self.E
 
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(E[1:], mean row, centred Gram)``, computed once for the energy and the embedding."""
+        if self._table_cache is None:
+            E = self._item_table()
+            self._table_cache = item_table(E, E.shape[0], None)
+        return self._table_cache
+
     def energy(self) -> dict[str, Any]:
         """DESIGN §3 energies (with permutations / subspace when they were requested)."""
         if self._energy is None:
@@ -103,7 +120,7 @@ class EnergyState:
                 self._energy = energy_from_stats(
                     self.contexts, self._item_table(), self.log_prior, permutations=self.permutations,
                     seed=self.seed, windows_log_prior=self.windows_log_prior,
-                    subspace_energy=self.subspace_energy)
+                    subspace_energy=self.subspace_energy, _table=self._table())
             elif self.path == "scores":
                 self._energy = self.scores.result()
             else:
@@ -121,7 +138,8 @@ class EnergyState:
                                    "balance_err": nan}
             else:
                 G = self.contexts.G if self.contexts is not None else None
-                self._embedding = embedding_diagnostics(self._item_table(), self.log_prior, G)
+                self._embedding = embedding_diagnostics(self._item_table(), self.log_prior, G,
+                                                        item_gram=self._table()[2])
         return self._embedding
 
 
@@ -243,6 +261,10 @@ class PopPriorCollector(FixedCollector):
 
     def get_data_struct(self):
         """RecBole's struct (non-tensors left alone) plus this evaluation's ``popprior.*`` entries."""
+        if self._need_model and _distributed_world() > 1:
+            from recbole_popprior.distributed import all_reduce_array
+
+            self.reduce_energy_stats(all_reduce_array)
         struct = super().get_data_struct()
         state, self._state = self._state, None
         if self._need_model:
@@ -264,12 +286,14 @@ class PopPriorCollector(FixedCollector):
     def reduce_energy_stats(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
         """All-reduce this evaluation's sums in place: ``fn`` maps a float64 array to its sum over workers.
 
-        Call it on every worker before ``get_data_struct``. Every worker must have taken the
-        same path (factorised or scores) and seen at least one batch.
+        ``get_data_struct`` calls it itself (with ``distributed.all_reduce_array``) when a
+        process group of several workers is running; a second call is a no-op. Every worker
+        must have taken the same path (factorised or scores) and seen at least one batch.
         """
         state = self._state
-        if state is None:
+        if state is None or state.reduced:
             return
+        state.reduced = True
         if state.contexts is not None and state.contexts.G is not None:
             c = state.contexts
             c.G, c.hsum = fn(c.G), fn(c.hsum)

@@ -10,6 +10,7 @@ import math
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.energy import _project, as_float64, centred_item_gram
@@ -18,9 +19,9 @@ HEAD, MIDDLE, TAIL = 0, 1, 2
 BAND_NAMES = ("head", "mid", "tail")
 
 
-def _spectrum(E: Any) -> tuple[np.ndarray, np.ndarray]:
+def _spectrum(E: Any, C: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending) and right singular vectors of the centred ``E[1:]``."""
-    eigval, eigvec = np.linalg.eigh(centred_item_gram(E))
+    eigval, eigvec = np.linalg.eigh(centred_item_gram(E) if C is None else C)
     order = np.argsort(eigval)[::-1]
     return np.clip(eigval[order], 0.0, None), eigvec[:, order]
 
@@ -43,12 +44,12 @@ def mean_pairwise_cosine(E: Any) -> float:
     direction and are left out of the pairs.
     """
     E1 = as_float64(E)[1:]
-    norms = np.linalg.norm(E1, axis=1)
-    U = E1[norms > 0] / norms[norms > 0, None]
-    k = U.shape[0]
+    norms = torch.linalg.vector_norm(torch.from_numpy(E1), dim=1).numpy()
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    k = int(np.count_nonzero(norms > 0))
     if k < 2:
         return math.nan
-    total = U.sum(axis=0)
+    total = _project(E1.T, inv)  # sum_i u_i = E1^T (1 / ||e_i||)
     return float((total @ total - k) / (k * (k - 1)))
 
 
@@ -80,14 +81,15 @@ def balance_error(G: Any, E: Any) -> float:
     return float(np.linalg.norm(G - _project(E1.T, E1)) / norm) if norm > 0 else math.nan
 
 
-def embedding_diagnostics(E: Any, log_prior: Any = None, G: Any = None) -> dict[str, float]:
+def embedding_diagnostics(E: Any, log_prior: Any = None, G: Any = None,
+                          item_gram: np.ndarray | None = None) -> dict[str, float]:
     """All DESIGN §4 embedding numbers: ``R1``, ``erank``, ``mean_cos``, ``pc1_corr``, ``balance_err``.
 
     ``pc1_corr`` needs ``log_prior`` and ``balance_err`` needs ``G = H^T H``; each is NaN
-    without its input.
+    without its input. ``item_gram``: the centred Gram of ``E[1:]`` if already computed.
     """
     E = as_float64(E)  # one conversion, one spectrum for all of them
-    spec = _spectrum(E)
+    spec = _spectrum(E, item_gram)
     out = spectrum_stats(E, _spec=spec)
     out["mean_cos"] = mean_pairwise_cosine(E)
     out["pc1_corr"] = pc1_prior_corr(E, log_prior, _spec=spec) if log_prior is not None else math.nan

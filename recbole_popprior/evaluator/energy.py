@@ -214,7 +214,7 @@ class ContextStats:
         return self
 
 
-def _item_table(E: Any, n_items: int, d: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def item_table(E: Any, n_items: int, d: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``E1`` (padding row dropped, float64), its mean row and its centred Gram ``C``."""
     E = as_float64(E)
     if E.ndim != 2 or E.shape[0] != n_items:
@@ -222,26 +222,31 @@ def _item_table(E: Any, n_items: int, d: int | None) -> tuple[np.ndarray, np.nda
     if d is not None and E.shape[1] != d:
         raise PopPriorError(f"E has width {E.shape[1]} but the contexts have width {d}")
     E1 = E[1:]
-    if not np.all(np.isfinite(E1)):
-        raise PopPriorError("E has non-finite entries")
-    ebar = E1.mean(axis=0)
-    C = torch.zeros((E1.shape[1], E1.shape[1]), dtype=torch.float64)
-    ebar_t = torch.from_numpy(ebar)
-    for start in range(0, E1.shape[0], 16384):  # centred chunks: no cancellation in C
-        block = torch.from_numpy(E1[start:start + 16384]) - ebar_t
-        C += block.T @ block
-    return E1, ebar, C.numpy()
+    E1_t = torch.from_numpy(E1)
+    ebar_t = E1_t.mean(dim=0)
+    raw = E1_t.T @ E1_t
+    shift = E1.shape[0] * torch.outer(ebar_t, ebar_t)
+    if float(shift.trace()) <= 0.5 * float(raw.trace()):
+        C = raw - shift  # the mean is small: the shortcut loses at most ~1 digit of float64
+    else:  # a large mean: centre chunk by chunk to avoid cancellation
+        C = torch.zeros_like(raw)
+        for start in range(0, E1.shape[0], 16384):
+            block = E1_t[start:start + 16384] - ebar_t
+            C += block.T @ block
+    if not (bool(torch.isfinite(ebar_t).all()) and bool(torch.isfinite(C).all())):
+        raise PopPriorError("E has non-finite entries")  # any inf/nan in E reaches its mean and C
+    return E1, ebar_t.numpy(), C.numpy()
 
 
 def centred_item_gram(E: Any) -> np.ndarray:
     """``C = (P_n E1)^T (P_n E1)`` [d, d] of the padding-excluded item table."""
     E = as_float64(E)
-    return _item_table(E, E.shape[0], None)[2]
+    return item_table(E, E.shape[0], None)[2]
 
 
 def energy_from_stats(stats: ContextStats, E: Any, log_prior: Any, *, permutations: int = 0,
-                      seed: int = 0, windows_log_prior: Any = None,
-                      subspace_energy: float = 0.95) -> dict[str, Any]:
+                      seed: int = 0, windows_log_prior: Any = None, subspace_energy: float = 0.95,
+                      _table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """DESIGN §3 energies from :class:`ContextStats` and the item table ``E`` [n_items, d].
 
     With ``w = E^T l``: ``E_dir = w^T G w``, ``E_shared = (hsum . w)^2 / m`` and
@@ -251,7 +256,10 @@ def energy_from_stats(stats: ContextStats, E: Any, log_prior: Any, *, permutatio
     if stats.G is None or stats.m == 0:
         raise PopPriorError("no evaluation contexts were collected")
     l = popularity_direction(log_prior)
-    E1, ebar, C = _item_table(E, l.shape[0] + 1, stats.G.shape[0])
+    E1, ebar, C = _table if _table is not None else item_table(E, l.shape[0] + 1, stats.G.shape[0])
+    if E1.shape != (l.shape[0], stats.G.shape[0]):
+        raise PopPriorError(f"E has {E1.shape[0] + 1} rows of width {E1.shape[1]}; expected "
+                            f"{l.shape[0] + 1} items of width {stats.G.shape[0]}")
     G, hsum, m = stats.G, stats.hsum, stats.m
     total = float(np.sum(G * C))  # trace(G C), both symmetric
     w = _project(E1.T, l) - ebar * l.sum()  # (P_n E1)^T l
@@ -410,7 +418,7 @@ def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int
         stats, E = _model_stats(pair)
         if stats.G is None or stats.m == 0:
             raise PopPriorError("matched_reduction needs at least one context per model")
-        E1, ebar, _ = _item_table(E, l.shape[0] + 1, stats.G.shape[0])
+        E1, ebar, _ = item_table(E, l.shape[0] + 1, stats.G.shape[0])
         models.append((stats, E1, ebar))
     if models[0][0].m != models[1][0].m:
         raise PopPriorError(f"the two models were measured on different context counts "

@@ -60,6 +60,8 @@ class _PopPriorMetric(AbstractMetric):
 class PopEnergy(_PopPriorMetric):
     """Popularity-direction energy of the learned scores (DESIGN §3)."""
 
+    ddp_key_prefixes = ("pop_",)  # computed from statistics summed over workers: already global
+
     metric_need = [ENERGY_KEY]
 
     def calculate_metric(self, dataobject) -> dict[str, float]:
@@ -72,6 +74,8 @@ class PopEnergy(_PopPriorMetric):
 
 class PopPermutation(_PopPriorMetric):
     """Item-label permutation test of ``pop_dir_frac`` (DESIGN §3)."""
+
+    ddp_key_prefixes = ("pop_",)  # computed from statistics summed over workers: already global
 
     metric_need = [ENERGY_KEY, PERMUTATION_KEY]
 
@@ -86,6 +90,8 @@ class PopPermutation(_PopPriorMetric):
 class PopSubspace(_PopPriorMetric):
     """Share of centred energy in the popularity subspace of the windowed priors (DESIGN §3)."""
 
+    ddp_key_prefixes = ("subspace_",)  # computed from statistics summed over workers: already global
+
     metric_need = [ENERGY_KEY, SUBSPACE_KEY]
 
     def calculate_metric(self, dataobject) -> dict[str, float]:
@@ -97,6 +103,8 @@ class PopSubspace(_PopPriorMetric):
 
 class EmbeddingSpectrum(_PopPriorMetric):
     """Item-embedding spectrum, isotropy, popularity alignment and balance (DESIGN §4)."""
+
+    ddp_key_prefixes = ("emb_",)  # computed from statistics summed over workers: already global
 
     metric_need = [EMBEDDING_KEY]
 

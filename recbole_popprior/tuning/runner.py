@@ -250,6 +250,8 @@ def work(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -
     """Run ``n_trials`` trials of each model's study in this process (one worker)."""
     storage = plan.storage()
     seed = plan.settings["tune_seed"]
+    if plan.multi_objective and plan.pruner != "none" and worker == 0:
+        logger.info("pruning is off: Optuna cannot prune multi-objective studies")
     for model in plan.models:
         timeout = None if deadline is None else deadline - time.time()
         if n_trials <= 0 or (timeout is not None and timeout <= 0):
