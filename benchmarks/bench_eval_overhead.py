@@ -42,18 +42,26 @@ ENERGY_METRICS = BASE_METRICS + ["PopEnergy", "EmbeddingSpectrum"]
 
 
 def _median_ratio(run_base, run_energy, repeats: int) -> tuple[float, float, float]:
-    """Alternate the two runs; medians of each and the median of per-pair ratios."""
+    """Alternate the two runs (ABBA order, so neither always goes first); medians of each
+    and the median of per-pair ratios."""
     base, energy, ratios = [], [], []
     run_base(), run_energy()  # warm-up
-    for _ in range(repeats):
+
+    def timed(run):
         t0 = time.perf_counter()
-        run_base()
-        t1 = time.perf_counter()
-        run_energy()
-        t2 = time.perf_counter()
-        base.append(t1 - t0)
-        energy.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
+        run()
+        return time.perf_counter() - t0
+
+    for i in range(repeats):
+        if i % 2:
+            e = timed(run_energy)
+            b = timed(run_base)
+        else:
+            b = timed(run_base)
+            e = timed(run_energy)
+        base.append(b)
+        energy.append(e)
+        ratios.append(e / b)
     return statistics.median(base), statistics.median(energy), statistics.median(ratios)
 
 

@@ -21,7 +21,8 @@ BAND_NAMES = ("head", "mid", "tail")
 
 def _spectrum(E: Any, C: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending) and right singular vectors of the centred ``E[1:]``."""
-    eigval, eigvec = np.linalg.eigh(centred_item_gram(E) if C is None else C)
+    C = torch.from_numpy(np.ascontiguousarray(centred_item_gram(E) if C is None else C))
+    eigval, eigvec = (x.numpy() for x in torch.linalg.eigh(C))
     order = np.argsort(eigval)[::-1]
     return np.clip(eigval[order], 0.0, None), eigvec[:, order]
 

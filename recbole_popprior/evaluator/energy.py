@@ -96,6 +96,8 @@ def _project(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     numpy's bundled OpenBLAS is erratic for these short-wide x tall-skinny shapes on a
     loaded machine (seconds instead of milliseconds); torch's kernels are not.
     """
+    if A.size * (B.shape[-1] if B.ndim > 1 else 1) < 4_000_000:
+        return A @ B  # small: not worth waking a thread pool
     return (torch.from_numpy(A) @ torch.from_numpy(B)).numpy()
 
 

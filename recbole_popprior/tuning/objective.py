@@ -51,22 +51,21 @@ def beta_grid(tau: float, grid: Sequence[float] | None = None) -> list[float]:
 def sweep_beta(pipe: Pipeline, betas: Sequence[float], data: Any = None) -> list[tuple[float, dict]]:
     """Evaluate the loaded model at each serving weight ``beta`` on ``data`` (default: validation).
 
-    No retraining: only ``model.prior_beta`` changes between evaluations (DESIGN.md §1). The
-    model's own ``prior_beta`` and the trainer's stage are restored afterwards.
+    No retraining: only ``model.prior_beta`` changes between evaluations (DESIGN.md §1); the
+    evaluation itself is :func:`recbole_popprior.compare.sweep_beta`. The trainer's stage is set
+    to ``valid`` on validation data, so test-only metrics (PopPermutation) do not run per beta.
     """
-    trainer, model = pipe.trainer, pipe.model
+    from recbole_popprior.compare import sweep_beta as compare_sweep_beta
+
+    trainer = pipe.trainer
     data = pipe.valid_data if data is None else data
-    old_beta, old_stage = model.prior_beta, getattr(trainer, "eval_stage", "test")
+    old_stage = getattr(trainer, "eval_stage", "test")
     trainer.eval_stage = "valid" if data is pipe.valid_data else "test"
-    results = []
     try:
-        for beta in betas:
-            model.prior_beta = float(beta)
-            result = trainer.evaluate(data, load_best_model=False, show_progress=False)
-            results.append((float(beta), dict(result or {})))
+        rows = compare_sweep_beta(trainer, data, [float(b) for b in betas])
     finally:
-        model.prior_beta, trainer.eval_stage = old_beta, old_stage
-    return results
+        trainer.eval_stage = old_stage
+    return [(float(row.pop("beta")), row) for row in rows]
 
 
 def choose_beta(results: list[tuple[float, dict]], metric: str, bigger: bool, tau: float) -> tuple[float, dict]:
