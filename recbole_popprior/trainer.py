@@ -85,9 +85,15 @@ class PopPriorTrainerMixin:
         return map_reduce(super()._map_reduce, result, num_sample)
 
     def _full_sort_batch_eval(self, batched_data):
-        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
-        self.eval_collector.context_collect(self.model, interaction, scores, positive_u, positive_i)
-        return interaction, scores, positive_u, positive_i
+        reuse = getattr(self.model, "reuse_forward", None)
+        if reuse is None or not self.eval_collector.wants_contexts:
+            result = super()._full_sort_batch_eval(batched_data)
+            self.eval_collector.context_collect(self.model, *result)
+            return result
+        with reuse():  # the energy metrics reuse the scoring forward pass (one per batch)
+            result = super()._full_sort_batch_eval(batched_data)
+            self.eval_collector.context_collect(self.model, *result)
+        return result
 
 
 @functools.lru_cache(maxsize=None)
