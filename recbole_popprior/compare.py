@@ -87,8 +87,17 @@ def sweep_beta(trainer_or_model: Any, eval_data: Any, betas: Sequence[float],
     if not hasattr(trainer.model, "prior_beta"):
         raise PopPriorError("the beta sweep needs a prior-separated model (not RecBole's own class)")
     rows = []
-    for beta in betas:
-        rows.append({"beta": float(beta), **evaluate_at(trainer, eval_data, float(beta))})
+    # the energy metrics measure the learned dot product, which beta does not change: the
+    # costly permutation test (a test-stage metric) runs at most once, at the first beta
+    stage = getattr(trainer, "eval_stage", None)
+    try:
+        for k, beta in enumerate(betas):
+            if stage is not None and k > 0:
+                trainer.eval_stage = "valid"
+            rows.append({"beta": float(beta), **evaluate_at(trainer, eval_data, float(beta))})
+    finally:
+        if stage is not None:
+            trainer.eval_stage = stage
     return rows
 
 

@@ -18,6 +18,8 @@ Nothing else in the plugin patches RecBole.
    handled by pinning ``pandas<3`` in setup.cfg and checked by :func:`check_pandas`.
 5. ``Config._init_device`` hard-codes the NCCL backend and asserts one GPU per
    process, so distributed runs cannot use gloo on CPU.  -> :func:`init_distributed`.
+6. RecBole's ``sine.py`` turns on torch anomaly detection for the whole process at
+   import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 """
 
 from __future__ import annotations
@@ -260,7 +262,35 @@ def _patch_trainer_ddp() -> None:
     recbole_trainer.DistributedDataParallel = _ddp_any_device
 
 
+# --- 6. global anomaly detection ---------------------------------------------------------
+def disable_anomaly_detection() -> None:
+    """Undo ``torch.autograd.set_detect_anomaly(True)``, which RecBole runs at import time.
+
+    ``recbole/model/sequential_recommender/sine.py`` (line 25) switches anomaly detection on
+    for the whole process as soon as RecBole's sequential models are imported, i.e. on every
+    ``get_model`` call. It makes every model's training 2-3x slower. Called right after the
+    plugin looks up a RecBole model class.
+    """
+    if torch.is_anomaly_enabled():
+        torch.autograd.set_detect_anomaly(False)
+
+
+def quiet_upstream_warnings() -> None:
+    """Silence RecBole 1.2.1's known-harmless warnings on today's stack.
+
+    Under pandas 2 its ``fillna(inplace=True)`` still works but warns about pandas 3
+    (handled by the pin, shim 4), and its trainer builds ``torch.cuda.amp.GradScaler``,
+    which torch deprecates. Both repeat on every run and hide the real output.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*inplace method will never work.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*A value is trying to be set on a copy.*")
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler.*", category=FutureWarning)
+
+
 def apply() -> None:
-    """Apply the process-wide shims (numpy aliases, pandas guard). Idempotent."""
+    """Apply the process-wide shims (numpy aliases, pandas guard, warning filters). Idempotent."""
     numpy_aliases()
     check_pandas()
+    quiet_upstream_warnings()

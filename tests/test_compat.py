@@ -129,3 +129,15 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(PopPriorError, match="not found"):
         compat.load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_looking_up_a_model_leaves_anomaly_detection_off():
+    # RecBole's sine.py switches torch anomaly detection on at import (2-3x slower training).
+    from recbole_popprior.model import get_model
+
+    torch.autograd.set_detect_anomaly(True)
+    get_model("SINE")
+    assert not torch.is_anomaly_enabled()
+    code = "import torch, recbole_popprior.model as m; m.get_model('SASRec'); print(torch.is_anomaly_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,6 +11,7 @@ import functools
 
 from recbole.utils import get_model as recbole_get_model
 
+from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.mixin import PriorSeparatedMixin, PriorLoss, prior_term
 from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_MIXINS, UNSUPPORTED
@@ -54,7 +55,9 @@ def get_model(name: str, baseline: bool = False) -> type:
     The same class object is returned for every spelling of the call (one class per model).
     """
     name = check_supported(name)
-    return recbole_get_model(name) if baseline else _prior_separated(name)
+    model_class = recbole_get_model(name) if baseline else _prior_separated(name)
+    compat.disable_anomaly_detection()  # importing RecBole's models switches it on (compat shim 6)
+    return model_class
 
 
 @functools.lru_cache(maxsize=None)
