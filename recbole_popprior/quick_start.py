@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from logging import getLogger
 from pathlib import Path

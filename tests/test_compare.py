@@ -25,15 +25,6 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.energy import matched_reduction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads on a busy 2-core machine oversubscribe badly; these models are tiny."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _settings(tmp_path, **overrides) -> dict:
     settings = {
         "data_path": str(tmp_path / "data"),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from recbole_popprior.compare import arm_config, collect_contexts, train_arm, training_log_prior
@@ -34,14 +33,6 @@ from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.evaluator.energy import matched_reduction, popularity_energy
 
 B = 2000
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _centred(Z: np.ndarray) -> np.ndarray:
