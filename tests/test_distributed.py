@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,6 +216,14 @@ def ddp_run(tmp_path_factory):
            "--nproc=2", "--ddp_backend=gloo", f"--port={free_port()}", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr:
+        # Seen once in ~25 runs on a loaded 2-core machine: a gloo worker aborting in C++
+        # ("terminate called without an active exception"). Retry once on a fresh port and
+        # folder, and say so; a second failure fails the tests below.
+        warnings.warn(f"2-process gloo run aborted, retrying once: {proc.stderr.strip().splitlines()[0]}")
+        shutil.rmtree(root / "saved", ignore_errors=True)
+        cmd = [c if not c.startswith("--port=") else f"--port={free_port()}" for c in cmd]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     runs = list((root / "saved").glob("SASRec-tiny-*"))
     return SimpleNamespace(proc=proc, root=root, data=data, overrides=overrides, runs=runs)
 
