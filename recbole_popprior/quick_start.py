@@ -19,7 +19,7 @@ from recbole.utils.logger import RemoveColorFilter, log_colors_config
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.trainer import get_trainer
-from recbole_popprior.utils import write_json
+from recbole_popprior.utils import to_jsonable, write_json
 
 _HANDLER_TAG = "_recbole_popprior"
 
@@ -110,8 +110,8 @@ def train_and_test(pipe: Pipeline, *, saved: bool = True, callback_fn=None) -> d
         pipe.train_data, pipe.valid_data, saved=saved, show_progress=config["show_progress"],
         callback_fn=callback_fn)
     test_result = trainer.evaluate(pipe.test_data, load_best_model=saved, show_progress=config["show_progress"])
-    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
-    logger.info(set_color("test result", "yellow") + f": {dict(test_result or {})}")
+    logger.info(set_color("best valid ", "yellow") + f": {to_jsonable(dict(best_valid_result or {}))}")
+    logger.info(set_color("test result", "yellow") + f": {to_jsonable(dict(test_result or {}))}")
     model = pipe.model
     return {
         "model": config["model"],
