@@ -20,6 +20,8 @@ Nothing else in the plugin patches RecBole.
    process, so distributed runs cannot use gloo on CPU.  -> :func:`init_distributed`.
 6. RecBole's ``sine.py`` turns on torch anomaly detection for the whole process at
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
+7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
+   -> :func:`ksr_relation_float32`.
 """
 
 from __future__ import annotations
@@ -273,6 +275,16 @@ def disable_anomaly_detection() -> None:
     """
     if torch.is_anomaly_enabled():
         torch.autograd.set_detect_anomaly(False)
+
+
+# --- 7. KSR's float64 relation matrix -----------------------------------------------------
+def ksr_relation_float32(model: torch.nn.Module) -> None:
+    """Cast KSR's ``relation_Matrix`` to float32 (RecBole 1.2.1 bug).
+
+    ``Dataset._preload_weight_matrix`` builds it with numpy's default float64, and KSR
+    multiplies it with float32 hidden states, so its ``forward`` raises a dtype error.
+    """
+    model.relation_Matrix = model.relation_Matrix.float()
 
 
 def quiet_upstream_warnings() -> None:

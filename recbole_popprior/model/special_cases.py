@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_popprior import compat
 from recbole_popprior.prior import WindowedPrior
 
 #: RecBole sequential models that cannot take a softmax prior, with the reason.
@@ -211,8 +212,6 @@ class _S3Rec:
             return
         from recbole.model.loss import BPRLoss
 
-        from recbole_popprior import compat
-
         self.train_stage = "finetune"
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
         state = compat.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
@@ -223,13 +222,11 @@ class _S3Rec:
 
 
 class _KSR:
-    """RecBole 1.2.1 bug: KSR keeps ``relation_Matrix`` in float64 (numpy's default in
-    ``Dataset._preload_weight_matrix``) and multiplies it with float32 hidden states, so its
-    ``forward`` fails with a dtype error. The matrix is cast to the model's float32 once."""
+    """KSR's float64 relation matrix breaks its forward in RecBole 1.2.1: compat shim 7."""
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.relation_Matrix = self.relation_Matrix.float()
+        compat.ksr_relation_float32(self)
 
 
 #: state-dict entries owned by the plugin (not RecBole's model)
