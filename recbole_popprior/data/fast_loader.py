@@ -101,7 +101,7 @@ class FastLoadMixin:
         for field, field_type, ftype in fields:
             column = table.column(field_type)
             data[field] = _tokens(column) if ftype == FeatureType.TOKEN else _floats(column)
-        return pd.DataFrame(data, index=pd.RangeIndex(table.num_rows))
+        return pd.DataFrame(data, index=pd.RangeIndex(table.num_rows), copy=False)  # arrays are ours: no copy
 
 
 def _read_table(filepath, names: list[str], fields: list, separator: str) -> pa.Table:
