@@ -131,13 +131,10 @@ class Contexts:
 
 
 def _factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    method = getattr(model, "popprior_factors", None)
-    if method is not None:
-        return method(interaction)
-    from recbole_popprior.evaluator.collector import default_factors
+    from recbole_popprior.model.special_cases import factors
 
-    try:
-        return default_factors(model, interaction)
+    try:  # one per-model table serves the plugin's models and RecBole's own
+        return factors(model, interaction)
     except (AttributeError, TypeError, KeyError, RuntimeError, ValueError):
         return None
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from recbole.model.sequential_recommender import CORE, SASRec
+from recbole.model.sequential_recommender import GRU4RecCPR, SASRec
 
 from conftest import tiny_config
 from recbole_popprior.config import Config
@@ -27,7 +27,8 @@ def _pipeline(model, data_path, out_dir, **overrides):
     settings = dict(
         metrics=ENERGY_METRICS, topk=[5, 10], loss_type="CE", train_neg_sample_args=None,
         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
-        output=str(out_dir), fast_loader=False, energy_permutations=B, energy_seed=7, prior_windows=3)
+        output=str(out_dir), fast_loader=False, energy_permutations=B, energy_seed=7, prior_windows=3,
+        reranker_CAN_NUM="10")  # GRU4RecCPR's reranker candidates must fit the tiny catalogue
     settings = tiny_config(data_path, **{**settings, **overrides})
     config = Config(model=model, dataset="tiny", config_dict=settings)
     return build_pipeline(config, log=False)
@@ -104,8 +105,9 @@ def _check(result, ref, keys, rel=1e-4):
             assert result[key] == pytest.approx(ref[key], rel=rel, abs=1e-9), key
 
 
-@pytest.mark.parametrize("model,path", [("SASRec", "factorised"), (SASRec, "factorised"), (CORE, "scores")],
-                         ids=["plugin-SASRec", "recbole-SASRec", "recbole-CORE"])
+# GRU4RecCPR scores items with a softmax mixture, not a plain dot product: the fallback path
+@pytest.mark.parametrize("model,path", [("SASRec", "factorised"), (SASRec, "factorised"), (GRU4RecCPR, "scores")],
+                         ids=["plugin-SASRec", "recbole-SASRec", "recbole-GRU4RecCPR"])
 def test_energy_metrics_in_real_recbole_evaluation(model, path, tiny_data, out_dir):
     pipe = _pipeline(model, tiny_data, out_dir)
     record = train_and_test(pipe, saved=False)
@@ -155,7 +157,7 @@ def test_energy_metrics_in_real_recbole_evaluation(model, path, tiny_data, out_d
     state_path = collector._default_factor_ok.get(id(model_obj))
     if model is SASRec:
         assert state_path is True  # verified default factors, not the fallback
-    if model is CORE:
+    if model is GRU4RecCPR:
         assert state_path is False
 
 

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from recbole_popprior.quick_start import build_config, build_pipeline
+from recbole_popprior.trainer import reuse_forward
 
 from conftest import tiny_config
 
 
-def _pipeline(tiny_data, tmp_path, metrics):
+def _pipeline(tiny_data, tmp_path, metrics, baseline=False):
     config = build_config("SASRec", "tiny", config_dict=tiny_config(
-        tiny_data, metrics=metrics, output=str(tmp_path), energy_permutations=0))
+        tiny_data, metrics=metrics, output=str(tmp_path), energy_permutations=0, popprior_baseline=baseline))
     return build_pipeline(config, log=False)
 
 
-def test_energy_metrics_reuse_the_scoring_forward_pass(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("baseline", [False, True], ids=["prior-separated", "recbole-own"])
+def test_energy_metrics_reuse_the_scoring_forward_pass(tiny_data, tmp_path, monkeypatch, baseline):
     results = {}
     for name, metrics in {"plain": ["MRR"], "energy": ["MRR", "PopEnergy", "EmbeddingSpectrum"]}.items():
-        pipe = _pipeline(tiny_data, tmp_path / name, metrics)
+        pipe = _pipeline(tiny_data, tmp_path / name, metrics, baseline)
         recbole_class = [c for c in type(pipe.model).__mro__ if c.__module__.startswith("recbole.model")][0]
         calls = []
         original = recbole_class.forward
@@ -42,9 +45,10 @@ def test_forward_cache_is_dropped_after_the_block(tiny_data, tmp_path):
     model = pipe.model.eval()
     batch = next(iter(pipe.test_data))[0]
     seq, length = batch["item_id_list"], batch["item_length"]
-    with torch.no_grad(), model.reuse_forward():
+    with torch.no_grad(), reuse_forward(model):
         first = model.forward(seq, length)
         assert model.forward(seq, length) is first
+    assert "forward" not in vars(model)  # the wrapper is gone
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)

@@ -9,8 +9,9 @@ metrics declare in ``metric_need`` (``popprior.*``), so plain runs pay nothing.
 What is measured is the LEARNED score only (DESIGN.md §3), obtained from the model by:
 
 1. ``model.popprior_factors(interaction) -> (H, E)`` (or ``None``): factorised path;
-2. otherwise, for RecBole's own models, :func:`default_factors` (``forward`` + ``item_embedding``)
-   once it has verified ``H E^T`` against the model's learned scores on the first batch;
+2. otherwise, for RecBole's own models, the same per-model table
+   (:func:`recbole_popprior.model.special_cases.factors`), once ``H E^T`` has been verified
+   against the model's learned scores on the first batch;
 3. otherwise the streaming fallback over ``model.popprior_learned_scores(interaction)``
    (RecBole models: ``full_sort_predict``).
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from recbole_popprior.compat import FixedCollector
+from recbole_popprior.model.special_cases import factors
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
 from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,
@@ -40,21 +42,6 @@ TARGETS_KEY = "popprior.target_items"
 PERMUTATION_STAGES = ("test", "valid", "always")
 
 _FACTOR_RTOL = 1e-5
-
-
-def default_factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seq_output, item_embedding.weight)`` for RecBole's common sequential pattern.
-
-    Raises ``AttributeError`` / ``TypeError`` / ``KeyError`` when the model does not follow
-    the pattern; :class:`PopPriorCollector` verifies the product before trusting it.
-    """
-    item_seq = interaction[model.ITEM_SEQ]
-    item_seq_len = interaction[model.ITEM_SEQ_LEN]
-    H = model.forward(item_seq, item_seq_len)
-    E = model.item_embedding.weight
-    if not (isinstance(H, torch.Tensor) and H.dim() == 2 and H.shape[1] == E.shape[1]):
-        raise TypeError("forward() did not return [batch, d] contexts matching item_embedding")
-    return H, E
 
 
 def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
@@ -340,11 +327,14 @@ class PopPriorCollector(FixedCollector):
         if self._default_factor_ok.get(key) is False:
             return None
         try:
-            H, E = default_factors(model, interaction)
-        except Exception as exc:  # any model that does not fit the pattern takes the score path
-            self.logger.debug(f"energy metrics: default factors unavailable for {type(model).__name__}: {exc}")
+            pair = factors(model, interaction)
+        except Exception as exc:  # any model that does not fit its pattern takes the score path
+            self.logger.debug(f"energy metrics: factors unavailable for {type(model).__name__}: {exc}")
+            pair = None
+        if pair is None:
             self._default_factor_ok[key] = False
             return None
+        H, E = pair
         if key not in self._default_factor_ok:
             ok = self._verify_factors(H, E, learned_scores(model, interaction))
             self._default_factor_ok[key] = ok
@@ -375,4 +365,4 @@ class PopPriorCollector(FixedCollector):
         return learned_scores(model, interaction)
 
 
-__all__ = ["PopPriorCollector", "EnergyState", "default_factors", "learned_scores"]
+__all__ = ["PopPriorCollector", "EnergyState", "learned_scores"]

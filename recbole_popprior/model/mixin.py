@@ -14,7 +14,6 @@ RecBole models have no shared logits method: each builds its logits inline and c
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Any
 
@@ -256,36 +255,6 @@ class PriorSeparatedMixin:
         if self.prior_scores_are_probabilities:
             return torch.softmax(torch.log(scores) + term, dim=-1)
         return scores + term
-
-    # --- one forward pass per evaluation batch -----------------------------------------------
-    @contextlib.contextmanager
-    def reuse_forward(self):
-        """Within the block, a repeated ``forward`` call on the very same input tensors returns
-        the first call's output instead of running the network again.
-
-        The trainer wraps each evaluation batch in it: ``full_sort_predict`` and the energy
-        metrics' ``popprior_factors`` / ``popprior_learned_scores`` then share one forward pass.
-        Only identity of the inputs counts (no weights change inside the block: ``no_grad``
-        evaluation), and the cache is dropped on exit.
-        """
-        self._forward_cache = []
-        try:
-            yield self
-        finally:
-            self._forward_cache = None
-
-    def forward(self, *args, **kwargs):
-        cache = self.__dict__.get("_forward_cache")
-        if cache is None or self.training:
-            return super().forward(*args, **kwargs)
-        for cached_args, cached_kwargs, output in cache:
-            if (len(cached_args) == len(args) and all(a is b for a, b in zip(cached_args, args))
-                    and cached_kwargs.keys() == kwargs.keys()
-                    and all(cached_kwargs[k] is v for k, v in kwargs.items())):
-                return output
-        output = super().forward(*args, **kwargs)
-        cache.append((args, kwargs, output))
-        return output
 
     # --- RecBole's model API ------------------------------------------------------------
     def prior_window_ids(self, interaction) -> torch.Tensor:
