@@ -68,7 +68,7 @@ def generate(path: Path, rows: int, seed: int = 0, chunk: int = 2_000_000) -> Pa
 
 _CONVERT = """
 import sys, time, json, resource
-from recbole_popprior.data.converters import convert
+from recbole_popprior.converters.pipeline import convert
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 c, t = cpu(), time.perf_counter()
 s = convert("tianchi", sys.argv[1], sys.argv[2], progress=False, **json.loads(sys.argv[3]))
@@ -78,7 +78,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rows_re
 
 _IMPORT_ONLY = """
 import json, resource
-import recbole_popprior.data.converters
+import recbole_popprior.converters.pipeline
 print(json.dumps({"seconds": 0.0, "cpu": 0.0, "rows_read": 0, "rows_kept": 0,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

@@ -131,7 +131,7 @@ class Contexts:
 
 
 def _factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from recbole_popprior.model.special_cases import factors
+    from recbole_popprior.model.factors import factors
 
     try:  # one per-model table serves the plugin's models and RecBole's own
         return factors(model, interaction)

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_popprior import compat
+from recbole_popprior import checkpoint
 
 
 class PopPriorTrainerMixin:
-    """Checkpoints through :mod:`recbole_popprior.compat` (state dict + plain metadata,
+    """Checkpoints through :mod:`recbole_popprior.checkpoint` (state dict + plain metadata,
     ``weights_only=True``) and evaluation through the plugin's collector, which feeds the
     energy metrics with the model's contexts (DESIGN §3)."""
 
@@ -33,20 +33,20 @@ class PopPriorTrainerMixin:
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        compat.save_checkpoint(
+        checkpoint.save_checkpoint(
             saved_model_file, self.model, config=self.config, optimizer=self.optimizer,
             epoch=epoch, cur_step=self.cur_step, best_valid_score=self.best_valid_score)
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
 
     def save_pretrained_model(self, epoch, saved_model_file):
-        compat.save_checkpoint(saved_model_file, self.model, config=self.config,
+        checkpoint.save_checkpoint(saved_model_file, self.model, config=self.config,
                                optimizer=self.optimizer, epoch=epoch)
         self.saved_model_file = saved_model_file
 
     def resume_checkpoint(self, resume_file):
-        state = compat.load_checkpoint(resume_file, map_location=self.device)
-        compat.restore_model(self.model, state, resume_file)
+        state = checkpoint.load_checkpoint(resume_file, map_location=self.device)
+        checkpoint.restore_model(self.model, state, resume_file)
         meta = state["meta"]
         self.saved_model_file = str(resume_file)
         self.start_epoch = int(meta.get("epoch", -1)) + 1
@@ -59,8 +59,8 @@ class PopPriorTrainerMixin:
     def load_model_file(self, model_file: str | None = None) -> None:
         """Load weights from ``model_file`` (default: this run's best checkpoint)."""
         model_file = model_file or self.saved_model_file
-        state = compat.load_checkpoint(model_file, map_location=self.device)
-        compat.restore_model(self.model, state, model_file)
+        state = checkpoint.load_checkpoint(model_file, map_location=self.device)
+        checkpoint.restore_model(self.model, state, model_file)
         self.logger.info(f"Loading model structure and parameters from {model_file}")
 
     # --- evaluation ----------------------------------------------------------------------

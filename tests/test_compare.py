@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_popprior import compat
+from recbole_popprior import checkpoint
 from recbole_popprior.compare import (
     arm_config,
     collect_contexts,
@@ -128,8 +128,8 @@ def test_compare_end_to_end_on_tiny_synthetic(tmp_path) -> None:
         config = arm_config("SASRec", "synthetic", None, settings, seed=7, baseline=baseline,
                             run_dir=tmp_path / f"check-{name}")
         pipe = build_pipeline(config, log=False)
-        state = compat.load_checkpoint(f"{record['run_dir'][name]}/model.pth")
-        compat.restore_model(pipe.model, state)
+        state = checkpoint.load_checkpoint(f"{record['run_dir'][name]}/model.pth")
+        checkpoint.restore_model(pipe.model, state)
         contexts[name] = collect_contexts(pipe.model, pipe.test_data)
         train = pipe.train_data.dataset
         log_priors[name] = _numpy_log_prior(train.inter_feat[train.iid_field].numpy(), train.item_num)

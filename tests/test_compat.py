@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recbole_popprior import compat
+from recbole_popprior import checkpoint, compat
 from recbole_popprior.config import Config
 from recbole_popprior.errors import PopPriorError
 
@@ -81,10 +81,10 @@ class _Model(torch.nn.Module):
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = _Model()
-    path = compat.save_checkpoint(tmp_path / "m.pth", model, config={"a": 1, "obj": object()}, epoch=4)
+    path = checkpoint.save_checkpoint(tmp_path / "m.pth", model, config={"a": 1, "obj": object()}, epoch=4)
     fresh = _Model()
-    state = compat.load_checkpoint(path)
-    compat.restore_model(fresh, state, path)
+    state = checkpoint.load_checkpoint(path)
+    checkpoint.restore_model(fresh, state, path)
     assert torch.equal(fresh.lin.weight, model.lin.weight)
     assert state["meta"]["epoch"] == 4 and state["meta"]["config"]["a"] == 1
 
@@ -101,33 +101,33 @@ class _Evil:
 def test_bad_checkpoint_gives_clear_error_and_runs_no_code(tmp_path, damage):
     path = tmp_path / "m.pth"
     marker = tmp_path / "pwned"
-    compat.save_checkpoint(path, _Model())
+    checkpoint.save_checkpoint(path, _Model())
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:200])
     elif damage == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 20)
     elif damage == "pickle_payload":
-        torch.save({"format": compat.CHECKPOINT_FORMAT, "state_dict": _Evil(marker)}, path)
+        torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "state_dict": _Evil(marker)}, path)
     elif damage == "foreign_dict":
         torch.save({"state_dict": _Model().state_dict()}, path)
     else:
         path.write_bytes(b"")
     with pytest.raises(PopPriorError) as info:
-        compat.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert "\n" not in str(info.value)
     assert not marker.exists()
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
-    path = compat.save_checkpoint(tmp_path / "m.pth", _Model())
+    path = checkpoint.save_checkpoint(tmp_path / "m.pth", _Model())
     other = torch.nn.Sequential(torch.nn.Linear(5, 5))
     with pytest.raises(PopPriorError, match="does not match"):
-        compat.restore_model(other, compat.load_checkpoint(path), path)
+        checkpoint.restore_model(other, checkpoint.load_checkpoint(path), path)
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(PopPriorError, match="not found"):
-        compat.load_checkpoint(tmp_path / "nope.pth")
+        checkpoint.load_checkpoint(tmp_path / "nope.pth")
 
 
 def test_looking_up_a_model_leaves_anomaly_detection_off():

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from recbole_popprior.convert import convert as cli_convert
-from recbole_popprior.convert import main
-from recbole_popprior.data import converters_buckets
-from recbole_popprior.data.converters import convert
+from recbole_popprior.converters.cli import convert as cli_convert
+from recbole_popprior.converters.cli import main
+from recbole_popprior.converters import buckets as converters_buckets
+from recbole_popprior.converters.pipeline import convert
 from recbole_popprior.errors import PopPriorError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,7 +317,7 @@ def test_alibaba_time_is_read_as_utc8_whatever_the_machine_timezone(tmp_path):
     for tz in ("UTC", "America/Los_Angeles"):
         out = tmp_path / tz.replace("/", "_")
         env = dict(os.environ, TZ=tz, PYTHONPATH=str(ROOT))
-        code = ("import time, sys; time.tzset(); from recbole_popprior.data.converters import convert; "
+        code = ("import time, sys; time.tzset(); from recbole_popprior.converters.pipeline import convert; "
                 "convert('alibaba', sys.argv[1], sys.argv[2], behaviors='all', progress=False)")
         subprocess.run([sys.executable, "-c", code, str(src), str(out)], env=env, check=True, cwd=ROOT)
         outputs.append((out / "alibaba/alibaba.inter").read_bytes())

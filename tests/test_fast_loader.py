@@ -178,7 +178,7 @@ def test_header_only_file_gives_an_empty_frame_like_recbole(tmp_path, fast_reads
 
 def test_converted_tianchi_log_loads_with_its_dataset_config(tmp_path, fast_reads):
     """convert -> dataset_configs/tianchi.yaml -> the same SequentialDataset from both readers."""
-    from recbole_popprior.data.converters import convert
+    from recbole_popprior.converters.pipeline import convert
 
     rng = np.random.default_rng(3)
     lines = []

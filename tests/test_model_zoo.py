@@ -22,7 +22,7 @@ from conftest import tiny_config, tiny_rows, write_inter
 
 from recbole.utils import init_seed
 
-from recbole_popprior import compat
+from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
@@ -102,7 +102,7 @@ def s3rec_pretrained(zoo_data, tmp_path_factory) -> Path:
     init_seed(3, True)
     model = config.model_class(config, train_data._dataset)
     path = tmp_path_factory.mktemp("s3rec") / "S3Rec-zoo-1.pth"
-    compat.save_checkpoint(path, model, config=config)
+    checkpoint.save_checkpoint(path, model, config=config)
     return path
 
 

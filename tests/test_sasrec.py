@@ -166,9 +166,9 @@ def test_bad_checkpoint_is_a_clear_error_and_runs_no_code(tiny_data, tmp_path, d
     if damage == "malicious":
         torch.save({"state_dict": pipe.model.state_dict(), "payload": _Exploit(str(marker))}, path)
     else:
-        from recbole_popprior import compat
+        from recbole_popprior import checkpoint
 
-        compat.save_checkpoint(path, pipe.model, config=pipe.config)
+        checkpoint.save_checkpoint(path, pipe.model, config=pipe.config)
         raw = path.read_bytes()
         path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x00not a checkpoint" * 10)
     with pytest.raises(PopPriorError, match="checkpoint"):

@@ -10,7 +10,7 @@ What is measured is the LEARNED score only (DESIGN.md §3), obtained from the mo
 
 1. ``model.popprior_factors(interaction) -> (H, E)`` (or ``None``): factorised path;
 2. otherwise, for RecBole's own models, the same per-model table
-   (:func:`recbole_popprior.model.special_cases.factors`), once ``H E^T`` has been verified
+   (:func:`recbole_popprior.model.factors.factors`), once ``H E^T`` has been verified
    against the model's learned scores on the first batch;
 3. otherwise the streaming fallback over ``model.popprior_learned_scores(interaction)``
    (RecBole models: ``full_sort_predict``).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from recbole_popprior.compat import FixedCollector
-from recbole_popprior.model.special_cases import factors
+from recbole_popprior.model.factors import factors
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
 from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,

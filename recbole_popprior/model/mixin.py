@@ -290,6 +290,6 @@ class PriorSeparatedMixin:
 
     def popprior_factors(self, interaction):
         """``(H [b, d], E [n_items, d])`` with ``H E^T`` = the learned scores, or ``None``."""
-        from recbole_popprior.model.special_cases import factors
+        from recbole_popprior.model.factors import factors
 
         return factors(self, interaction)

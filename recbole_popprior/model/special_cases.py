@@ -8,20 +8,18 @@ and serving adds ``beta * log p_hat`` to ``full_sort_predict``/``predict`` (DESI
 - :data:`MODEL_NOTES`: how each supported model is handled (generic or special), one line each.
 - :data:`SPECIAL_MIXINS`: the extra mixin per model, placed between the generic mixin and
   RecBole's class.
-- :func:`factors`: ``(H, E)`` with ``H E^T`` equal to the learned full-sort scores, per model
-  (``None`` where the learned score is not a plain dot product).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_popprior import compat
+from recbole_popprior import checkpoint, compat
 from recbole_popprior.prior import WindowedPrior
 
 #: RecBole sequential models that cannot take a softmax prior, with the reason.
@@ -191,7 +189,7 @@ class _S3Rec:
     ``-inf`` (it is never a target). The pretrain stage has no item softmax: no prior there
     (its BCE losses are left alone). RecBole's fine-tune ``__init__`` loads
     ``pre_model_path`` with a bare ``torch.load``; here the checkpoint is read with
-    :func:`recbole_popprior.compat.load_checkpoint` (``weights_only=True``, one-line error
+    :func:`recbole_popprior.checkpoint.load_checkpoint` (``weights_only=True``, one-line error
     for a missing, corrupt or foreign file), and the prior buffers of a plugin-pretrained
     checkpoint are not restored (they are recomputed from the training data).
     """
@@ -214,10 +212,10 @@ class _S3Rec:
 
         self.train_stage = "finetune"
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
-        state = compat.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
+        state = checkpoint.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
         state["state_dict"] = {k: v for k, v in state["state_dict"].items()
                                if k.split(".")[0] not in _PRIOR_STATE_KEYS}
-        compat.restore_model(self, state, self.pre_model_path)
+        checkpoint.restore_model(self, state, self.pre_model_path)
         self.logger.info(f"Load pretrained model from {self.pre_model_path}")
 
 
@@ -243,79 +241,3 @@ SPECIAL_MIXINS: dict[str, type] = {
     "SASRecCPR": _ProbabilityModel,
     "RepeatNet": _ProbabilityModel,
 }
-
-
-# --- factors: H E^T = the learned full-sort scores (DESIGN §3) ----------------------------------
-def _seq(m, i):
-    return i[m.ITEM_SEQ]
-
-
-def _len(m, i):
-    return i[m.ITEM_SEQ_LEN]
-
-
-def _user(m, i):
-    return i[m.USER_ID]
-
-
-def _gather_last(m, i, output):
-    return m.gather_indexes(output, _len(m, i) - 1)
-
-
-def _bert4rec_factors(m, i):
-    item_seq = m.reconstruct_test_data(_seq(m, i), _len(m, i))
-    H = _gather_last(m, i, m.forward(item_seq))
-    H = torch.cat([H, H.new_ones(H.shape[0], 1)], dim=1)
-    E = torch.cat([m.item_embedding.weight[: m.n_items], m.output_bias.unsqueeze(1)], dim=1)
-    return H, E
-
-
-def _core_factors(m, i):
-    return m.forward(_seq(m, i)) / m.temperature, F.normalize(m.item_embedding.weight, dim=-1)
-
-
-def _s3rec_factors(m, i):
-    H = _gather_last(m, i, m.forward(_seq(m, i), bidirectional=False))
-    return H, m.item_embedding.weight[: m.n_items - 1]
-
-
-def _ksr_table(m):
-    return m.dense_layer_i(torch.cat((m.item_embedding.weight, m.entity_embedding.weight), -1))
-
-
-_Factors = Callable[[Any, Any], "tuple[torch.Tensor, torch.Tensor] | None"]
-
-#: per-model ``(H, E)``; models not listed use ``forward(item_seq, item_seq_len)`` and
-#: ``item_embedding.weight``; ``None`` marks models whose score is not a plain dot product.
-_FACTORS: dict[str, _Factors | None] = {
-    "Caser": lambda m, i: (m.forward(_user(m, i), _seq(m, i)), m.item_embedding.weight),
-    "NextItNet": lambda m, i: (m.forward(_seq(m, i)), m.item_embedding.weight),
-    "SHAN": lambda m, i: (m.forward(_seq(m, i), _user(m, i)), m.item_embedding.weight),
-    "HGN": lambda m, i: (m.forward(_seq(m, i), _user(m, i)), m.item_embedding_for_prediction.weight),
-    "NPE": lambda m, i: (m.forward(_seq(m, i), _user(m, i)), torch.relu(m.item_embedding.weight)),
-    "HRM": lambda m, i: (m.forward(_seq(m, i), _user(m, i), _len(m, i)), m.item_embedding.weight),
-    "FOSSIL": lambda m, i: (m.forward(_seq(m, i), _len(m, i), _user(m, i)), m.item_embedding.weight),
-    "KSR": lambda m, i: (m.forward(_seq(m, i), _len(m, i)), _ksr_table(m)),
-    "BERT4Rec": _bert4rec_factors,
-    "S3Rec": _s3rec_factors,
-    "CORE": _core_factors,
-    "GRU4RecCPR": None,
-    "SASRecCPR": None,
-    "RepeatNet": None,
-}
-
-
-def factors(model: Any, interaction) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(H [b, d], E [n_items, d])`` such that ``H @ E.T`` equals the model's learned
-    full-sort scores (without the prior), or ``None`` when there is no such factorisation."""
-    name = type(model).__name__
-    if name in _FACTORS:
-        build = _FACTORS[name]
-        return None if build is None else build(model, interaction)
-    if getattr(model, "item_embedding", None) is None or not hasattr(model, "ITEM_SEQ"):
-        return None
-    H = model.forward(_seq(model, interaction), _len(model, interaction))
-    E = model.item_embedding.weight
-    if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[-1] != E.shape[-1]:
-        return None
-    return H, E

@@ -3,9 +3,9 @@
     convert("tianchi", "UserBehavior.csv", "dataset")     # -> dataset/tianchi/tianchi.inter
     convert("alibaba", "tianchi_mobile_recommend_train_user.zip", "dataset", behaviors="click,cart")
 
-Rows are read in a stream (pass 1, :mod:`converters_read`), checked, filtered and spilled as
+Rows are read in a stream (pass 1, :mod:`~recbole_popprior.converters.read`), checked, filtered and spilled as
 compact columns into user-range buckets; then each bucket is sorted and de-duplicated, the
-k-core found over all of them, and the rows written in order (pass 2, :mod:`converters_buckets`).
+k-core found over all of them, and the rows written in order (pass 2, :mod:`~recbole_popprior.converters.buckets`).
 Memory stays bounded by the bucket size (2M rows) except for the k-core, which holds two
 int32 ids per row. The output ``NAME.inter`` is tab separated with the
 header ``user_id:token item_id:token timestamp:float behavior_type:token category_id:token``,
@@ -36,9 +36,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from recbole_popprior.data import converters_buckets as _buckets
-from recbole_popprior.data import converters_read as _read
-from recbole_popprior.data.converters_read import BAD_KINDS, BEHAVIORS, DEFAULT_BEHAVIORS, TIANCHI_WINDOW
+from recbole_popprior.converters import buckets as _buckets
+from recbole_popprior.converters import read as _read
+from recbole_popprior.converters.read import BAD_KINDS, BEHAVIORS, DEFAULT_BEHAVIORS, TIANCHI_WINDOW
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.utils import atomic_write, write_json
 
