@@ -1,4 +1,4 @@
-"""Converter and loader speed / memory on a UserBehavior-shaped log (issue 4).
+"""Converter and loader speed / memory on a UserBehavior-shaped log.
 
     python benchmarks/bench_convert.py [--rows 10000000] [--repeats 3] [--cache DIR]
 

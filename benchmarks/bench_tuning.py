@@ -10,7 +10,7 @@ and sweep ``beta`` for free. This benchmark measures what that saves, on the gen
   first cell that reaches it when the grid is visited in random order, ``(N + 1) / (k + 1)``
   for ``k`` such cells among ``N``; the full grid costs ``N``.
 - **sweep grid**: one training per ``tau`` of the same grid, ``beta`` swept on validation
-  (:func:`recbole_popprior.tuning.sweep_beta`); same random-order formula over the taus.
+  (:func:`recbole_popprior.serving.sweep_beta`); same random-order formula over the taus.
 - **optuna + sweep**: the plugin's tuner (:class:`recbole_popprior.tuning.objective.Objective`)
   with Optuna's TPE over ``tau in [0, 2]`` and the same ``beta`` sweep, stopped at the
   target; the median over sampler seeds (a seed that never reaches it counts as its cap + 1).
@@ -37,7 +37,8 @@ import optuna  # noqa: E402
 
 import recbole_popprior  # noqa: E402,F401  (compat shims)
 from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test  # noqa: E402
-from recbole_popprior.tuning import beta_grid, choose_beta, sweep_beta  # noqa: E402
+from recbole_popprior.serving import sweep_beta  # noqa: E402
+from recbole_popprior.tuning import beta_grid, choose_beta  # noqa: E402
 from recbole_popprior.tuning.objective import Objective  # noqa: E402
 from recbole_popprior.tuning.space import Param  # noqa: E402
 
@@ -103,7 +104,8 @@ def main() -> None:
     sweep_best, t0 = {}, time.perf_counter()
     for tau in taus:
         pipe, _ = train(args.model, {**config, "prior_tau": tau, "prior_beta": None}, workdir / "sweep" / str(tau))
-        beta, result = choose_beta(sweep_beta(pipe, beta_grid(tau, betas)), METRIC, True, tau)
+        rows = sweep_beta(pipe.trainer, pipe.valid_data, beta_grid(tau, betas), stage="valid")
+        beta, result = choose_beta([(row.pop("beta"), row) for row in rows], METRIC, True, tau)
         sweep_best[tau] = (float(result[METRIC]), beta)
     sweep_seconds = time.perf_counter() - t0
 

@@ -9,25 +9,13 @@ from recbole_popprior import compat as _compat
 
 _compat.apply()
 
-from recbole_popprior import evaluator as _evaluator  # noqa: E402  (registers the metrics)
 from recbole_popprior.errors import PopPriorError  # noqa: E402
+from recbole_popprior.evaluator import popularity_energy  # noqa: E402  (importing it registers the metrics)
 from recbole_popprior.model import get_model, supported_models  # noqa: E402
 from recbole_popprior.prior import estimate_log_prior  # noqa: E402
+from recbole_popprior.quick_start import run_recbole_popprior  # noqa: E402
 
-__version__ = "0.1.0"
-
-
-def run_recbole_popprior(*args, **kwargs):
-    """See :func:`recbole_popprior.quick_start.run_recbole_popprior`."""
-    from recbole_popprior.quick_start import run_recbole_popprior as _run
-
-    return _run(*args, **kwargs)
-
-
-def popularity_energy(*args, **kwargs):
-    """See :func:`recbole_popprior.evaluator.popularity_energy`."""
-    return _evaluator.popularity_energy(*args, **kwargs)
-
+__version__ = "0.2.0"
 
 __all__ = ["PopPriorError", "estimate_log_prior", "get_model", "supported_models",
            "run_recbole_popprior", "popularity_energy", "__version__"]

@@ -18,7 +18,11 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from recbole_popprior.compare import run_beta_sweep, run_compare
+from recbole_popprior.distributed import run_distributed
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.quick_start import run_recbole_popprior
+from recbole_popprior.tuning import run_tuning
 
 #: plugin options: name -> (takes a value, default)
 OPTIONS: dict[str, tuple[bool, Any]] = {
@@ -90,25 +94,15 @@ def _dispatch(options: dict[str, Any], overrides: dict[str, Any]) -> Any:
     if dataset is None:
         raise PopPriorError("--dataset is required, e.g. --dataset=ml-100k")
     if options["tune"]:
-        from recbole_popprior.tuning import run_tuning
-
         return run_tuning(model, dataset, config_file_list=files, config_dict=overrides, options=options)
     if options["compare"]:
-        from recbole_popprior.compare import run_compare
-
         return run_compare(model, dataset, config_file_list=files, config_dict=overrides,
                            seeds=options["seeds"], output=overrides.get("output"))
     if options["beta_sweep"] is not None:
-        from recbole_popprior.compare import run_beta_sweep
-
         return run_beta_sweep(model, dataset, options["beta_sweep"], config_file_list=files,
                               config_dict=overrides, output=overrides.get("output"))
     if options["nproc"] > 1 or options["world_size"] > 1 or "LOCAL_RANK" in os.environ:
-        from recbole_popprior.distributed import run_distributed
-
         return run_distributed(model, dataset, config_file_list=files, config_dict=overrides, options=options)
-    from recbole_popprior.quick_start import run_recbole_popprior
-
     return run_recbole_popprior(model, dataset, config_file_list=files, config_dict=overrides)
 
 
@@ -135,11 +129,8 @@ def guarded(func: Callable[[], Any], show_traceback: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    holder: dict[str, Any] = {}
 
     def run() -> None:
-        options, overrides = parse_args(argv)
-        holder["traceback"] = options["traceback"]
-        _dispatch(options, overrides)
+        _dispatch(*parse_args(argv))
 
     return guarded(run, show_traceback="--traceback" in argv)

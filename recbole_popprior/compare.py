@@ -1,236 +1,49 @@
-"""Matched comparison of RecBole's model (tau = 0) and its prior-separated version (DESIGN.md §1, §3).
+"""Matched comparison of RecBole's model (tau = 0) and its prior-separated version (docs/DESIGN.md §1, §3).
 
 ``run_compare`` trains, for every seed, both arms under one config (only ``prior_tau``
-differs), evaluates both on the SAME test contexts (one shared test loader; the arms' own
-loaders are checked to hold identical contexts) and reports accuracy, popularity-band recall,
-coverage, average popularity, the energy fractions and the matched reductions ``R_dir`` and
-``R_shared`` with their item-label permutation p-values. ``run_beta_sweep`` serves one trained
-prior-separated model at several ``beta`` without retraining.
+differs), evaluates both on the SAME test contexts (one shared test loader; the arms' data
+splits are checked to be identical) and reports accuracy, popularity-band recall, coverage,
+average popularity, the energy fractions and the matched reductions ``R_dir`` and ``R_shared``
+with their permutation p-values. The energies come from the same collector that feeds the
+``PopEnergy`` metric, so the comparison's figures and the metrics' figures are one computation.
+``run_beta_sweep`` serves one trained prior-separated model at several ``beta`` without
+retraining.
 
-Outputs (atomic writes): ``compare.{json,csv,md}`` plus ``spectra.png``, ``energy.png`` and
-``permutation.png``; ``beta_sweep.{json,csv,md}``.
+Outputs (each file atomic; ``compare.json`` last, so its presence means the set is complete):
+``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png`` and ``compare.json``;
+``beta_sweep.{csv,md,json}``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from recbole.utils import get_local_time
 
+from recbole_popprior import plots
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.evaluator.energy import (ContextStats, matched_reduction, permuted_directions,
-                                               popularity_direction, popularity_energy)
-from recbole_popprior.prior import estimate_log_prior
+from recbole_popprior.evaluator.collector import EnergyState
+from recbole_popprior.evaluator.energy import item_table, matched_reduction
+from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
+from recbole_popprior.serving import evaluate_at, sweep_beta
 from recbole_popprior.utils import atomic_write, to_jsonable, write_json
 
-#: RecBole metrics every comparison / sweep evaluates (PopBandRecall: head/mid/tail recall)
-COMPARE_METRICS = ["Recall", "MRR", "NDCG", "ItemCoverage", "AveragePopularity", "PopBandRecall"]
+#: RecBole metrics every comparison evaluates (PopBandRecall: head/mid/tail recall; PopEnergy and
+#: EmbeddingSpectrum: the statistics the matched reductions are computed from)
+COMPARE_METRICS = ["Recall", "MRR", "NDCG", "ItemCoverage", "AveragePopularity", "PopBandRecall",
+                   "PopEnergy", "EmbeddingSpectrum"]
+_ENERGY_METRICS = ("PopEnergy", "EmbeddingSpectrum")
 STD, SEP, SEP0 = "standard", "separated", "separated_beta0"
-_MAX_SCORE_FALLBACK = 4096  # items up to which a non-factorised model uses scores as H and E = I
-
-
-# --------------------------------------------------------------------------------------
-# Serving beta (DESIGN §1: beta costs no retraining)
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def serving_beta(model: torch.nn.Module, beta: float | None) -> Iterator[torch.nn.Module]:
-    """Temporarily serve ``model`` with ``scores = h . e + beta * log p_hat`` (``None`` = tau)."""
-    if not hasattr(model, "prior_beta"):
-        raise PopPriorError(f"{type(model).__name__} is not a prior-separated model: it has no serving beta")
-    previous = model.prior_beta
-    model.prior_beta = None if beta is None else float(beta)
-    try:
-        yield model
-    finally:
-        model.prior_beta = previous
-
-
-def _trainer_for(trainer_or_model: Any, eval_data: Any) -> Any:
-    if hasattr(trainer_or_model, "evaluate") and hasattr(trainer_or_model, "model"):
-        return trainer_or_model
-    from recbole_popprior.trainer import get_trainer
-
-    config = eval_data.config
-    return get_trainer(config)(config, trainer_or_model)
-
-
-def evaluate_at(trainer: Any, eval_data: Any, beta: float | None = None) -> dict[str, float]:
-    """RecBole's evaluation of ``trainer.model`` on ``eval_data``, served at ``beta`` (no checkpoint load)."""
-    model = trainer.model
-    context = serving_beta(model, beta) if hasattr(model, "prior_beta") else contextlib.nullcontext()
-    with context, torch.no_grad():
-        result = trainer.evaluate(eval_data, load_best_model=False, show_progress=False)
-    return {k: float(v) for k, v in dict(result or {}).items()}
-
-
-def sweep_beta(trainer_or_model: Any, eval_data: Any, betas: Sequence[float],
-               train_data: Any = None) -> list[dict[str, float]]:
-    """Evaluate one trained prior-separated model at every ``beta`` (DESIGN §1), no retraining.
-
-    Accepts the run's trainer (after ``fit``), or a bare model: a trainer is then built from
-    ``eval_data.config``, and ``train_data`` must be given (RecBole's popularity metrics count
-    items on it). Returns one dict per beta: ``beta`` plus RecBole's metric results at that beta.
-    """
-    trainer = _trainer_for(trainer_or_model, eval_data)
-    if train_data is not None:
-        trainer.eval_collector.data_collect(train_data)
-    if not hasattr(trainer.model, "prior_beta"):
-        raise PopPriorError("the beta sweep needs a prior-separated model (not RecBole's own class)")
-    rows = []
-    # the energy metrics measure the learned dot product, which beta does not change: the
-    # costly permutation test (a test-stage metric) runs at most once, at the first beta
-    stage = getattr(trainer, "eval_stage", None)
-    try:
-        for k, beta in enumerate(betas):
-            if stage is not None and k > 0:
-                trainer.eval_stage = "valid"
-            rows.append({"beta": float(beta), **evaluate_at(trainer, eval_data, float(beta))})
-    finally:
-        if stage is not None:
-            trainer.eval_stage = stage
-    return rows
-
-
-# --------------------------------------------------------------------------------------
-# Contexts and factors
-# --------------------------------------------------------------------------------------
-@dataclass
-class Contexts:
-    """The evaluation contexts of one model: ``H`` [m, d] and ``E`` [n_items, d] with ``Z = H E^T``."""
-
-    H: np.ndarray
-    E: np.ndarray
-    users: torch.Tensor
-    item_seq: torch.Tensor
-    item_len: torch.Tensor
-    targets: torch.Tensor
-    factorised: bool = True
-
-    @property
-    def last_items(self) -> np.ndarray:
-        """The last history item of every context (internal ids)."""
-        rows = torch.arange(self.item_seq.shape[0])
-        return self.item_seq[rows, self.item_len - 1].numpy()
-
-    def digest(self) -> str:
-        """Hash of the contexts' identity: users, histories, lengths and targets."""
-        h = hashlib.sha256()
-        for t in (self.users, self.item_seq, self.item_len, self.targets):
-            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
-
-def _factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from recbole_popprior.model.factors import factors
-
-    try:  # one per-model table serves the plugin's models and RecBole's own
-        return factors(model, interaction)
-    except (AttributeError, TypeError, KeyError, RuntimeError, ValueError):
-        return None
-
-
-def _learned(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
-    from recbole_popprior.evaluator.collector import learned_scores
-
-    return learned_scores(model, interaction)
-
-
-def collect_contexts(model: torch.nn.Module, eval_data: Any) -> Contexts:
-    """One pass over a full-sort loader: the contexts' ``H`` and the item table ``E`` (DESIGN §3).
-
-    ``H E^T`` is checked against the model's learned scores on the first batch; a model whose
-    learned score is not that dot product falls back to ``H = learned scores``, ``E = I``.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    Hs, users, seqs, lens, targets = [], [], [], [], []
-    E = None
-    factorised = True
-    uid, seq_field, len_field = model.USER_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN
-    try:
-        with torch.no_grad():
-            for batch in eval_data:
-                interaction = batch[0].to(device)
-                pair = _factors(model, interaction) if factorised else None
-                if pair is not None and E is None:
-                    Z = (pair[0].double() @ pair[1].double().T)[:, 1:]
-                    ref = _learned(model, interaction).double()[:, 1:]
-                    scale = float(ref.abs().max()) or 1.0
-                    if Z.shape != ref.shape or not torch.allclose(Z, ref, rtol=1e-5, atol=1e-5 * scale):
-                        pair = None
-                if pair is None:
-                    factorised = False
-                    scores = _learned(model, interaction)
-                    if scores.shape[1] > _MAX_SCORE_FALLBACK:
-                        raise PopPriorError(f"{type(model).__name__}: learned scores are not a dot product "
-                                            f"and {scores.shape[1]} items are too many for the dense fallback")
-                    scores = scores.clone()
-                    scores[:, 0] = 0.0
-                    Hs.append(scores.double().cpu())
-                    E = torch.eye(scores.shape[1], dtype=torch.float64)
-                else:
-                    Hs.append(pair[0].double().cpu())
-                    E = pair[1].double().cpu()
-                users.append(interaction[uid].cpu())
-                seqs.append(interaction[seq_field].cpu())
-                lens.append(interaction[len_field].cpu())
-                targets.append(interaction[model.ITEM_ID].cpu())
-    finally:
-        model.train(was_training)
-    if not Hs:
-        raise PopPriorError("the evaluation data holds no contexts")
-    if not factorised and len(Hs) > 1 and Hs[0].shape[1] != E.shape[0]:  # pragma: no cover
-        raise PopPriorError("inconsistent fallback score widths")
-    return Contexts(torch.cat(Hs).numpy(), E.numpy(), torch.cat(users), torch.cat(seqs),
-                    torch.cat(lens), torch.cat(targets), factorised)
-
-
-def score_singular_values(H: np.ndarray, E: np.ndarray) -> np.ndarray:
-    """Singular values of the item-centred learned scores ``Zc = H E1^T P_n`` (padding excluded).
-
-    From the d x d problem: with ``G = H^T H`` and ``C = (P_n E1)^T (P_n E1)``, the squared
-    singular values of ``Zc`` are the eigenvalues of ``G^(1/2) C G^(1/2)``; no m x n matrix.
-    """
-    H = np.asarray(H, dtype=np.float64)
-    E1 = np.asarray(E, dtype=np.float64)[1:]
-    Ec = E1 - E1.mean(axis=0)
-    w, V = np.linalg.eigh(H.T @ H)
-    root = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
-    s2 = np.linalg.eigvalsh(root @ (Ec.T @ Ec) @ root)
-    return np.sqrt(np.clip(s2, 0.0, None))[::-1]
-
-
-def reduction_null(std: Contexts, sep: Contexts, log_prior: Any, permutations: int,
-                   seed: int) -> dict[str, np.ndarray]:
-    """The permutation null of ``R_dir`` and ``R_shared`` (same draws as ``matched_reduction``)."""
-    l = popularity_direction(log_prior)
-    out = {"dir": np.empty(permutations), "shared": np.empty(permutations)}
-    stats = []
-    for ctx in (std, sep):
-        s = ContextStats.from_H(ctx.H)
-        stats.append((s, np.asarray(ctx.E, dtype=np.float64)[1:]))
-    pos = 0
-    for L in permuted_directions(l, permutations, seed):
-        energies = []
-        for s, E1 in stats:
-            W = L @ E1
-            energies.append((np.einsum("bi,ij,bj->b", W, s.G, W), (W @ s.hsum) ** 2 / s.m))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["dir"][pos:pos + L.shape[0]] = 1.0 - energies[1][0] / energies[0][0]
-            out["shared"][pos:pos + L.shape[0]] = 1.0 - energies[1][1] / energies[0][1]
-        pos += L.shape[0]
-    return out
+_ENERGY_KEYS = ("total", "dir", "shared", "specific", "dir_frac", "shared_frac", "m")
 
 
 # --------------------------------------------------------------------------------------
@@ -238,22 +51,26 @@ def reduction_null(std: Contexts, sep: Contexts, log_prior: Any, permutations: i
 # --------------------------------------------------------------------------------------
 @dataclass
 class Arm:
-    """One trained model of a comparison: its pipeline, result record and contexts."""
+    """One trained model of a comparison: its pipeline, its result record, and the energy
+    statistics of its latest evaluation on the shared test contexts."""
 
     name: str
     pipe: Any
     result: dict[str, Any]
-    contexts: Contexts | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    state: EnergyState | None = None
+
+
+def _with_energy_metrics(metrics: Any) -> list[str]:
+    names = list(metrics)
+    known = {str(m).lower() for m in names}
+    return names + [m for m in _ENERGY_METRICS if m.lower() not in known]
 
 
 def arm_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict | None,
                *, seed: int | None, baseline: bool, run_dir: Path | None = None, tau: float | None = None):
     """The plugin ``Config`` of one arm: the user's settings, this seed, and the arm's ``prior_tau``."""
-    from recbole_popprior.quick_start import build_config
-
     overrides = dict(config_dict or {})
-    overrides.setdefault("metrics", list(COMPARE_METRICS))
+    overrides["metrics"] = _with_energy_metrics(overrides.get("metrics", COMPARE_METRICS))
     overrides.update(popprior_baseline=bool(baseline), prior_beta=None)
     if seed is not None:
         overrides["seed"] = int(seed)
@@ -268,26 +85,41 @@ def arm_config(model: str, dataset: str, config_file_list: list[str] | None, con
 
 def train_arm(name: str, config: Any, *, saved: bool = True) -> Arm:
     """Build, train and test one arm with the plugin's pipeline (RecBole's own loop)."""
-    from recbole_popprior.quick_start import build_pipeline, train_and_test
-
     pipe = build_pipeline(config)
     result = train_and_test(pipe, saved=saved)
     return Arm(name, pipe, result)
 
 
-def _train_digest(pipe: Any) -> str:
-    ds = pipe.train_data.dataset
+def data_digest(pipe: Any) -> str:
+    """Hash of the arm's data split: user and item ids of its train, valid and test examples."""
     h = hashlib.sha256()
-    for f in (ds.uid_field, ds.iid_field):
-        h.update(ds.inter_feat[f].to(torch.int64).contiguous().numpy().tobytes())
+    for loader in (pipe.train_data, pipe.valid_data, pipe.test_data):
+        ds = loader.dataset
+        for f in (ds.uid_field, ds.iid_field):
+            h.update(ds.inter_feat[f].to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def training_log_prior(pipe: Any) -> np.ndarray:
-    """``log p_hat`` of the arm's training targets (DESIGN §2), the same for both arms."""
-    ds = pipe.train_data.dataset
-    alpha = float(pipe.config["prior_alpha"])
-    return estimate_log_prior(ds.inter_feat[ds.iid_field], ds.item_num, alpha).double().numpy()
+def measure(arm: Arm, eval_data: Any, beta: float | None = None) -> dict[str, float]:
+    """Evaluate ``arm`` on ``eval_data`` (at serving ``beta``) and keep the energy statistics that
+    the evaluation's ``PopEnergy`` metric was computed from."""
+    metrics = evaluate_at(arm.pipe.trainer, eval_data, beta)
+    arm.state = arm.pipe.trainer.eval_collector.last_state
+    return metrics
+
+
+def score_singular_values(G: np.ndarray, E: Any) -> np.ndarray:
+    """Singular values of the item-centred learned scores ``Zc = H E1^T P_n`` (padding excluded).
+
+    From the d x d problem: with ``G = H^T H`` and ``C = (P_n E1)^T (P_n E1)``, the squared
+    singular values of ``Zc`` are the eigenvalues of ``G^(1/2) C G^(1/2)``; no m x n matrix.
+    """
+    G = np.asarray(G, dtype=np.float64)
+    C = item_table(E, np.shape(E)[0], G.shape[0])[2]
+    w, V = np.linalg.eigh(G)
+    root = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
+    s2 = np.linalg.eigvalsh(root @ C @ root)
+    return np.sqrt(np.clip(s2, 0.0, None))[::-1]
 
 
 # --------------------------------------------------------------------------------------
@@ -300,7 +132,7 @@ _TABLE_METRICS = ("ndcg", "recall", "mrr", "headrecall", "midrecall", "tailrecal
 def _output_dir(output: str | Path | None, config: Any, kind: str) -> Path:
     if output:
         return Path(output)
-    return Path(config["output"] or "saved") / f"{kind}-{config['model']}-{config['dataset']}-{get_local_time()}"
+    return Path(config["output"]) / f"{kind}-{config['model']}-{config['dataset']}-{get_local_time()}"
 
 
 def _seed_list(config: Any, seeds: int) -> list[int]:
@@ -329,84 +161,79 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     tau = probe["prior_tau"]
     if tau != "learned" and float(tau) == 0.0:
         raise PopPriorError("--compare needs a non-zero prior_tau for the prior-separated arm")
-    topk = int((probe["topk"] or [10])[0])
+    topk = int(probe["topk"][0])
     permutations = int(probe["energy_permutations"])
     energy_seed = int(probe["energy_seed"])
     out_dir = _output_dir(output, probe, "compare")
     seed_values = _seed_list(probe, seeds)
 
-    per_seed, spectra, nulls = [], {}, None
+    per_seed, spectra, first_reduction = [], {}, None
     for seed in seed_values:
         arms = {}
         for name, baseline in ((STD, True), (SEP, False)):
             config = arm_config(model, dataset, config_file_list, config_dict, seed=seed, baseline=baseline,
                                 run_dir=out_dir / "runs" / f"seed{seed}-{name}")
             arms[name] = train_arm(name, config)
-        std, sep = arms[STD], arms[SEP]
-        shared_test = std.pipe.test_data
-        record = _compare_seed(std, sep, shared_test, topk, permutations, energy_seed)
+        record, reduction = _compare_seed(arms[STD], arms[SEP], permutations, energy_seed)
         record["seed"] = seed
         per_seed.append(record)
-        if nulls is None:  # plots show the first seed
-            log_prior = training_log_prior(std.pipe)
-            nulls = reduction_null(std.contexts, sep.contexts, log_prior, permutations, energy_seed) \
-                if permutations > 0 else None
-            spectra = {f"RecBole {model} (tau=0)": score_singular_values(std.contexts.H, std.contexts.E),
-                       f"prior-separated (tau={record['tau']:g})": score_singular_values(sep.contexts.H, sep.contexts.E)}
+        if first_reduction is None:  # the plots show the first seed
+            first_reduction = reduction
+            spectra = {_row_label(key, model, record["tau"]): score_singular_values(arms[key].state.contexts.G,
+                                                                                     arms[key].state.E)
+                       for key in (STD, SEP) if arms[key].state.contexts is not None}
         logger.info(f"compare seed {seed}: R_dir={record['reduction']['R_dir']:.4f} "
                     f"R_shared={record['reduction']['R_shared']:.4f}")
 
     payload = _summarise(model, dataset, per_seed, topk, permutations)
-    files = _write_compare(out_dir, payload, spectra, nulls)
+    files = _write_compare(out_dir, payload, spectra, first_reduction)
     payload["files"] = {k: str(v) for k, v in files.items()}
     print(payload["markdown"])
     return payload
 
 
-def _compare_seed(std: Arm, sep: Arm, shared_test: Any, topk: int, permutations: int,
-                  energy_seed: int) -> dict[str, Any]:
-    """Evaluate one seed's pair on the same contexts; energies, reductions and identity checks."""
-    own_std = collect_contexts(std.pipe.model, std.pipe.test_data)
-    own_sep = collect_contexts(sep.pipe.model, sep.pipe.test_data)
-    contexts_identical = own_std.digest() == own_sep.digest()
-    train_identical = _train_digest(std.pipe) == _train_digest(sep.pipe)
-    if not (contexts_identical and train_identical):
+def _compare_seed(std: Arm, sep: Arm, permutations: int, energy_seed: int) -> tuple[dict[str, Any], dict]:
+    """Evaluate one seed's pair on the same contexts: accuracy, energies, matched reductions."""
+    digests = {STD: data_digest(std.pipe), SEP: data_digest(sep.pipe)}
+    if digests[STD] != digests[SEP]:
         raise RuntimeError("the two arms did not get the same data split: compare is not matched")
-    # both models are measured and evaluated on one loader: the same contexts, in the same order
-    std.contexts = own_std if shared_test is std.pipe.test_data else collect_contexts(std.pipe.model, shared_test)
-    sep.contexts = own_sep if shared_test is sep.pipe.test_data else collect_contexts(sep.pipe.model, shared_test)
-
-    log_prior = training_log_prior(std.pipe)
+    shared_test = std.pipe.test_data  # both models are measured on one loader: same contexts, same order
+    tau = sep.pipe.model.training_tau()  # the learned value when prior_tau is "learned"
+    metrics = {STD: measure(std, shared_test), SEP0: measure(sep, shared_test, 0.0),
+               SEP: measure(sep, shared_test, None)}
+    log_prior = np.asarray(std.state.log_prior.double().cpu() if isinstance(std.state.log_prior, torch.Tensor)
+                           else std.state.log_prior, dtype=np.float64)
     sep_prior = sep.pipe.model.log_prior.double().cpu().numpy()
     if not np.allclose(np.exp(log_prior[1:]), np.exp(sep_prior[1:]), rtol=1e-5, atol=1e-9):
         raise RuntimeError("the two arms counted different training priors")
-
-    with serving_beta(sep.pipe.model, None) as served:
-        tau = float(served.beta)  # beta = tau (the learned value when prior_tau is "learned")
-    metrics = {
-        STD: evaluate_at(std.pipe.trainer, shared_test),
-        SEP: evaluate_at(sep.pipe.trainer, shared_test, None),
-        SEP0: evaluate_at(sep.pipe.trainer, shared_test, 0.0),
-    }
-    energy = {STD: popularity_energy(std.contexts.H, std.contexts.E, log_prior),
-              SEP: popularity_energy(sep.contexts.H, sep.contexts.E, log_prior)}
+    energy = {key: {k: arm.state.energy()[k] for k in _ENERGY_KEYS} for key, arm in ((STD, std), (SEP, sep))}
     energy[SEP0] = energy[SEP]  # beta changes serving only; the learned dot product is the same
-    reduction = matched_reduction((std.contexts.H, std.contexts.E), (sep.contexts.H, sep.contexts.E),
-                                  permutations=permutations, seed=energy_seed, log_prior=log_prior)
+    full = _matched(std.state, sep.state, log_prior, permutations, energy_seed)
+    reduction = {k: v for k, v in full.items() if not k.startswith("null_values")}
     return {
         "tau": tau,
         "metrics": metrics,
-        "energy": {k: {key: v[key] for key in ("total", "dir", "shared", "specific", "dir_frac", "shared_frac", "m")}
-                   for k, v in energy.items()},
+        "energy": energy,
         "reduction": reduction,
-        "contexts_identical": contexts_identical,
-        "train_identical": train_identical,
-        "contexts_digest": {STD: own_std.digest(), SEP: own_sep.digest()},
-        "train_digest": {STD: _train_digest(std.pipe), SEP: _train_digest(sep.pipe)},
-        "factorised": {STD: std.contexts.factorised, SEP: sep.contexts.factorised},
+        "data_digest": digests,
+        "energy_path": {STD: std.state.path, SEP: sep.state.path},
         "best_valid_score": {STD: std.result.get("best_valid_score"), SEP: sep.result.get("best_valid_score")},
         "run_dir": {STD: std.result.get("run_dir"), SEP: sep.result.get("run_dir")},
-    }
+    }, full
+
+
+def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
+             seed: int) -> dict[str, Any]:
+    """``matched_reduction`` on the two evaluations' statistics (docs/DESIGN.md §3)."""
+    if std.contexts is not None and sep.contexts is not None:
+        return matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
+                                 seed=seed, log_prior=log_prior)
+    # the streaming fallback (scores that are not H E^T) keeps the energies, not their factors
+    e_std, e_sep = std.energy(), sep.energy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"R_dir": 1.0 - e_sep["dir"] / e_std["dir"], "R_shared": 1.0 - e_sep["shared"] / e_std["shared"],
+                "std_dir": e_std["dir"], "sep_dir": e_sep["dir"], "std_shared": e_std["shared"],
+                "sep_shared": e_sep["shared"]}
 
 
 def _row_label(key: str, model: str, tau: float) -> str:
@@ -438,9 +265,7 @@ def _summarise(model: str, dataset: str, per_seed: list[dict], topk: int, permut
     payload = {
         "model": model, "dataset": dataset, "tau": tau, "seeds": [rec["seed"] for rec in per_seed],
         "topk": topk, "permutations": permutations, "columns": columns, "summary": rows,
-        "reductions": reductions,
-        "contexts_identical": all(rec["contexts_identical"] for rec in per_seed),
-        "per_seed": per_seed,
+        "reductions": reductions, "per_seed": per_seed,
     }
     payload["markdown"] = _compare_markdown(payload)
     return payload
@@ -492,20 +317,20 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np.ndarray],
-                   nulls: dict[str, np.ndarray] | None) -> dict[str, Path]:
-    from recbole_popprior import plots
-
+                   reduction: dict[str, Any] | None) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"}),
-             "csv": _write_text(out_dir / "compare.csv", _compare_csv(payload)),
+    files = {"csv": _write_text(out_dir / "compare.csv", _compare_csv(payload)),
              "md": _write_text(out_dir / "compare.md", payload["markdown"])}
-    files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png")
+    if spectra:
+        files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png")
     energy_rows = {row["label"]: payload["per_seed"][0]["energy"][row["row"]] for row in payload["summary"][:2]}
     files["energy"] = plots.plot_energy(energy_rows, out_dir / "energy.png")
-    if nulls is not None:
-        first = payload["per_seed"][0]["reduction"]
+    if reduction is not None and "null_values_dir" in reduction:
+        nulls = {"dir": reduction["null_values_dir"], "shared": reduction["null_values_shared"]}
         files["permutation"] = plots.plot_permutation_null(
-            nulls, {"dir": first["R_dir"], "shared": first["R_shared"]}, out_dir / "permutation.png")
+            nulls, {"dir": reduction["R_dir"], "shared": reduction["R_shared"]}, out_dir / "permutation.png")
+    payload["files"] = {k: str(v) for k, v in {**files, "json": out_dir / "compare.json"}.items()}
+    files["json"] = write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"})
     return files
 
 
@@ -526,8 +351,7 @@ def run_beta_sweep(model: str, dataset: str, betas: Sequence[float], config_file
                         baseline=False, run_dir=out_dir / "run")
     arm = train_arm(SEP, config)
     rows = sweep_beta(arm.pipe.trainer, arm.pipe.test_data, betas)
-    tau = arm.pipe.model.tau
-    tau = float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau)
+    tau = arm.pipe.model.training_tau()
     for row in rows:
         row["tau"] = tau
     _write_sweep(out_dir, model, dataset, rows)
@@ -548,10 +372,11 @@ def _write_sweep(out_dir: Path, model: str, dataset: str, rows: list[dict[str, A
         md.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
     text = "\n".join(md) + "\n"
     print(text)
-    return {"json": write_json(out_dir / "beta_sweep.json", {"model": model, "dataset": dataset,
-                                                             "rows": to_jsonable(rows)}),
-            "csv": _write_text(out_dir / "beta_sweep.csv", buffer.getvalue()),
-            "md": _write_text(out_dir / "beta_sweep.md", text)}
+    files = {"csv": _write_text(out_dir / "beta_sweep.csv", buffer.getvalue()),
+             "md": _write_text(out_dir / "beta_sweep.md", text)}
+    files["json"] = write_json(out_dir / "beta_sweep.json", {"model": model, "dataset": dataset,
+                                                            "rows": to_jsonable(rows)})  # last: the set is complete
+    return files
 
 
 def _cell(value: Any) -> str:
@@ -560,5 +385,5 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-__all__ = ["run_compare", "run_beta_sweep", "sweep_beta", "serving_beta", "evaluate_at", "collect_contexts",
-           "score_singular_values", "reduction_null", "Contexts", "COMPARE_METRICS"]
+__all__ = ["run_compare", "run_beta_sweep", "arm_config", "train_arm", "measure", "score_singular_values",
+           "COMPARE_METRICS"]

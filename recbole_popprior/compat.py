@@ -1,6 +1,6 @@
 """Every shim RecBole 1.2.1 needs on today's stack, in one place.
 
-Each shim names the upstream bug it works around (see ``shared/RECBOLE_NOTES.md``).
+Each shim names the upstream bug it works around.
 Nothing else in the plugin patches RecBole.
 
 1. numpy >= 2 removed ``np.float_``/``np.complex_``/``np.unicode_``; RecBole's
@@ -27,11 +27,14 @@ Nothing else in the plugin patches RecBole.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import recbole.trainer.trainer as recbole_trainer
 import torch
-
+import torch.distributed as dist
 from recbole.evaluator.collector import Collector
 
 from recbole_popprior.errors import PopPriorError
@@ -81,8 +84,6 @@ def check_pandas() -> None:
     selection; under copy-on-write that silently does nothing (float NaNs stay NaN,
     empty token_seq cells crash). setup.cfg pins ``pandas<3``; this guards other installs.
     """
-    import pandas as pd
-
     major = int(pd.__version__.split(".")[0])
     if major >= 3:
         raise PopPriorError(
@@ -111,8 +112,6 @@ def init_distributed(config_dict: dict[str, Any]) -> None:
     Everything else RecBole's DDP path calls (``set_reduce_hook``, ``sync_grad_loss``,
     ``_map_reduce``'s ``all_gather``, ``DistributedSampler``) works with gloo on CPU.
     """
-    import torch.distributed as dist
-
     gpu_id = str(config_dict.get("gpu_id", "") or "")
     use_cuda = gpu_id != "" and torch.cuda.is_available()
     backend = str(config_dict.get("ddp_backend") or ("nccl" if use_cuda else "gloo")).lower()
@@ -177,8 +176,6 @@ def _ddp_any_device(module: torch.nn.Module, device_ids: list[int] | None = None
 
 def _patch_trainer_ddp() -> None:
     """Point ``recbole.trainer.trainer.DistributedDataParallel`` at :func:`_ddp_any_device`."""
-    import recbole.trainer.trainer as recbole_trainer
-
     recbole_trainer.DistributedDataParallel = _ddp_any_device
 
 
@@ -212,8 +209,6 @@ def quiet_upstream_warnings() -> None:
     (handled by the pin, shim 4), and its trainer builds ``torch.cuda.amp.GradScaler``,
     which torch deprecates. Both repeat on every run and hide the real output.
     """
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*inplace method will never work.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*A value is trying to be set on a copy.*")
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler.*", category=FutureWarning)

@@ -1,35 +1,57 @@
-"""The plugin's ``Config``: RecBole's config, numpy-2 safe, aware of the plugin's models,
-``properties/`` defaults and ``dataset_configs/``.
+"""The plugin's ``Config``: RecBole's config, numpy-2 safe, aware of the plugin's models, its
+``properties/`` defaults and its ``dataset_configs/``.
 
-Precedence, as in RecBole: library defaults < plugin defaults (``properties/overall.yaml``)
-< model yaml (RecBole's, then ``properties/model/<Model>.yaml``) < dataset yaml (RecBole's,
-then ``dataset_configs/<dataset>.yaml``) < ``config_file_list`` < ``config_dict``.
-Command-line ``--key=value`` pairs are parsed by :mod:`recbole_popprior.cli` and passed in
-as ``config_dict``; unlike RecBole, this class never reads ``sys.argv`` itself.
+Precedence (later wins), exactly as :meth:`Config._load_internal_config_dict` applies it:
+
+1. RecBole's ``overall.yaml``, its model yaml and its ``dataset/sample.yaml``;
+2. the plugin's defaults, ``properties/overall.yaml``;
+3. RecBole's dataset yaml (``dataset/<dataset>.yaml``) and its yaml for the model type
+   (``quick_start_config/sequential.yaml`` and friends);
+4. the plugin's model yaml, ``properties/model/<Model>.yaml``;
+5. the plugin's dataset yaml, ``dataset_configs/<dataset>.yaml``;
+6. ``config_file_list`` (``--config_files``), in order;
+7. ``config_dict`` (``--key=value`` on the command line).
+
+The yaml folders ship inside the package (``recbole_popprior.properties``,
+``recbole_popprior.dataset_configs``) and are found through ``importlib.resources``, in an
+installed copy and in a checkout alike. Command-line pairs are parsed by
+:mod:`recbole_popprior.cli` and passed in as ``config_dict``; unlike RecBole, this class never
+reads ``sys.argv``, and string values are parsed as literals, never evaluated. Every plugin
+setting has its default in yaml and its check in :func:`_validate`.
 """
 
 from __future__ import annotations
 
+import ast
+import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import recbole
 import yaml
-
 from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model import get_model
 
-ROOT = Path(__file__).resolve().parent.parent
-PROPERTIES_DIR = ROOT / "properties"
-DATASET_CONFIG_DIR = ROOT / "dataset_configs"
-_RECBOLE_SAMPLE_YAML = (Path(RecBoleConfig.__module__ and __import__("recbole").__file__).parent
-                        / "properties" / "dataset" / "sample.yaml").resolve()
+_RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
+
+
+def properties_file(*parts: str) -> Path:
+    """A file of the plugin's ``properties/`` folder (it may not exist)."""
+    return Path(str(resources.files("recbole_popprior.properties").joinpath(*parts)))
+
+
+def dataset_config_file(dataset: str) -> Path:
+    """The plugin's ``dataset_configs/<dataset>.yaml`` (it may not exist)."""
+    return Path(str(resources.files("recbole_popprior.dataset_configs").joinpath(f"{dataset}.yaml")))
 
 
 class Config(RecBoleConfig):
-    """RecBole ``Config`` for prior-separated models (see module docstring for precedence)."""
+    """RecBole ``Config`` for prior-separated models (see the module docstring for the precedence)."""
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
         try:
@@ -49,9 +71,18 @@ class Config(RecBoleConfig):
         # config); the CLI turns --key=value pairs into config_dict entries instead.
         return {}
 
-    def _get_model_and_dataset(self, model, dataset):
-        from recbole_popprior.model import get_model
+    def _convert_config_dict(self, config_dict):
+        """String values to Python literals (``"[10, 20]"`` -> a list); other strings stay strings.
 
+        RecBole's version calls ``eval`` on every string it is given, so a command-line value
+        could run code; ``ast.literal_eval`` accepts exactly the literals and nothing else.
+        """
+        for key, value in config_dict.items():
+            if isinstance(value, str):
+                config_dict[key] = parse_literal(value)
+        return config_dict
+
+    def _get_model_and_dataset(self, model, dataset):
         if model is None:
             model = self.external_config_dict.get("model")
             if model is None:
@@ -66,19 +97,19 @@ class Config(RecBoleConfig):
 
     def _update_internal_config_dict(self, file):
         config_dict = super()._update_internal_config_dict(file)
-        # The plugin's defaults go right after RecBole's generic ones (overall.yaml, the
-        # model yaml and dataset/sample.yaml) and before any dataset-specific yaml.
+        # level 2: the plugin's defaults go right after RecBole's generic files (overall.yaml,
+        # the model yaml and dataset/sample.yaml), before anything dataset-specific
         if Path(file).resolve() == _RECBOLE_SAMPLE_YAML:
-            super()._update_internal_config_dict(str(PROPERTIES_DIR / "overall.yaml"))
+            super()._update_internal_config_dict(str(properties_file("overall.yaml")))
         return config_dict
 
     def _load_internal_config_dict(self, model, model_class, dataset):
-        super()._load_internal_config_dict(model, model_class, dataset)
-        model_file = PROPERTIES_DIR / "model" / f"{model}.yaml"
-        if model_file.is_file():
+        super()._load_internal_config_dict(model, model_class, dataset)  # levels 1-3
+        model_file = properties_file("model", f"{model}.yaml")
+        if model_file.is_file():  # level 4
             self._update_internal_config_dict(str(model_file))
-        dataset_file = DATASET_CONFIG_DIR / f"{dataset}.yaml"
-        if dataset_file.is_file():
+        dataset_file = dataset_config_file(dataset)
+        if dataset_file.is_file():  # level 5
             added = self._update_internal_config_dict(str(dataset_file)) or {}
             self.parameters["Dataset"] += [k for k in added if k not in self.parameters["Dataset"]]
 
@@ -102,30 +133,51 @@ class Config(RecBoleConfig):
         compat.init_distributed(config)
 
 
+def parse_literal(text: str) -> Any:
+    """A config string as RecBole means it, without ``eval``: a Python literal when it is one
+    (numbers, lists, dicts, ``None``, ``True``), ``true``/``false`` in any case as booleans,
+    anything else as the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+# --- checks of the plugin's settings ------------------------------------------------------
 def _number(config: dict[str, Any], key: str, *, low: float | None = None, strict: bool = False,
-            allow: tuple = ()) -> None:
+            allow: tuple = (), integer: bool = False, high: float | None = None) -> None:
     value = config.get(key)
-    if value in allow:
+    if value in allow and (value is None or isinstance(value, str)):
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PopPriorError(f"{key} must be a number, got {value!r}")
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise PopPriorError(f"{key} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise PopPriorError(f"{key} must be a finite number, got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise PopPriorError(f"{key} must be {'>' if strict else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise PopPriorError(f"{key} must be <= {high}, got {value!r}")
+
+
+def _choice(config: dict[str, Any], key: str, choices: tuple) -> None:
+    if config.get(key) not in choices:
+        raise PopPriorError(f"{key} must be one of {', '.join(map(str, choices))}, got {config.get(key)!r}")
 
 
 def _validate(config: dict[str, Any]) -> None:
-    """Reject bad plugin settings with one clear line (DESIGN.md §1-3)."""
+    """Reject bad plugin settings with one clear line (docs/DESIGN.md §1-3)."""
     if config.get("prior_tau") != "learned":
         _number(config, "prior_tau")
     _number(config, "prior_beta", allow=(None,))
     _number(config, "prior_alpha", low=0.0, strict=True)
-    if config.get("prior_mode") not in {"static", "windowed"}:
-        raise PopPriorError(f"prior_mode must be 'static' or 'windowed', got {config.get('prior_mode')!r}")
-    windows = config.get("prior_windows")
-    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
-        raise PopPriorError(f"prior_windows must be an integer >= 1, got {windows!r}")
-    if config.get("prior_window_by") not in {"time", "count"}:
-        raise PopPriorError(f"prior_window_by must be 'time' or 'count', got {config.get('prior_window_by')!r}")
+    _choice(config, "prior_mode", ("static", "windowed"))
+    _number(config, "prior_windows", low=1, integer=True)
+    _choice(config, "prior_window_by", ("time", "count"))
+    windows = config["prior_windows"]
     serve = config.get("prior_serve_window")
     if isinstance(serve, bool) or not isinstance(serve, int) or not -windows <= serve < windows:
         raise PopPriorError(f"prior_serve_window must be an integer in [-{windows}, {windows}), got {serve!r}")
@@ -134,9 +186,43 @@ def _validate(config: dict[str, Any]) -> None:
     if metrics and valid_metric.split("@")[0] not in metrics:
         raise PopPriorError(f"valid_metric {config.get('valid_metric')!r} is not among metrics {config.get('metrics')}; "
                             "add it to metrics or choose another valid_metric")
-    perms = config.get("energy_permutations")
-    if isinstance(perms, bool) or not isinstance(perms, int) or perms < 0:
-        raise PopPriorError(f"energy_permutations must be an integer >= 0, got {perms!r}")
-    if config.get("energy_permutation_stage") not in {"test", "valid", "always"}:
-        raise PopPriorError("energy_permutation_stage must be test, valid or always, got "
-                            f"{config.get('energy_permutation_stage')!r}")
+    _validate_energy(config)
+    _validate_tuning(config)
+    if "synthetic_users" in config:
+        _validate_synthetic(config)
+
+
+def _validate_energy(config: dict[str, Any]) -> None:
+    _number(config, "energy_permutations", low=0, integer=True)
+    _choice(config, "energy_permutation_stage", ("test", "valid", "always"))
+    _number(config, "energy_max_contexts", low=1, integer=True, allow=(None,))
+    _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)
+    _number(config, "energy_seed", integer=True)
+
+
+def _validate_tuning(config: dict[str, Any]) -> None:
+    grid = config.get("tune_beta_grid")
+    if not isinstance(grid, (list, tuple)) or not grid or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in grid):
+        raise PopPriorError(f"tune_beta_grid must be a non-empty list of finite numbers, got {grid!r}")
+    _number(config, "tune_heartbeat_interval", low=0, integer=True)
+    _number(config, "tune_grace_period", low=1, integer=True, allow=(None,))
+    _number(config, "tune_seed", integer=True, allow=(None,))
+    _number(config, "tune_max_failures", low=0, integer=True)
+    if not isinstance(config.get("tune_plots"), bool):
+        raise PopPriorError(f"tune_plots must be True or False, got {config.get('tune_plots')!r}")
+    space = config.get("tune_search_space")
+    if space is not None and not isinstance(space, dict):
+        raise PopPriorError(f"tune_search_space must map config keys to distributions, got {space!r}")
+
+
+def _validate_synthetic(config: dict[str, Any]) -> None:
+    for key in ("synthetic_users", "synthetic_seq_len"):
+        _number(config, key, low=1, integer=True)
+    _number(config, "synthetic_items", low=2, integer=True)
+    _number(config, "synthetic_rank", low=1, integer=True, high=config["synthetic_items"])
+    _number(config, "synthetic_windows", low=1, integer=True, high=config["synthetic_users"])
+    _number(config, "synthetic_zipf", low=0.0)
+    _number(config, "synthetic_pmi_scale", low=0.0)
+    _number(config, "synthetic_drift")
+    _number(config, "synthetic_seed", integer=True)

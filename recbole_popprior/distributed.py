@@ -1,4 +1,4 @@
-"""Distributed training through RecBole's DDP path, on one node or several (issue 6).
+"""Distributed training through RecBole's DDP path, on one node or several: the launcher.
 
 Three launchers end in the same per-process worker, :func:`run_worker`:
 
@@ -13,45 +13,38 @@ Three launchers end in the same per-process worker, :func:`run_worker`:
 
 Each worker builds its ``Config`` exactly once (that joins the process group, see
 ``compat.init_distributed``) and then runs the plugin's quick start with these additions,
-which keep DESIGN.md §2-3 exact across ranks:
+which keep docs/DESIGN.md §2-3 exact across ranks:
 
 - one run folder for all ranks: global rank 0 picks it and broadcasts it;
 - evaluation shards without ``DistributedSampler``'s padding, which repeats contexts and
   would count them twice in the energy statistics;
 - a check that every rank holds the whole training split and computed the same prior
   (RecBole shards batches with a sampler, never the dataset);
-- a barrier after ``fit`` (the best checkpoint is on disk before any rank loads it) and a
-  record of every rank's trained-weight digest (equal when DDP kept the replicas in step);
 - ``results.json`` written by global rank 0 only, with a ``distributed`` section.
 
-Energy metrics are computed once from statistics summed over ranks (DESIGN §3), never by
-averaging per-rank ratios: :func:`all_reduce_array` is the ``fn`` the collector's
-``reduce_energy_stats`` takes, :func:`all_reduce_stats` sums a ``ContextStats`` /
-``ScoreStats`` directly, and :func:`map_reduce` keeps those already-global results out of
-RecBole's sample-weighted ``_map_reduce``.
+The trainer mixin holds every rank after ``fit`` and records each rank's trained-weight digest
+(:mod:`recbole_popprior.trainer`); the collective operations themselves, including the sums of
+the energy statistics, are in :mod:`recbole_popprior.collective`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from logging import getLogger
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from recbole.evaluator.register import metrics_dict
+from torch.multiprocessing.spawn import ProcessException
 
+from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
-
-#: a metric class attribute: the prefixes of its result keys that are computed from statistics
-#: summed over ranks, hence already global and not to be averaged by RecBole's ``_map_reduce``
-REDUCED_ATTR = "ddp_key_prefixes"
-#: the statistics fields :func:`all_reduce_stats` sums by default (``ContextStats``)
-STATS_FIELDS = ("G", "hsum", "m")
-#: the same for ``ScoreStats``, the streaming fallback for scores that are not ``H E^T``
-SCORE_STATS_FIELDS = ("m", "total", "s_sum", "s_sq", "null_sq", "sub_sq")
+from recbole_popprior.prior import estimate_log_prior
+from recbole_popprior.quick_start import build_config, build_pipeline, make_run_dir, train_and_test
+from recbole_popprior.utils import write_json
 
 
 # --- launch settings ----------------------------------------------------------------------
@@ -132,9 +125,6 @@ def run_distributed(model: str | None, dataset: str | None, config_file_list: li
 
 
 def _spawn(model, dataset, config_file_list, config_dict) -> dict[str, Any] | None:
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     try:
@@ -179,9 +169,6 @@ def _spawned_worker(local_rank: int, model, dataset, config_file_list, config_di
 def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | None,
                config_dict: dict[str, Any]) -> dict[str, Any]:
     """One DDP process: the quick start's pipeline with the additions in the module docstring."""
-    from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
-    from recbole_popprior.utils import write_json
-
     config_dict = dict(config_dict, local_rank=int(local_rank))
     config = build_config(model, dataset, config_file_list, config_dict)
     try:
@@ -190,13 +177,11 @@ def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | No
         for loader in (pipe.valid_data, pipe.test_data):
             unpad_eval_sampler(loader)
         ranks = check_prior_across_ranks(pipe)
-        trained: list[Any] = []
-        _synchronise_after_fit(pipe.trainer, trained)
         result = train_and_test(pipe)
         rank = dist.get_rank()
         result["distributed"] = {"rank": rank, "world_size": dist.get_world_size(),
                                  "backend": dist.get_backend(), "ranks": ranks,
-                                 "trained_weights_sha256": trained}
+                                 "trained_weights_sha256": pipe.trainer.trained_weight_digests}
         if rank == 0:
             path = write_json(pipe.run_dir / "results.json", result)
             getLogger().info(f"results saved to: {path}")
@@ -207,40 +192,8 @@ def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | No
             dist.destroy_process_group()
 
 
-def _synchronise_after_fit(trainer, trained: list[Any]) -> None:
-    """Hold every rank after ``fit`` until rank 0 has written the best checkpoint, and gather
-    each rank's digest of the trained weights into ``trained`` (equal when DDP kept the
-    replicas in step).
-
-    Only (local) rank 0 saves (trainer.py ~L296), right after the last validation's
-    collective; without a barrier the other ranks could load the best model for testing
-    before it is on disk, or an older one. RecBole 1.2.1 has the same race.
-    """
-    fit = trainer.fit
-
-    def fit_then_wait(*args, **kwargs):
-        outcome = fit(*args, **kwargs)
-        digests: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, _state_digest(trainer.model))
-        trained[:] = digests
-        dist.barrier()
-        return outcome
-
-    trainer.fit = fit_then_wait
-
-
-def _state_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(_digest(tensor).encode())
-    return digest.hexdigest()
-
-
 def _share_run_dir(config) -> None:
     """Global rank 0 picks ``<output>/<model>-<dataset>-<time>``; every rank uses it."""
-    from recbole_popprior.quick_start import make_run_dir
-
     if "run_dir" in config and config["run_dir"]:
         return
     chosen = [str(make_run_dir(config)) if dist.get_rank() == 0 else None]
@@ -272,29 +225,20 @@ def unpad_eval_sampler(loader) -> None:
 
 
 # --- the prior is the same everywhere -------------------------------------------------------
-def _digest(values: torch.Tensor | np.ndarray) -> str:
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
 def rank_info(pipe) -> dict[str, Any]:
     """What this rank's prior was computed from (DESIGN §2): its training split and ``log p_hat``.
 
     The prior is recomputed here from ``train_data._dataset`` (the dataset the model was
     built on) and compared with the model's buffer.
     """
-    from recbole.evaluator.register import metrics_dict
-
-    from recbole_popprior.prior import estimate_log_prior
-
     train = pipe.train_data._dataset
     item_field = pipe.config["ITEM_ID_FIELD"]
     targets = train.inter_feat[item_field]
     info: dict[str, Any] = {
-        "rank": dist.get_rank() if dist.is_initialized() else 0,
+        "rank": collective.rank(),
         "host": socket.gethostname(),
         "train_targets": int(len(targets)),
-        "train_targets_sha256": _digest(targets),
+        "train_targets_sha256": collective.tensor_digest(targets),
         "log_prior_sha256": None,
         "model_log_prior_sha256": None,
         "plugin_metrics": sorted(name for name, cls in metrics_dict.items()
@@ -303,16 +247,14 @@ def rank_info(pipe) -> dict[str, Any]:
     model = pipe.model
     if getattr(model, "log_prior", None) is not None:
         log_prior = estimate_log_prior(targets, train.num(item_field), float(model.prior_alpha))
-        info["log_prior_sha256"] = _digest(log_prior)
-        info["model_log_prior_sha256"] = _digest(model.log_prior)
+        info["log_prior_sha256"] = collective.tensor_digest(log_prior)
+        info["model_log_prior_sha256"] = collective.tensor_digest(model.log_prior)
     return info
 
 
 def check_prior_across_ranks(pipe) -> list[dict[str, Any]]:
     """Gather :func:`rank_info` from every rank; raise unless all ranks agree (DESIGN §2)."""
-    info = rank_info(pipe)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, info)
+    gathered = collective.all_gather(rank_info(pipe))
     keys = ("train_targets", "train_targets_sha256", "log_prior_sha256")
     first = gathered[0]
     for other in gathered[1:]:
@@ -326,143 +268,3 @@ def check_prior_across_ranks(pipe) -> list[dict[str, Any]]:
             raise RuntimeError(f"rank {entry['rank']}: the model's log_prior differs from the prior of "
                                "the full training split")
     return gathered
-
-
-# --- energy statistics ------------------------------------------------------------------
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _reduce_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _stats_fields(stats: Any) -> tuple[str, ...]:
-    if isinstance(stats, dict):
-        return tuple(name for name in STATS_FIELDS if name in stats)
-    if all(hasattr(stats, name) for name in ("total", "s_sum", "s_sq")):
-        return SCORE_STATS_FIELDS
-    return STATS_FIELDS
-
-
-def all_reduce_stats(stats: Any, fields: tuple[str, ...] | None = None) -> Any:
-    """Sum streaming energy statistics over ranks, in place (DESIGN §3); returns ``stats``.
-
-    Each rank's statistics are sums over its own evaluation contexts, so the global ones
-    are their sums over ranks -- never an average of per-rank ratios such as ``dir_frac``.
-    ``stats`` is a ``ContextStats`` (``G = H^T H``, ``hsum = H^T 1``, ``m``), a ``ScoreStats``
-    (streaming fallback: ``m``, ``total``, ``s_sum``, ``s_sq``, ``null_sq``, ``sub_sq``; its
-    buffer is flushed first) or a dict; ``fields`` overrides which attributes are summed.
-
-    The sum runs in float64 in one flat ``all_reduce``; tensors and arrays keep their type,
-    dtype and device. A field that is ``None`` on some ranks (no contexts there) counts as
-    zeros. Every rank must call this (it is collective). A no-op outside a process group
-    of more than one process.
-    """
-    if stats is None or not is_distributed():
-        return stats
-    if hasattr(stats, "flush"):
-        stats.flush()
-    fields = _stats_fields(stats) if fields is None else tuple(fields)
-    is_map = isinstance(stats, dict)
-    values = [stats.get(name) if is_map else getattr(stats, name) for name in fields]
-    shapes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(shapes, [None if v is None else tuple(np.shape(v)) for v in values])
-    agreed = []
-    for k, name in enumerate(fields):
-        known = {rank_shapes[k] for rank_shapes in shapes if rank_shapes[k] is not None}
-        if len(known) > 1:
-            raise PopPriorError(f"ranks hold energy statistics {name!r} of different shapes {sorted(known)}")
-        agreed.append(known.pop() if known else None)
-    parts = []
-    for value, shape in zip(values, agreed):
-        if shape is None:
-            continue
-        if value is None:
-            value = np.zeros(shape)
-        elif isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-        parts.append(torch.as_tensor(np.asarray(value, dtype=np.float64)).reshape(-1))
-    if not parts:
-        return stats
-    buffer = torch.cat(parts).to(_reduce_device())
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    buffer = buffer.cpu()
-    start = 0
-    for name, value, shape in zip(fields, values, agreed):
-        if shape is None:
-            continue
-        size = int(np.prod(shape, dtype=np.int64))
-        summed = buffer[start:start + size]
-        start += size
-        if isinstance(value, torch.Tensor):
-            new: Any = summed.reshape(shape).to(value.device, value.dtype)
-        elif isinstance(value, np.ndarray) or value is None:
-            dtype = value.dtype if value is not None else np.float64
-            new = summed.numpy().reshape(shape).astype(dtype, copy=True)
-        elif isinstance(value, (bool, np.bool_)):
-            raise PopPriorError(f"cannot sum the boolean statistic {name!r}")
-        elif isinstance(value, (int, np.integer)):
-            new = int(round(float(summed[0])))
-        else:
-            new = float(summed[0])
-        if is_map:
-            stats[name] = new
-        else:
-            setattr(stats, name, new)
-    return stats
-
-
-def all_reduce_array(values: Any) -> np.ndarray:
-    """The float64 sum over ranks of ``values`` (any array-like; same shape on every rank).
-
-    The ``fn`` that ``PopPriorCollector.reduce_energy_stats(fn)`` takes. Collective: every
-    rank must call it in the same order. Identity outside a multi-process group.
-    """
-    array = np.asarray(values, dtype=np.float64)
-    if not is_distributed():
-        return array.copy()
-    buffer = torch.from_numpy(array.reshape(-1).copy()).to(_reduce_device())
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.cpu().numpy().reshape(array.shape)
-
-
-def reduced_key_prefixes() -> tuple[str, ...]:
-    """Result-key prefixes of registered metrics whose values are already global.
-
-    A metric class opts in with ``ddp_key_prefixes = ("pop_",)``: its results are computed
-    from statistics summed over ranks (:func:`all_reduce_stats`), so they hold on every rank
-    and RecBole's ``_map_reduce`` (a sample-weighted mean, in float32, rounded to
-    ``metric_decimal_place``) must leave them alone.
-    """
-    from recbole.evaluator.register import metrics_dict
-
-    prefixes = set()
-    for cls in metrics_dict.values():
-        prefixes.update(str(p).lower() for p in getattr(cls, REDUCED_ATTR, ()) or ())
-    return tuple(sorted(prefixes))
-
-
-def split_reduced(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split an evaluation result into (keys for RecBole's ``_map_reduce`` to average, keys that
-    are already global), keeping the order of ``result`` within each part."""
-    prefixes = reduced_key_prefixes()
-    averaged: dict[str, Any] = {}
-    already_global: dict[str, Any] = {}
-    for key, value in result.items():
-        (already_global if prefixes and str(key).lower().startswith(prefixes) else averaged)[key] = value
-    return averaged, already_global
-
-
-def map_reduce(trainer_map_reduce, result: Mapping[str, Any], num_sample: int) -> dict[str, Any]:
-    """RecBole's ``_map_reduce`` for the per-rank metrics only; already-global ones kept as they are.
-
-    ``trainer_map_reduce`` is RecBole's bound ``Trainer._map_reduce`` (collective, so every rank
-    calls it, with the same keys). Returns the result in its original key order.
-    """
-    averaged, already_global = split_reduced(result)
-    merged = trainer_map_reduce(averaged, num_sample) if averaged else {}
-    return {key: merged[key] if key in merged else already_global[key] for key in result}

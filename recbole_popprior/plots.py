@@ -1,4 +1,4 @@
-"""Figures of the matched comparison (DESIGN.md §3): spectra, energy decomposition, permutation null.
+"""Figures of the matched comparison (docs/DESIGN.md §3): spectra, energy decomposition, permutation null.
 
 Matplotlib with the Agg backend (no display needed); every figure is written atomically as PNG.
 """

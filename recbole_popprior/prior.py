@@ -1,4 +1,4 @@
-"""The popularity prior ``log p_hat(i)`` (DESIGN.md §2).
+"""The popularity prior ``log p_hat(i)`` (docs/DESIGN.md §2).
 
 ``p_hat(i) = (N_i + alpha) / (N + alpha * n)`` over the training split's targets, with
 padding item 0 masked (``-inf``, never counted in ``n``). Windowed priors split the

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ class Pipeline:
     model: Any
     trainer: Any
     run_dir: Path
-    extra: dict = field(default_factory=dict)
 
 
 def build_config(model: str | type | None = None, dataset: str | None = None,
@@ -118,7 +117,7 @@ def train_and_test(pipe: Pipeline, *, saved: bool = True, callback_fn=None) -> d
         "dataset": config["dataset"],
         "seed": config["seed"],
         "prior_tau": config["prior_tau"],
-        "prior_beta": getattr(model, "beta", None),
+        "prior_beta": model.effective_beta() if hasattr(model, "effective_beta") else None,
         "prior_alpha": config["prior_alpha"],
         "prior_mode": config["prior_mode"],
         "best_valid_score": best_valid_score,

@@ -1,7 +1,9 @@
 """The trainer mixin: RecBole's trainers with safe checkpoints and the energy collector.
 
 ``get_trainer(config)`` takes whatever trainer RecBole picks for the model (``Trainer``,
-``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it.
+``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it. Under DDP the
+mixin also holds every rank after ``fit`` and keeps the energy metrics out of RecBole's
+per-rank averaging (:mod:`recbole_popprior.collective`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import functools
 from typing import Any
 
 import torch
+from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_popprior import checkpoint
+from recbole_popprior import checkpoint, collective
+from recbole_popprior.evaluator.collector import PopPriorCollector
 
 
 class PopPriorTrainerMixin:
@@ -23,10 +27,23 @@ class PopPriorTrainerMixin:
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        from recbole_popprior.evaluator.collector import PopPriorCollector
-
         self.eval_collector = PopPriorCollector(config)
         self.eval_stage = "test"
+        #: each rank's SHA-256 of the trained weights after ``fit`` (one entry without DDP)
+        self.trained_weight_digests: list[str] = []
+
+    def fit(self, *args, **kwargs):
+        """RecBole's ``fit``, then (under DDP) wait until rank 0 has written the best checkpoint.
+
+        Only rank 0 saves (trainer.py ~L296), right after the last validation's collective;
+        without this barrier another rank could load the best model for testing before it is
+        on disk, or an older one (RecBole 1.2.1 has the same race). Every rank's digest of its
+        trained weights is gathered on the way: they are equal when DDP kept the replicas in step.
+        """
+        outcome = super().fit(*args, **kwargs)
+        self.trained_weight_digests = collective.all_gather(collective.state_digest(self.model))
+        collective.barrier()
+        return outcome
 
     # --- checkpoints (compat shim 3) -----------------------------------------------------
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
@@ -82,9 +99,8 @@ class PopPriorTrainerMixin:
     def _map_reduce(self, result, num_sample):
         # energy metrics come from statistics summed over ranks (the collector all-reduces
         # them), so they are global already; RecBole would average them per rank
-        from recbole_popprior.distributed import map_reduce
-
-        return map_reduce(super()._map_reduce, result, num_sample)
+        prefixes = collective.reduced_key_prefixes(metrics_dict.values())
+        return collective.map_reduce(super()._map_reduce, result, num_sample, prefixes)
 
     def _full_sort_batch_eval(self, batched_data):
         if not self.eval_collector.wants_contexts:
@@ -100,10 +116,13 @@ def reuse_forward(model: torch.nn.Module):
     """Within the block, ``model.forward`` called again on the very same input tensors returns
     the first call's output instead of running the network again.
 
+    Why: RecBole's ``full_sort_predict`` runs ``forward`` and keeps only the scores, and the
+    energy metrics need that forward's context vectors ``H``; no model exposes them, so the
+    second call (from :mod:`recbole_popprior.model.factors`) is answered from this cache.
     RecBole models call ``self.forward(...)``, so an instance attribute shadows the class's
     method for the block (any model: the plugin's or RecBole's own). Only identity of the
-    inputs counts, which is sound inside one ``no_grad`` evaluation batch (no weights change);
-    the wrapper and its cache are removed on exit.
+    inputs counts, which is sound inside one ``no_grad`` evaluation batch (no weights change
+    and the same tensors mean the same batch); the wrapper and its cache go on exit.
     """
     original = model.forward
     cache: list[tuple[tuple, dict, Any]] = []

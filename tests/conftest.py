@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,72 @@ def tiny_config(data_path: Path | str, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def synthetic_settings(tmp_path, **overrides) -> dict:
+    """Tiny synthetic-data settings for comparisons and sweeps (several evaluation batches)."""
+    settings = {
+        "data_path": str(tmp_path / "data"),
+        "synthetic_users": 120,
+        "synthetic_items": 20,
+        "synthetic_seq_len": 12,
+        "synthetic_pmi_scale": 1.5,
+        "epochs": 2,
+        "hidden_size": 8,
+        "inner_size": 16,
+        "n_layers": 1,
+        "n_heads": 1,
+        "MAX_ITEM_LIST_LENGTH": 5,
+        "train_batch_size": 256,
+        "eval_batch_size": 64,  # several evaluation batches
+        "show_progress": False,
+        "state": "WARNING",
+        "gpu_id": "",
+        "seed": 7,
+        "energy_permutations": 199,
+    }
+    settings.update(overrides)
+    return settings
+
+
+def numpy_log_prior(targets: np.ndarray, n_items: int, alpha: float = 1.0) -> np.ndarray:
+    """docs/DESIGN.md §2 written out in numpy: the reference for ``estimate_log_prior``."""
+    counts = np.bincount(targets, minlength=n_items).astype(np.float64)
+    counts[0] = 0.0
+    out = np.log(counts + alpha) - np.log(counts.sum() + alpha * (n_items - 1))
+    out[0] = -np.inf
+    return out
+
+
+@dataclass
+class LoaderContexts:
+    """A test's own pass over an evaluation loader (independent of the collector)."""
+
+    H: np.ndarray  # [m, d] contexts, float64
+    E: np.ndarray  # [n_items, d] item table, float64
+    ids: Any  # torch.Tensor [m, 3 + L]: user, item sequence, length, target of every context
+    last_items: np.ndarray  # [m] the last history item of every context
+
+
+def loader_contexts(model, loader) -> LoaderContexts:
+    """``H`` and ``E`` of a factorised model over every batch of ``loader`` (docs/DESIGN.md §3)."""
+    import torch
+
+    from recbole_popprior.model.factors import factors
+
+    model.eval()
+    Hs, ids = [], []
+    with torch.no_grad():
+        for batch in loader:
+            interaction = batch[0]
+            H, E = factors(model, interaction)
+            Hs.append(H.double())
+            ids.append(torch.cat([interaction[model.USER_ID][:, None], interaction[model.ITEM_SEQ],
+                                  interaction[model.ITEM_SEQ_LEN][:, None], interaction[model.ITEM_ID][:, None]], 1))
+    ids = torch.cat(ids)
+    seq, length = ids[:, 1:-2], ids[:, -2]
+    last = seq[torch.arange(len(seq)), length - 1].numpy()
+    return LoaderContexts(torch.cat(Hs).numpy(), E.detach().double().numpy(), ids, last)
 
 
 @pytest.fixture(autouse=True)

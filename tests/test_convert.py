@@ -1,4 +1,4 @@
-"""Raw-log converters (issue 4): outputs and counts checked against a tiny pure-Python reference.
+"""Raw-log converters: outputs and counts checked against a tiny pure-Python reference.
 
 The reference below re-derives every expected row and count from the raw lines with plain
 Python (``datetime`` for the alibaba clock, dicts for dedup and k-core), independently of the

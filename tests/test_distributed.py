@@ -1,4 +1,4 @@
-"""Distributed training through RecBole's DDP path with gloo on CPU (issue 6).
+"""Distributed training through RecBole's DDP path with gloo on CPU.
 
 The 2-process runs go through the real CLI in a subprocess; the reference for each check
 is computed independently in this process (numpy counts, a single-process evaluation of
@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from recbole_popprior import compat, distributed
+from recbole_popprior import collective, compat, distributed
 from recbole_popprior.errors import PopPriorError
 
 from conftest import tiny_config, tiny_rows, write_inter
@@ -111,7 +111,8 @@ def test_too_few_contexts_for_the_processes_is_an_error():
 
 # --- summing the energy statistics across ranks ----------------------------------------
 def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Each rank holds every ``world``-th row of one H; the summed statistics must be global."""
+    """Each rank holds every ``world``-th row of one H; the collector's sums must be global."""
+    from recbole_popprior.evaluator.collector import EnergyState, PopPriorCollector
     from recbole_popprior.evaluator.energy import ContextStats, ScoreStats
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -122,24 +123,27 @@ def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
         E = rng.normal(size=(13, 5))
         log_prior = np.r_[-np.inf, np.log(rng.dirichlet(np.ones(12)))]
         mine = H[rank::world]
-        context = distributed.all_reduce_stats(ContextStats.from_H(torch.as_tensor(mine, dtype=torch.float32)))
-        as_dict = distributed.all_reduce_stats({"G": torch.as_tensor(mine.T @ mine), "hsum": mine.sum(0),
-                                                "m": len(mine)})
-        scores = ScoreStats(log_prior, permutations=7, seed=3)
-        scores.update(mine @ E.T)
-        distributed.all_reduce_stats(scores)
-        # a rank without contexts still takes part (its statistics count as zeros)
-        empty = distributed.all_reduce_stats(ContextStats() if rank == 0 else ContextStats.from_H(mine))
-        summed = distributed.all_reduce_array(mine.T @ mine)
-        np.savez(out.format(rank=rank), G=context.G, hsum=context.hsum, m=context.m, summed=summed,
-                 dG=as_dict["G"].numpy(), dhsum=as_dict["hsum"], dm=as_dict["m"],
-                 score=json.dumps(scores.result()), eG=empty.G, em=empty.m)
+        results = {}
+        for path in ("factorised", "scores"):
+            collector = PopPriorCollector.__new__(PopPriorCollector)  # only the reduction is exercised
+            state = EnergyState(log_prior, None, permutations=7, seed=3, subspace_energy=0.95, with_subspace=False)
+            state.path = path
+            if path == "factorised":
+                state.contexts, state.E = ContextStats.from_H(torch.as_tensor(mine, dtype=torch.float32)), E
+            else:
+                state.scores = ScoreStats(log_prior, permutations=7, seed=3).update(mine @ E.T)
+            collector._state = state
+            collector.reduce_energy_stats(collective.all_reduce_array)
+            collector.reduce_energy_stats(collective.all_reduce_array)  # a second call is a no-op
+            results[path] = state.energy()
+        summed = collective.all_reduce_array(mine.T @ mine)
+        np.savez(out.format(rank=rank), summed=summed, result=json.dumps(results))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_all_reduce_stats_sums_statistics_over_ranks(tmp_path):
-    from recbole_popprior.evaluator.energy import ScoreStats
+def test_energy_statistics_are_summed_over_ranks(tmp_path):
+    from recbole_popprior.evaluator.energy import ScoreStats, popularity_energy
 
     world = 2
     out = str(tmp_path / "rank{rank}.npz")
@@ -149,38 +153,24 @@ def test_all_reduce_stats_sums_statistics_over_ranks(tmp_path):
     E = rng.normal(size=(13, 5))
     log_prior = np.r_[-np.inf, np.log(rng.dirichlet(np.ones(12)))]
     H32 = H.astype(np.float32).astype(np.float64)
-    dense_scores = ScoreStats(log_prior, permutations=7, seed=3).update(H @ E.T).result()
+    expected = {"factorised": popularity_energy(H32, E, log_prior, permutations=7, seed=3),
+                "scores": ScoreStats(log_prior, permutations=7, seed=3).update(H @ E.T).result()}
     for rank in range(world):
         got = np.load(out.format(rank=rank))
-        np.testing.assert_allclose(got["G"], H32.T @ H32, rtol=1e-12)
-        np.testing.assert_allclose(got["hsum"], H32.sum(0), rtol=1e-12)
-        assert int(got["m"]) == len(H)
-        np.testing.assert_allclose(got["dG"], H.T @ H, rtol=1e-12)
         np.testing.assert_allclose(got["summed"], H.T @ H, rtol=1e-12)
-        np.testing.assert_allclose(got["dhsum"], H.sum(0), rtol=1e-12)
-        assert int(got["dm"]) == len(H)
-        score = json.loads(str(got["score"]))
-        for key, value in dense_scores.items():
-            assert score[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-        H1 = H[1::world]
-        np.testing.assert_allclose(got["eG"], H1.T @ H1, rtol=1e-12)
-        assert int(got["em"]) == len(H1)
+        results = json.loads(str(got["result"]))
+        for path, reference in expected.items():
+            for key, value in reference.items():
+                assert results[path][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (path, key)
 
 
-def test_all_reduce_stats_is_a_no_op_in_one_process():
-    stats = {"G": np.eye(2), "hsum": np.ones(2), "m": 3}
-    assert distributed.all_reduce_stats(stats) is stats and stats["m"] == 3
-
-
-def test_reduced_metrics_are_kept_out_of_recbole_averaging(monkeypatch):
-    from recbole.evaluator import register
-
+def test_reduced_metrics_are_kept_out_of_recbole_averaging():
     class Reduced:
         ddp_key_prefixes = ("fake_",)
 
-    monkeypatch.setitem(register.metrics_dict, "fakeenergy", Reduced)
+    prefixes = collective.reduced_key_prefixes([Reduced, object])
     result = {"fake_dir_frac": 0.123456, "recall@10": 0.5, "FAKE_shared": 1.0}
-    averaged, already_global = distributed.split_reduced(result)
+    averaged, already_global = collective.split_reduced(result, prefixes)
     assert averaged == {"recall@10": 0.5}
     assert already_global == {"fake_dir_frac": 0.123456, "FAKE_shared": 1.0}
     calls = []
@@ -189,15 +179,16 @@ def test_reduced_metrics_are_kept_out_of_recbole_averaging(monkeypatch):
         calls.append(dict(part))
         return {key: round(value / 2, 4) for key, value in part.items()}
 
-    merged = distributed.map_reduce(recbole_map_reduce, result, 10)
+    merged = collective.map_reduce(recbole_map_reduce, result, 10, prefixes)
     assert calls == [{"recall@10": 0.5}]
     assert list(merged.items()) == [("fake_dir_frac", 0.123456), ("recall@10", 0.25), ("FAKE_shared", 1.0)]
 
 
-def test_all_reduce_array_is_identity_in_one_process():
+def test_collectives_are_identities_in_one_process():
     values = np.arange(6.0).reshape(2, 3)
-    out = distributed.all_reduce_array(values)
+    out = collective.all_reduce_array(values)
     assert out is not values and np.array_equal(out, values)
+    assert collective.all_gather("x") == ["x"] and collective.rank() == 0
 
 
 # --- a 2-process gloo run through the CLI ----------------------------------------------

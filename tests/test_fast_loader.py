@@ -1,4 +1,4 @@
-"""FastLoadMixin gives exactly the Dataset RecBole's own reader gives (issue 4).
+"""FastLoadMixin gives exactly the Dataset RecBole's own reader gives.
 
 Both datasets go through the whole RecBole pipeline (filtering, remapping, conversion to
 Interaction); the reference is RecBole's unmodified class on the same config.

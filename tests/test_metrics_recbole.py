@@ -13,7 +13,10 @@ import pytest
 import torch
 from recbole.model.sequential_recommender import GRU4RecCPR, SASRec
 
+import yaml
+
 from conftest import tiny_config
+from recbole_popprior.config import properties_file
 from recbole_popprior.config import Config
 from recbole_popprior.evaluator.energy import permuted_directions, popularity_direction
 from recbole_popprior.quick_start import build_pipeline, train_and_test
@@ -179,7 +182,13 @@ def test_permutation_stage_valid_runs_at_validation_and_max_contexts_caps(tiny_d
 
 
 class _Cfg(dict):
-    """RecBole-config stand-in for collector unit tests: missing keys read as None."""
+    """RecBole-config stand-in for collector unit tests: the plugin's energy defaults from
+    properties/overall.yaml, other missing keys read as None."""
+
+    def __init__(self, **values):
+        with open(properties_file("overall.yaml"), encoding="utf-8") as handle:
+            defaults = {k: v for k, v in yaml.safe_load(handle).items() if k.startswith(("energy_", "prior_"))}
+        super().__init__({**defaults, **values})
 
     def __getitem__(self, key):
         return self.get(key)
@@ -246,12 +255,12 @@ def test_caller_supplied_factors_skip_the_model():
     assert got["dir_frac"] == pytest.approx(popularity_energy(H, E, lp)["dir_frac"], rel=1e-9)
 
 
-@pytest.mark.parametrize("key,value", [("energy_permutation_stage", "sometimes"),
-                                       ("energy_permutations", -1), ("energy_max_contexts", 0)])
-def test_bad_energy_settings_raise_popprior_error(key, value):
+@pytest.mark.parametrize("key,value", [("energy_permutation_stage", "sometimes"), ("energy_permutations", -1),
+                                       ("energy_max_contexts", 0), ("energy_subspace", 1.5),
+                                       ("energy_seed", 0.5), ("energy_permutations", float("nan"))])
+def test_bad_energy_settings_raise_popprior_error(tiny_data, key, value):
+    from recbole_popprior.config import Config
     from recbole_popprior.errors import PopPriorError
-    from recbole_popprior.evaluator.collector import PopPriorCollector
 
     with pytest.raises(PopPriorError, match=key):
-        PopPriorCollector(_Cfg(metrics=["PopEnergy"], topk=[5], eval_args={"mode": "full"}, device="cpu",
-                               **{key: value}))
+        Config("SASRec", "tiny", config_dict=tiny_config(tiny_data, **{key: value}))

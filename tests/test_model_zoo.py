@@ -27,12 +27,12 @@ from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import PriorSeparatedMixin, get_model, supported_models
-from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_MIXINS, UNSUPPORTED
+from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS = 30
 TAU = 0.8
-PRIOR_KEYS = ("log_prior", "log_prior_windows", "prior_window_edges", "prior_tau_param")
+PRIOR_KEYS = ("log_prior", "log_prior_windows", "prior_window_edges", "prior_tau")
 PROBABILITY_MODELS = {"GRU4RecCPR", "SASRecCPR", "RepeatNet"}
 
 
@@ -247,7 +247,7 @@ def test_supported_models_are_the_issue_list_and_each_has_a_note():
                 "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet", "GRU4RecKG", "KSR"}
     assert set(MODELS) == expected
     assert set(MODEL_NOTES) == expected
-    assert set(SPECIAL_MIXINS) <= expected
+    assert set(SPECIAL_CLASSES) <= expected
     assert not set(UNSUPPORTED) & expected
 
 

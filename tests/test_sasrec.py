@@ -20,7 +20,7 @@ from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.quick_start import build_config, build_pipeline, run_recbole_popprior
 
-PRIOR_KEYS = ("log_prior", "log_prior_windows", "prior_window_edges", "prior_tau_param")
+PRIOR_KEYS = ("log_prior", "log_prior_windows", "prior_window_edges", "prior_tau")
 
 
 class Setup:
@@ -106,23 +106,23 @@ def test_training_loss_is_hand_computed_ce_over_he_plus_tau_log_prior(setup):
 def test_learned_tau_trains_and_serving_uses_its_value(tiny_data):
     s = Setup(tiny_data, prior_tau="learned")
     model = s.model()
-    assert model.prior_tau_learned and float(model.tau.detach()) == 1.0
-    assert any(p is model.prior_tau_param for p in model.parameters())
+    assert model.prior_tau_learned and float(model.prior_tau.detach()) == 1.0
+    assert any(p is model.prior_tau for p in model.parameters())
     model.train()
     loss = model.calculate_loss(s.batch)
     loss.backward()
-    grad = model.prior_tau_param.grad
+    grad = model.prior_tau.grad
     assert grad is not None and torch.isfinite(grad) and float(grad) != 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     optimizer.step()
-    assert float(model.tau.detach()) == pytest.approx(1.0 - 0.1 * float(grad))
+    assert float(model.prior_tau.detach()) == pytest.approx(1.0 - 0.1 * float(grad))
     with torch.no_grad():
-        model.prior_tau_param.fill_(0.37)
+        model.prior_tau.fill_(0.37)
     model.eval()
     with torch.no_grad():
         served = model.full_sort_predict(s.eval_batch)
         learned = model.popprior_learned_scores(s.eval_batch)
-    assert model.beta == pytest.approx(0.37)
+    assert model.effective_beta() == pytest.approx(0.37)
     assert torch.allclose(served[:, 1:] - learned[:, 1:], 0.37 * model.log_prior[1:].expand_as(learned[:, 1:]),
                           atol=1e-5)
 

@@ -54,7 +54,7 @@ def _zipf_mle(samples: np.ndarray, n: int) -> float:
 
 
 def test_pmi_is_true_normalised_mutual_information_of_low_rank() -> None:
-    settings = SyntheticSettings(items=40, rank=3, pmi_scale=1.5)
+    settings = SyntheticSettings.defaults(items=40, rank=3, pmi_scale=1.5)
     truth = generate(settings)
     p = np.exp(truth.log_p)
     np.testing.assert_allclose(p, np.exp(zipf_log_p(40, 1.0)))
@@ -69,7 +69,7 @@ def test_pmi_is_true_normalised_mutual_information_of_low_rank() -> None:
 
 
 def test_next_item_frequencies_converge_to_construction() -> None:
-    truth = generate(SyntheticSettings(users=4000, items=20, seq_len=20, rank=3, pmi_scale=1.5, seed=7))
+    truth = generate(SyntheticSettings.defaults(users=4000, items=20, seq_len=20, rank=3, pmi_scale=1.5, seed=7))
     n = 20
     counts = np.zeros((n, n))
     np.add.at(counts, (truth.items[:, :-1].ravel() - 1, truth.items[:, 1:].ravel() - 1), 1)
@@ -83,7 +83,7 @@ def test_next_item_frequencies_converge_to_construction() -> None:
 @pytest.mark.parametrize("exponent", [0.8, 1.2])
 def test_item_marginal_is_zipf_with_chosen_exponent(exponent: float) -> None:
     n, users = 30, 20000
-    truth = generate(SyntheticSettings(users=users, items=n, seq_len=6, zipf=exponent, seed=11))
+    truth = generate(SyntheticSettings.defaults(users=users, items=n, seq_len=6, zipf=exponent, seed=11))
     p = np.exp(zipf_log_p(n, exponent))
     # Across users (independent chains started in the stationary law) the items at one fixed
     # position are i.i.d. draws from p, so classical goodness-of-fit applies.
@@ -99,7 +99,7 @@ def test_item_marginal_is_zipf_with_chosen_exponent(exponent: float) -> None:
 
 
 def test_windowed_marginals_and_timestamps() -> None:
-    settings = SyntheticSettings(users=6000, items=15, seq_len=4, windows=3, drift=1.5, seed=3)
+    settings = SyntheticSettings.defaults(users=6000, items=15, seq_len=4, windows=3, drift=1.5, seed=3)
     truth = generate(settings)
     assert truth.log_p_windows.shape == (3, 15) and truth.pmi_windows.shape == (3, 15, 15)
     assert not np.allclose(truth.log_p_windows[0], truth.log_p_windows[2])
@@ -120,11 +120,11 @@ def test_windowed_marginals_and_timestamps() -> None:
 
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path) -> None:
-    settings = SyntheticSettings(users=50, items=12, seq_len=8, seed=5)
+    settings = SyntheticSettings.defaults(users=50, items=12, seq_len=8, seed=5)
     first = write_atomic_files(generate(settings), tmp_path / "a")
     second = write_atomic_files(generate(settings), tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()
-    other = generate(SyntheticSettings(users=50, items=12, seq_len=8, seed=6))
+    other = generate(SyntheticSettings.defaults(users=50, items=12, seq_len=8, seed=6))
     assert not np.array_equal(other.items, generate(settings).items)
     header = first.read_text().splitlines()[0]
     assert header == "user_id:token\titem_id:token\ttimestamp:float"
@@ -135,7 +135,7 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path) -> None:
 
 def test_bad_settings_raise_plugin_error() -> None:
     with pytest.raises(PopPriorError):
-        SyntheticSettings(items=5, rank=9)
+        SyntheticSettings.defaults(items=5, rank=9)
     with pytest.raises(PopPriorError):
         SyntheticSettings.from_config({"synthetic_users": "many"})
 

@@ -1,4 +1,4 @@
-"""Optuna tuning of the prior weights (issue 5): search space, SQLite resume, the free beta
+"""Optuna tuning of the prior weights: search space, SQLite resume, the free beta
 sweep, failed trials, pruning, local workers on a journal file, and the report.
 
 The storage is always read back through Optuna's own API, independently of the report code.
@@ -18,7 +18,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import yaml
+
 from conftest import tiny_config
+from recbole_popprior.config import properties_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.tuning import (beta_grid, choose_beta, default_storage, load_search_space, make_plan,
                                      make_storage, parse_models, run_tuning)
@@ -45,8 +48,14 @@ def _write(path: Path, text: str) -> Path:
 
 
 # --- search space ----------------------------------------------------------------------------
+def _default_space() -> dict:
+    """The shipped ``tune_search_space`` default, read from properties/overall.yaml."""
+    with open(properties_file("overall.yaml"), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)["tune_search_space"]
+
+
 def test_default_space_is_tau_0_2_and_alpha_on_log_scale():
-    space = load_search_space(None)
+    space = load_search_space(None, _default_space())
     assert set(space) == {"prior_tau", "prior_alpha"}
     tau, alpha = space["prior_tau"], space["prior_alpha"]
     assert (tau.type, tau.low, tau.high, tau.log) == ("float", 0.0, 2.0, False)
@@ -61,7 +70,7 @@ n_layers: {type: int, low: 1, high: 3}
 prior_tau: {type: float, low: 0.5, high: 1.5, step: 0.5}
 prior_alpha: ~
 """)
-    space = load_search_space(path)
+    space = load_search_space(path, _default_space())
     assert set(space) == {"prior_tau", "learning_rate", "hidden_size", "n_layers"}
     assert (space["prior_tau"].low, space["prior_tau"].high, space["prior_tau"].step) == (0.5, 1.5, 0.5)
     # sampling respects every distribution
@@ -93,7 +102,7 @@ prior_alpha: ~
 def test_bad_search_space_file_is_one_line_error(tmp_path, text, fragment):
     path = _write(tmp_path / "bad.yaml", text)
     with pytest.raises(PopPriorError) as info:
-        load_search_space(path)
+        load_search_space(path, _default_space())
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
@@ -140,10 +149,13 @@ def test_default_storage_prefers_existing_files(tmp_path):
 
 
 # --- the beta sweep --------------------------------------------------------------------------
-def test_beta_grid_holds_default_grid_and_tau():
-    grid = beta_grid(0.6)
+def test_beta_grid_adds_tau_to_the_configured_grid():
+    with open(properties_file("overall.yaml"), encoding="utf-8") as handle:
+        default = yaml.safe_load(handle)["tune_beta_grid"]
+    grid = beta_grid(0.6, default)
     assert grid == sorted(grid) and 0.0 in grid and 2.0 in grid and 0.6 in grid and 0.25 in grid
     assert beta_grid(1.0, [0.0, 1.0]) == [0.0, 1.0]
+    assert beta_grid(0.5, [1.0, 0.0]) == [0.0, 0.5, 1.0]
 
 
 def test_choose_beta_picks_best_and_breaks_ties_towards_tau():

@@ -1,5 +1,5 @@
 """Two worker processes share one study on a REAL PostgreSQL server; one is killed with
-SIGKILL mid-trial (issue 5).
+SIGKILL mid-trial.
 
 Needs ``POPPRIOR_TEST_POSTGRES_URL`` (``.ci/run`` sets it from ``scripts/start_postgres.sh``).
 The storage is read through Optuna's API; each completed trial is cross-checked against the
@@ -39,15 +39,15 @@ def _storage() -> optuna.storages.RDBStorage:
     return make_storage(URL, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
 
 
-def _worker(study: str, data_path: Path, output: Path, n_trials: int, env: dict[str, str]) -> subprocess.Popen:
+def _worker(study: str, data_path: Path, output: Path, n_trials: int, epochs: int = 1) -> subprocess.Popen:
     args = [sys.executable, "run_recbole_popprior.py", "--tune", "--model=SASRec", "--dataset=tiny",
             f"--n-trials={n_trials}", f"--storage={URL}", f"--study-name={study}", f"--output={output}",
-            f"--data_path={data_path}", "--epochs=1", "--hidden_size=8", "--inner_size=16", "--n_layers=1",
+            f"--data_path={data_path}", f"--epochs={epochs}", f"--stopping_step={epochs}", "--hidden_size=8", "--inner_size=16", "--n_layers=1",
             "--n_heads=1", "--MAX_ITEM_LIST_LENGTH=8", "--train_batch_size=64", "--show_progress=False",
             "--state=WARNING", f"--fast_loader={HAS_FAST_LOADER}", "--gpu_id=", "--tune_plots=False",
             f"--tune_heartbeat_interval={HEARTBEAT}", f"--tune_grace_period={GRACE}",
             "--metrics=['Recall','MRR','NDCG']", "--valid_metric=MRR@10", "--topk=[10]"]
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -63,9 +63,9 @@ def test_two_workers_share_a_postgres_study_and_survive_a_sigkill(tiny_data, tmp
     study = f"pg-{uuid.uuid4().hex[:10]}"
     optuna_name = f"{study}.SASRec"
     n_trials = 3
-    # the victim sleeps inside every trial, so the kill lands mid-trial deterministically
-    victim = _worker(study, tiny_data, tmp_path / "victim", 5, {"POPPRIOR_TUNING_TEST_SLEEP": "120"})
-    survivor = _worker(study, tiny_data, tmp_path / "survivor", n_trials, {})
+    # the victim's trials train for 100000 epochs, so the kill lands mid-trial
+    victim = _worker(study, tiny_data, tmp_path / "victim", 5, epochs=100_000)
+    survivor = _worker(study, tiny_data, tmp_path / "survivor", n_trials)
     try:
         deadline, victim_trial = time.time() + 120, None
         while victim_trial is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import threading
 import zipfile
 import zlib
@@ -453,11 +452,3 @@ def read_header(stream: BinaryIO, kind: str) -> tuple[bytes, int]:
         shown = line[:120].decode("utf-8", "replace")
         raise PopPriorError(f"unexpected header {shown!r}: an alibaba log starts with {','.join(ALIBABA_COLUMNS)}")
     return rest, 1
-
-
-def input_size(path: str | os.PathLike) -> int:
-    """Size in bytes (0 if unreadable)."""
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0

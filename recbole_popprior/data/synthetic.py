@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import yaml
 
+from recbole_popprior.config import _validate_synthetic, dataset_config_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.utils import atomic_write
 
@@ -58,44 +60,36 @@ _GENERATOR_VERSION = 1  # bump when the sampling procedure changes, so cached fi
 
 @dataclass(frozen=True)
 class SyntheticSettings:
-    """Generator settings; the yaml keys are ``synthetic_<field>`` (see ``dataset_configs/synthetic.yaml``)."""
+    """Generator settings; the yaml keys are ``synthetic_<field>``, with their defaults in
+    ``dataset_configs/synthetic.yaml`` and their checks in ``config._validate``."""
 
-    users: int = 500
-    items: int = 50
-    seq_len: int = 30
-    zipf: float = 1.0
-    rank: int = 4
-    pmi_scale: float = 0.5
-    windows: int = 1
-    drift: float = 1.0
-    seed: int = 2024
+    users: int
+    items: int
+    seq_len: int
+    zipf: float
+    rank: int
+    pmi_scale: float
+    windows: int
+    drift: float
+    seed: int
 
     def __post_init__(self) -> None:
-        if self.users < 1 or self.items < 2 or self.seq_len < 1:
-            raise PopPriorError(
-                f"synthetic: need users >= 1, items >= 2, seq_len >= 1 "
-                f"(got users={self.users}, items={self.items}, seq_len={self.seq_len})"
-            )
-        if not 1 <= self.rank <= self.items:
-            raise PopPriorError(f"synthetic: rank must be in [1, items={self.items}], got {self.rank}")
-        if self.windows < 1 or self.windows > self.users:
-            raise PopPriorError(f"synthetic: windows must be in [1, users={self.users}], got {self.windows}")
-        if self.zipf < 0 or self.pmi_scale < 0:
-            raise PopPriorError("synthetic: zipf and pmi_scale must be >= 0")
+        _validate_synthetic({f"synthetic_{k}": v for k, v in dataclasses.asdict(self).items()})
 
     @classmethod
     def from_config(cls, config: Any) -> "SyntheticSettings":
-        """Read ``synthetic_*`` keys from a RecBole ``Config`` (or any mapping); missing keys keep defaults."""
-        values = {}
-        for field in dataclasses.fields(cls):
-            key = f"synthetic_{field.name}"
-            value = _config_get(config, key)
-            if value is not None:
-                try:
-                    values[field.name] = float(value) if field.type == "float" else int(value)
-                except (TypeError, ValueError):
-                    raise PopPriorError(f"synthetic: {key} must be a number, got {value!r}") from None
-        return cls(**values)
+        """Read the ``synthetic_*`` keys from a RecBole ``Config`` (or any mapping)."""
+        missing = [f"synthetic_{f.name}" for f in dataclasses.fields(cls) if _config_get(config, f"synthetic_{f.name}") is None]
+        if missing:
+            raise PopPriorError(f"synthetic: settings missing: {', '.join(missing)} (see dataset_configs/synthetic.yaml)")
+        return cls(**{f.name: _config_get(config, f"synthetic_{f.name}") for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> "SyntheticSettings":
+        """The defaults of ``dataset_configs/synthetic.yaml``, with ``overrides`` (``users=...``)."""
+        with open(dataset_config_file("synthetic"), encoding="utf-8") as handle:
+            values = {k[len("synthetic_"):]: v for k, v in yaml.safe_load(handle).items() if k.startswith("synthetic_")}
+        return cls(**{**values, **overrides})
 
     def digest(self) -> str:
         """Stable hash of the settings (and generator version), stored next to the files."""

@@ -1,4 +1,4 @@
-"""The evaluator: popularity-aligned score energy and embedding diagnostics (DESIGN.md §3-4).
+"""The evaluator: popularity-aligned score energy and embedding diagnostics (docs/DESIGN.md §3-4).
 
 Importing this package registers the plugin's metrics (``PopEnergy``, ``PopPermutation``,
 ``PopSubspace``, ``EmbeddingSpectrum``, ``PopBandRecall``) in RecBole's registry.

@@ -6,7 +6,7 @@ calls ``data_collect(train_data)``, ``eval_batch_collect(...)``, ``model_collect
 and ``get_data_struct()``. Work happens only for the data-struct keys that the configured
 metrics declare in ``metric_need`` (``popprior.*``), so plain runs pay nothing.
 
-What is measured is the LEARNED score only (DESIGN.md §3), obtained from the model by:
+What is measured is the LEARNED score only (docs/DESIGN.md §3), obtained from the model by:
 
 1. ``model.popprior_factors(interaction) -> (H, E)`` (or ``None``): factorised path;
 2. otherwise, for RecBole's own models, the same per-model table
@@ -27,19 +27,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from recbole_popprior import collective
 from recbole_popprior.compat import FixedCollector
-from recbole_popprior.model.factors import factors
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
 from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,
                                                item_table)
+from recbole_popprior.model.factors import factors
+from recbole_popprior.prior import estimate_log_prior, estimate_windowed_log_prior
 
 ENERGY_KEY = "popprior.energy"
 PERMUTATION_KEY = "popprior.permutation"
 SUBSPACE_KEY = "popprior.subspace"
 EMBEDDING_KEY = "popprior.embedding"
 TARGETS_KEY = "popprior.target_items"
-PERMUTATION_STAGES = ("test", "valid", "always")
 
 _FACTOR_RTOL = 1e-5
 
@@ -48,13 +49,6 @@ def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
     """The model's learned full-sort scores, without any prior term (DESIGN §3)."""
     method = getattr(model, "popprior_learned_scores", None)
     return method(interaction) if method is not None else model.full_sort_predict(interaction)
-
-
-def _distributed_world() -> int:
-    """Number of workers in the running process group (1 without one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 class EnergyState:
@@ -144,24 +138,18 @@ class PopPriorCollector(FixedCollector):
         self._need_embedding = bool(need(EMBEDDING_KEY))
         self._need_targets = bool(need(TARGETS_KEY))
         self._need_model = self._need_energy or self._need_embedding
-        self.permutations = int(config["energy_permutations"] if config["energy_permutations"] is not None else 2000)
-        self.permutation_stage = str(config["energy_permutation_stage"] or "test")
-        if self.permutation_stage not in PERMUTATION_STAGES:
-            raise PopPriorError(f"energy_permutation_stage must be one of {PERMUTATION_STAGES}, "
-                                f"got {self.permutation_stage!r}")
-        if self.permutations < 0:
-            raise PopPriorError(f"energy_permutations must be >= 0, got {self.permutations}")
-        max_contexts = config["energy_max_contexts"]
-        self.max_contexts = int(max_contexts) if max_contexts is not None else None
-        if self.max_contexts is not None and self.max_contexts < 1:
-            raise PopPriorError(f"energy_max_contexts must be a positive integer or None, got {max_contexts!r}")
-        self.subspace_energy = float(config["energy_subspace"] or 0.95)
-        seed = config["energy_seed"]
-        self.seed = int(seed if seed is not None else (config["seed"] or 0))
+        # settings checked by config._validate; defaults in properties/overall.yaml
+        self.permutations = int(config["energy_permutations"])
+        self.permutation_stage = str(config["energy_permutation_stage"])
+        self.max_contexts = config["energy_max_contexts"]
+        self.subspace_energy = float(config["energy_subspace"])
+        self.seed = int(config["energy_seed"])
         self.train_log_prior: torch.Tensor | None = None
         self.train_log_prior_windows: torch.Tensor | None = None
         self._default_factor_ok: dict[int, bool] = {}
         self._state: EnergyState | None = None
+        #: the statistics of the latest evaluation (what its energy metrics were computed from)
+        self.last_state: EnergyState | None = None
         self._target_rows: list[torch.Tensor] = []
         self._target_items: list[torch.Tensor] = []
         self._rows_seen = 0
@@ -172,16 +160,14 @@ class PopPriorCollector(FixedCollector):
         super().data_collect(train_data)
         if not self._need_model:
             return
-        from recbole_popprior.prior import estimate_log_prior, estimate_windowed_log_prior
-
         dataset = train_data.dataset
         items = dataset.inter_feat[self.config["ITEM_ID_FIELD"]]
-        alpha = float(self.config["prior_alpha"] or 1.0)
+        alpha = float(self.config["prior_alpha"])
         self.train_log_prior = estimate_log_prior(items, dataset.item_num, alpha)
         time_field = self.config["TIME_FIELD"]
         if self._need_subspace and time_field and time_field in dataset.inter_feat:
-            windows = int(self.config["prior_windows"] or 4)
-            by = self.config["prior_window_by"] or "time"
+            windows = int(self.config["prior_windows"])
+            by = self.config["prior_window_by"]
             self.train_log_prior_windows = estimate_windowed_log_prior(
                 items, dataset.inter_feat[time_field], dataset.item_num, windows, by=by,
                 alpha=alpha).log_prior
@@ -248,10 +234,8 @@ class PopPriorCollector(FixedCollector):
 
     def get_data_struct(self):
         """RecBole's struct (non-tensors left alone) plus this evaluation's ``popprior.*`` entries."""
-        if self._need_model and _distributed_world() > 1:
-            from recbole_popprior.distributed import all_reduce_array
-
-            self.reduce_energy_stats(all_reduce_array)
+        if self._need_model and collective.is_distributed():
+            self.reduce_energy_stats(collective.all_reduce_array)
         struct = super().get_data_struct()
         state, self._state = self._state, None
         if self._need_model:
@@ -262,6 +246,7 @@ class PopPriorCollector(FixedCollector):
                                 (SUBSPACE_KEY, self._need_subspace), (EMBEDDING_KEY, self._need_embedding)):
                 if needed:
                     struct.set(key, state)
+            self.last_state = state
         if self._need_targets:
             rows = torch.cat(self._target_rows) if self._target_rows else torch.empty(0, dtype=torch.long)
             items = torch.cat(self._target_items) if self._target_items else torch.empty(0, dtype=torch.long)
@@ -273,7 +258,7 @@ class PopPriorCollector(FixedCollector):
     def reduce_energy_stats(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
         """All-reduce this evaluation's sums in place: ``fn`` maps a float64 array to its sum over workers.
 
-        ``get_data_struct`` calls it itself (with ``distributed.all_reduce_array``) when a
+        ``get_data_struct`` calls it itself (with ``collective.all_reduce_array``) when a
         process group of several workers is running; a second call is a no-op. Every worker
         must have taken the same path (factorised or scores) and seen at least one batch.
         """

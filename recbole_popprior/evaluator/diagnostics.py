@@ -1,4 +1,4 @@
-"""Embedding diagnostics and accuracy by popularity band (DESIGN.md §4).
+"""Embedding diagnostics and accuracy by popularity band (docs/DESIGN.md §4).
 
 Every function takes the item table ``E`` [n_items, d] with row 0 = padding, and
 EXCLUDES the padding row. All of them are ``O(n d^2)`` or cheaper in the item count.

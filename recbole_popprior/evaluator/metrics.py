@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from recbole.evaluator import register
 from recbole.evaluator.base_metric import AbstractMetric
 from recbole.utils import EvaluatorType
 
@@ -142,8 +143,6 @@ def register_metrics() -> None:
     smaller_metrics), ``Register`` (metric_information) and ``Evaluator`` (metrics_dict) all
     hold references to those same objects, so in-place updates reach every lookup.
     """
-    from recbole.evaluator import register
-
     for cls in METRICS:
         name = cls.__name__.lower()
         register.metrics_dict[name] = cls

@@ -1,8 +1,9 @@
 """Prior-separated versions of RecBole's sequential models, under RecBole's own names.
 
-``get_model("SASRec")`` returns ``type("SASRec", (PriorSeparatedMixin, SASRec), {})``: the
-class keeps RecBole's name, so RecBole's name-based lookups (model yaml, trainer choice)
-keep working.
+``get_model("SASRec")`` returns ``type("SASRec", (PriorSeparatedMixin, SASRec), {})``; the
+models that differ are plain subclasses in :mod:`~recbole_popprior.model.special_cases`. Every
+class keeps RecBole's name, so RecBole's name-based lookups (model yaml, trainer choice) keep
+working.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from recbole.utils import get_model as recbole_get_model
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.mixin import PriorSeparatedMixin, PriorLoss, prior_term
-from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_MIXINS, UNSUPPORTED
+from recbole_popprior.model.mixin import PriorLoss, PriorSeparatedMixin, prior_term
+from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
 
 #: every CE-capable RecBole 1.2.1 sequential model the plugin supports
 SUPPORTED_MODELS: tuple[str, ...] = (
@@ -62,11 +63,11 @@ def get_model(name: str, baseline: bool = False) -> type:
 
 @functools.lru_cache(maxsize=None)
 def _prior_separated(name: str) -> type:
-    # generic mixin first, then the model's special case (special_cases.py), then RecBole's class
-    special = SPECIAL_MIXINS.get(name)
-    bases = (PriorSeparatedMixin, *([special] if special else []), recbole_get_model(name))
-    return type(name, bases, {"__module__": __name__, "__doc__": f"Prior-separated {name} (DESIGN.md §1)."})
+    if name in SPECIAL_CLASSES:
+        return SPECIAL_CLASSES[name]
+    return type(name, (PriorSeparatedMixin, recbole_get_model(name)),
+                {"__module__": __name__, "__doc__": f"Prior-separated {name} (docs/DESIGN.md §1)."})
 
 
 __all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
-           "prior_term", "SUPPORTED_MODELS", "MODEL_NOTES", "UNSUPPORTED"]
+           "prior_term", "SUPPORTED_MODELS", "MODEL_NOTES", "SPECIAL_CLASSES", "UNSUPPORTED"]

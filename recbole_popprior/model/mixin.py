@@ -1,4 +1,4 @@
-"""One mixin that makes any CE-capable RecBole sequential model prior-separated (DESIGN.md §1).
+"""One mixin that makes any CE-capable RecBole sequential model prior-separated (docs/DESIGN.md §1).
 
     train:  logits[c, i] = h_c . e_i + tau  * log p_hat(i)
     serve:  scores[c, i] = h_c . e_i + beta * log p_hat(i)
@@ -8,8 +8,9 @@ RecBole models have no shared logits method: each builds its logits inline and c
 :class:`PriorLoss`, which adds the prior whenever the class dimension is the item table
 (auxiliary losses of other widths pass through untouched). Serving adds
 ``beta * log p_hat`` in ``full_sort_predict`` and ``predict``. Models that need more
-(BERT4Rec, S3Rec, CORE, probability models, ...) are handled in
-:mod:`recbole_popprior.model.special_cases`, the one place where models differ.
+(BERT4Rec, S3Rec, probability models, ...) are plain subclasses in
+:mod:`recbole_popprior.model.special_cases`, the one place where models differ; they override
+the class attributes below.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.factors import factors
 from recbole_popprior.prior import WindowedPrior, estimate_log_prior, estimate_windowed_log_prior
 
 
@@ -43,6 +46,10 @@ def prior_term(log_prior: torch.Tensor, weight: torch.Tensor | float, width: int
 class PriorLoss(nn.Module):
     """Wraps a model's loss: adds ``tau * log p_hat`` to logits whose last dim is the item table.
 
+    Why the width decides: RecBole models call the same ``self.loss_fct`` for their main
+    softmax over items and for auxiliary losses (contrastive terms over a batch, for example);
+    only the call whose classes are the item table may receive the prior.
+
     ``log_space=True`` is for NLL-style losses that receive log-probabilities: the prior is
     added in log space and the result renormalised with ``log_softmax`` (DESIGN §1 applied
     to a probability model: ``log p(i|c) + tau log p_hat(i) - log Z_c``).
@@ -62,24 +69,11 @@ class PriorLoss(nn.Module):
         return self.inner(input, target, *args, **kwargs)
 
 
-#: per-model options (defaults) that :mod:`~recbole_popprior.model.special_cases` may override:
-#: ``prior_loss_attrs``: loss attribute(s) to wrap -> whether they receive log-probabilities;
-#: ``prior_extra_columns``: training logit columns beyond the item table (S3Rec's mask token);
-#: ``prior_scores_are_probabilities``: serving scores are probabilities (CPR models, RepeatNet).
-SPECIAL_CASE_OPTIONS: dict[str, Any] = {
-    "prior_loss_attrs": {"loss_fct": False},
-    "prior_extra_columns": 0,
-    "prior_scores_are_probabilities": False,
-}
-
-
 def _check_softmax_loss(config) -> None:
     """The prior needs a softmax over items: refuse BPR (RecBole's CPR models would even
     ``sys.exit(0)`` on it) with one clear line."""
     loss_type = config["loss_type"] if "loss_type" in config else None
     if loss_type not in (None, "CE", "NLL"):
-        from recbole_popprior.errors import PopPriorError
-
         raise PopPriorError(f"{config['model']} with loss_type={loss_type!r} has no softmax over items "
                             "to add the prior to; use loss_type: CE (or run the RecBole baseline "
                             "with popprior_baseline: True)")
@@ -90,21 +84,26 @@ class PriorSeparatedMixin:
 
     Config keys (defaults in ``properties/overall.yaml``): ``prior_tau`` (float or
     ``learned``), ``prior_beta`` (None = tau), ``prior_alpha``, ``prior_mode``,
-    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``.
+    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``. The training weight is the
+    model's ``prior_tau`` (a float, or a parameter when learned); a RecBole model's own
+    ``self.tau`` (FEARec's and SINE's temperatures) is left alone.
     """
 
-    #: > 0 while RecBole code that reads its *own* ``self.tau`` runs (FEARec, SINE)
-    _recbole_tau_scope: int = 0
+    #: loss attributes to wrap with :class:`PriorLoss` -> whether they receive log-probabilities
+    prior_loss_attrs: dict[str, bool] = {"loss_fct": False}
+    #: training logit columns beyond the item table (S3Rec's mask token)
+    prior_extra_columns: int = 0
+    #: serving scores are probabilities, not logits (CPR models, RepeatNet)
+    prior_scores_are_probabilities: bool = False
 
     def __init__(self, config, dataset):
         _check_softmax_loss(config)
         super().__init__(config, dataset)
-        # options a special case (special_cases.py) may set, as a class or instance attribute;
-        # they are not class attributes here, which would shadow the special case's
-        for option, default in SPECIAL_CASE_OPTIONS.items():
-            if not hasattr(self, option):
-                setattr(self, option, default)
         self._init_prior(config, dataset)
+        self._wrap_prior_losses()
+
+    def _wrap_prior_losses(self) -> None:
+        """Put :class:`PriorLoss` around every loss in ``prior_loss_attrs`` (idempotent)."""
         for attr, log_space in self.prior_loss_attrs.items():
             inner = getattr(self, attr, None)
             if inner is not None and not isinstance(inner, PriorLoss):
@@ -114,11 +113,9 @@ class PriorSeparatedMixin:
     def _init_prior(self, config, dataset) -> None:
         tau = config["prior_tau"]
         self.prior_tau_learned = tau == "learned"
-        if self.prior_tau_learned:
-            self.prior_tau_param = nn.Parameter(torch.tensor(1.0))
-        else:
-            self.prior_tau_param = None
-            self._tau = float(tau)
+        #: the training weight of ``log p_hat``: a float, or a parameter initialised at 1
+        self.prior_tau: nn.Parameter | float = nn.Parameter(torch.tensor(1.0)) if self.prior_tau_learned \
+            else float(tau)
         beta = config["prior_beta"]
         self.prior_beta: float | None = None if beta is None else float(beta)
         self.prior_alpha = float(config["prior_alpha"])
@@ -134,8 +131,6 @@ class PriorSeparatedMixin:
         if self.prior_windowed:
             time_field = config["TIME_FIELD"]
             if time_field is None or time_field not in dataset.inter_feat:
-                from recbole_popprior.errors import PopPriorError
-
                 raise PopPriorError("prior_mode=windowed needs a time field: load TIME_FIELD "
                                     f"({time_field!r}) in load_col")
             windowed = estimate_windowed_log_prior(
@@ -147,31 +142,13 @@ class PriorSeparatedMixin:
         else:
             self.log_prior_windows = None
 
-    @property
-    def tau(self) -> torch.Tensor | float:
-        """The training weight of ``log p_hat`` (a parameter when ``prior_tau: learned``).
+    def training_tau(self) -> float:
+        """The (current) training weight of ``log p_hat`` as a number."""
+        return float(self.prior_tau.detach()) if self.prior_tau_learned else self.prior_tau
 
-        FEARec and SINE keep a temperature of their own under the same attribute name;
-        while their RecBole code runs (``_recbole_tau_scope``), ``self.tau`` is theirs.
-        """
-        if self._recbole_tau_scope:
-            return self._recbole_tau
-        return self._training_tau()
-
-    @tau.setter
-    def tau(self, value) -> None:
-        # only RecBole's own __init__ assigns ``self.tau`` (FEARec, SINE): keep it for them
-        self._recbole_tau = value
-
-    def _training_tau(self) -> torch.Tensor | float:
-        return self.prior_tau_param if self.prior_tau_learned else self._tau
-
-    @property
-    def beta(self) -> float:
-        """The serving weight of ``log p_hat``; defaults to the (current) training weight."""
-        if self.prior_beta is not None:
-            return self.prior_beta
-        return float(self.prior_tau_param.detach()) if self.prior_tau_learned else self._tau
+    def effective_beta(self) -> float:
+        """The serving weight of ``log p_hat``: ``prior_beta``, or the training weight."""
+        return self.prior_beta if self.prior_beta is not None else self.training_tau()
 
     def serving_log_prior(self) -> torch.Tensor:
         """``log p_hat`` used at serving time: the static prior, or the configured window's."""
@@ -216,7 +193,7 @@ class PriorSeparatedMixin:
         width = logits.shape[-1]
         if logits.dim() < 2 or width != self.log_prior.shape[0] + self.prior_extra_columns:
             return logits
-        tau = self._training_tau()
+        tau = self.prior_tau
         if not self.prior_tau_learned and tau == 0.0:
             return logits
         if self.prior_windowed and self._train_window_ids is not None:
@@ -244,7 +221,7 @@ class PriorSeparatedMixin:
         pointwise scores become ``p(i|c) * p_hat(i)^beta`` (the same ranking, unnormalised,
         since one item does not see the row's normaliser).
         """
-        beta = self.beta
+        beta = self.effective_beta()
         if beta == 0.0:
             return scores
         log_prior = self.serving_log_prior()
@@ -290,6 +267,4 @@ class PriorSeparatedMixin:
 
     def popprior_factors(self, interaction):
         """``(H [b, d], E [n_items, d])`` with ``H E^T`` = the learned scores, or ``None``."""
-        from recbole_popprior.model.factors import factors
-
         return factors(self, interaction)

@@ -2,25 +2,28 @@
 
 The generic path (:class:`~recbole_popprior.model.mixin.PriorSeparatedMixin`) wraps
 ``self.loss_fct``; that covers every model that builds ``[B, n_items]`` logits and calls it,
-and serving adds ``beta * log p_hat`` to ``full_sort_predict``/``predict`` (DESIGN.md §1).
+and serving adds ``beta * log p_hat`` to ``full_sort_predict``/``predict`` (docs/DESIGN.md §1).
+Generic models are built as ``type(name, (PriorSeparatedMixin, RecBoleClass), {})``.
 
 - :data:`UNSUPPORTED`: models that cannot take a softmax prior, with the reason.
 - :data:`MODEL_NOTES`: how each supported model is handled (generic or special), one line each.
-- :data:`SPECIAL_MIXINS`: the extra mixin per model, placed between the generic mixin and
-  RecBole's class.
+- :data:`SPECIAL_CLASSES`: the models that differ, as plain subclasses of the mixin and RecBole's
+  class (under RecBole's name, so RecBole's name-based lookups keep working).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from recbole.model import sequential_recommender as recbole_seq
+from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_popprior import checkpoint, compat
+from recbole_popprior.model.mixin import PriorSeparatedMixin
 from recbole_popprior.prior import WindowedPrior
+
+compat.disable_anomaly_detection()  # importing RecBole's sine.py switched it on (compat shim 6)
 
 #: RecBole sequential models that cannot take a softmax prior, with the reason.
 UNSUPPORTED: dict[str, str] = {
@@ -46,80 +49,35 @@ MODEL_NOTES: dict[str, str] = {
     "SRGNN": _GENERIC,
     "GCSAN": _GENERIC,
     "FDSA": _GENERIC + " (item features only feed H)",
-    "FEARec": _GENERIC + "; FEARec's contrastive temperature is also called self.tau "
-                         "(kept for its own code, see _FEARec)",
+    "FEARec": _GENERIC + "; its own contrastive temperature self.tau is RecBole's (the prior's "
+                         "weight is prior_tau)",
     "LightSANs": _GENERIC,
     "SHAN": _GENERIC + "; forward(item_seq, user)",
     "FOSSIL": _GENERIC + "; forward(item_seq, item_seq_len, user)",
     "SINE": "generic in CE mode; NLL mode gets log-softmax outputs, so the prior is added in log "
-            "space and renormalised; its interest temperature is also self.tau (see _SINE)",
+            "space and renormalised (see SINE below)",
     "HRM": _GENERIC + "; forward(item_seq, user, item_seq_len)",
     "BERT4Rec": "special: local CrossEntropyLoss in calculate_loss, output bias, mask-token row "
-                "(see _BERT4Rec)",
+                "(see BERT4Rec below)",
     "S3Rec": "special: n_items+1 logits (mask token masked), prior in the fine-tune stage only, "
-             "pretrained weights loaded safely (see _S3Rec)",
-    "CORE": "generic: the hook sees logits / temperature, so the prior is added OUTSIDE the "
-            "temperature (see _CORE_DECISION); H = normalised session / temperature, E = normalised table",
+             "pretrained weights loaded safely (see S3Rec below)",
+    "CORE": "generic: the hook sees cos(h, e) / temperature, so the prior is added OUTSIDE the "
+            "temperature (the Bayes-optimal logit is PMI + log p(i), and the temperature only scales "
+            "the learned similarity); H = normalised session / temperature, E = normalised table",
     "HGN": _GENERIC + "; forward(item_seq, user), E = item_embedding_for_prediction",
     "NPE": _GENERIC + "; forward(item_seq, user), E = relu(item_embedding)",
     "KSR": _GENERIC + "; E = dense_layer_i([item_embedding, entity_embedding]); float64 "
-                      "relation matrix cast to float32 (RecBole bug, see _KSR)",
+                      "relation matrix cast to float32 (RecBole bug, compat shim 7)",
     "GRU4RecCPR": "probability model: CE on log(prob + 1e-8); prior in log space, renormalised; "
-                  "serving renormalises in log space (see _ProbabilityModel); no factors",
+                  "serving renormalises in log space (see _ProbabilityModel below); no factors",
     "SASRecCPR": "probability model: NLL on log(prob + 1e-8); prior in log space, renormalised; "
-                 "serving renormalises in log space (see _ProbabilityModel); no factors",
+                 "serving renormalises in log space (see _ProbabilityModel below); no factors",
     "RepeatNet": "probability model: F.nll_loss on log(prob + 1e-8); prior in log space, "
-                 "renormalised; serving renormalises in log space (see _ProbabilityModel); no factors",
+                 "renormalised; serving renormalises in log space (see _ProbabilityModel below); no factors",
 }
 
-#: CORE: where the prior goes relative to the temperature (documented decision, no code needed).
-_CORE_DECISION = """CORE's logits are cos(h_c, e_i) / temperature. The generic hook receives
-exactly these logits, so the prior goes OUTSIDE the temperature:
 
-    logits[c, i] = cos(h_c, e_i) / temperature + tau * log p_hat(i)
-
-Reason: the Bayes-optimal logit is log p(i|c) = PMI(c, i) + log p(i) + a_c (DESIGN §1);
-the temperature is part of the learned similarity (it scales the PMI part only), so the
-prior must enter with its own weight tau, not tau / temperature. Serving adds
-beta * log p_hat to the same scaled scores."""
-
-
-@contextlib.contextmanager
-def _own_tau(model: Any):
-    """Inside this block ``model.tau`` is the RecBole model's own temperature."""
-    model._recbole_tau_scope += 1
-    try:
-        yield
-    finally:
-        model._recbole_tau_scope -= 1
-
-
-class _FEARec:
-    """FEARec stores its contrastive temperature as ``self.tau`` and reads it inside
-    ``calculate_loss``; the prior's weight keeps the public name ``model.tau``, so RecBole's
-    code sees its own value while it runs (the prior hook reads the weight directly)."""
-
-    def calculate_loss(self, interaction):
-        with _own_tau(self):
-            return super().calculate_loss(interaction)
-
-
-class _SINE:
-    """SINE stores its interest-aggregation temperature as ``self.tau`` and reads it in
-    ``forward``. With ``loss_type: NLL`` it passes ``log_softmax`` outputs to ``NLLLoss``,
-    so the prior is added in log space and renormalised (``log_softmax`` again), which
-    equals CE over ``logits + tau log p_hat``."""
-
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-        self.prior_loss_attrs = {"loss_fct": self.loss_type == "NLL"}
-
-    def forward(self, item_seq, item_seq_len):
-        with _own_tau(self):
-            return super().forward(item_seq, item_seq_len)
-
-
-class _ProbabilityModel:
+class _ProbabilityModel(PriorSeparatedMixin):
     """GRU4RecCPR, SASRecCPR and RepeatNet output probabilities ``p(i|c)`` and pass
     ``log(p + 1e-8)`` to their loss (CE, NLLLoss or ``F.nll_loss``). Training adds
     ``tau log p_hat`` in log space and renormalises with ``log_softmax``. Serving keeps
@@ -132,7 +90,29 @@ class _ProbabilityModel:
     prior_scores_are_probabilities = True
 
 
-class _BERT4Rec:
+class GRU4RecCPR(_ProbabilityModel, recbole_seq.GRU4RecCPR):
+    """Prior-separated GRU4RecCPR (a probability model, see :class:`_ProbabilityModel`)."""
+
+
+class SASRecCPR(_ProbabilityModel, recbole_seq.SASRecCPR):
+    """Prior-separated SASRecCPR (a probability model, see :class:`_ProbabilityModel`)."""
+
+
+class RepeatNet(_ProbabilityModel, recbole_seq.RepeatNet):
+    """Prior-separated RepeatNet (a probability model, see :class:`_ProbabilityModel`)."""
+
+
+class SINE(PriorSeparatedMixin, recbole_seq.SINE):
+    """With ``loss_type: NLL`` SINE passes ``log_softmax`` outputs to ``NLLLoss``, so the prior
+    is added in log space and renormalised (``log_softmax`` again), which equals CE over
+    ``logits + tau log p_hat``. Its interest temperature ``self.tau`` stays RecBole's."""
+
+    @property
+    def prior_loss_attrs(self) -> dict[str, bool]:
+        return {"loss_fct": self.loss_type == "NLL"}
+
+
+class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
     """BERT4Rec builds a local ``nn.CrossEntropyLoss`` inside ``calculate_loss`` (the
     ``loss_fct`` hook never sees it), adds an item ``output_bias`` and has an n_items+1 table
     (the last row is the mask token, which is never a target and is dropped from the logits).
@@ -183,22 +163,31 @@ class _BERT4Rec:
         return None
 
 
-class _S3Rec:
+#: state-dict entries owned by the plugin (not RecBole's model)
+PRIOR_STATE_KEYS = frozenset({"log_prior", "log_prior_windows", "prior_window_edges", "prior_tau"})
+
+
+class S3Rec(PriorSeparatedMixin, recbole_seq.S3Rec):
     """S3Rec's table has n_items+1 rows (mask token last) and its fine-tune logits span all of
     them, so the training prior covers ``n_items + 1`` columns with the mask column at
     ``-inf`` (it is never a target). The pretrain stage has no item softmax: no prior there
-    (its BCE losses are left alone). RecBole's fine-tune ``__init__`` loads
-    ``pre_model_path`` with a bare ``torch.load``; here the checkpoint is read with
+    (its BCE losses are left alone). The pretrained checkpoint is read with
     :func:`recbole_popprior.checkpoint.load_checkpoint` (``weights_only=True``, one-line error
-    for a missing, corrupt or foreign file), and the prior buffers of a plugin-pretrained
+    for a missing, corrupt or foreign file); the prior buffers of a plugin-pretrained
     checkpoint are not restored (they are recomputed from the training data).
     """
 
     prior_extra_columns = 1
 
+    @property
+    def prior_loss_attrs(self) -> dict[str, bool]:
+        return {"loss_fct": False} if self.train_stage == "finetune" else {}
+
     def __init__(self, config, dataset):
         finetune = config["train_stage"] == "finetune"
-        if finetune:  # let RecBole build the modules without its own torch.load
+        # RecBole's fine-tune __init__ loads pre_model_path with a bare torch.load, which would
+        # unpickle code (and fails on torch >= 2.6): build the modules as for pretraining instead
+        if finetune:
             config["train_stage"] = "pretrain"
         try:
             super().__init__(config, dataset)
@@ -206,20 +195,19 @@ class _S3Rec:
             if finetune:
                 config["train_stage"] = "finetune"
         if not finetune:
-            self.prior_loss_attrs = {}
             return
-        from recbole.model.loss import BPRLoss
-
         self.train_stage = "finetune"
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
+        self._wrap_prior_losses()
         state = checkpoint.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
-        state["state_dict"] = {k: v for k, v in state["state_dict"].items()
-                               if k.split(".")[0] not in _PRIOR_STATE_KEYS}
+        own_prior = {k: v for k, v in self.state_dict().items() if k.split(".")[0] in PRIOR_STATE_KEYS}
+        state["state_dict"] = {**{k: v for k, v in state["state_dict"].items()
+                                  if k.split(".")[0] not in PRIOR_STATE_KEYS}, **own_prior}
         checkpoint.restore_model(self, state, self.pre_model_path)
         self.logger.info(f"Load pretrained model from {self.pre_model_path}")
 
 
-class _KSR:
+class KSR(PriorSeparatedMixin, recbole_seq.KSR):
     """KSR's float64 relation matrix breaks its forward in RecBole 1.2.1: compat shim 7."""
 
     def __init__(self, config, dataset):
@@ -227,17 +215,6 @@ class _KSR:
         compat.ksr_relation_float32(self)
 
 
-#: state-dict entries owned by the plugin (not RecBole's model)
-_PRIOR_STATE_KEYS = frozenset({"log_prior", "log_prior_windows", "prior_window_edges", "prior_tau_param"})
-
-#: extra mixins per model name, placed between the generic mixin and RecBole's class.
-SPECIAL_MIXINS: dict[str, type] = {
-    "BERT4Rec": _BERT4Rec,
-    "S3Rec": _S3Rec,
-    "FEARec": _FEARec,
-    "SINE": _SINE,
-    "KSR": _KSR,
-    "GRU4RecCPR": _ProbabilityModel,
-    "SASRecCPR": _ProbabilityModel,
-    "RepeatNet": _ProbabilityModel,
-}
+#: the models that differ from the generic path, by RecBole's name
+SPECIAL_CLASSES: dict[str, type] = {
+    cls.__name__: cls for cls in (BERT4Rec, S3Rec, SINE, KSR, GRU4RecCPR, SASRecCPR, RepeatNet)}

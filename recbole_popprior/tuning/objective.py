@@ -1,6 +1,6 @@
 """One tuning trial: train once, then pick the serving weight ``beta`` on validation for free.
 
-DESIGN.md §1: ``tau`` (training) and ``beta`` (serving) are independent, and ``beta`` costs no
+docs/DESIGN.md §1: ``tau`` (training) and ``beta`` (serving) are independent, and ``beta`` costs no
 retraining. A trial therefore trains one model at the sampled ``tau`` (and whatever else the
 search space holds), and then re-evaluates the best checkpoint on validation over a grid of
 ``beta`` values; the objective is the validation metric at the best ``beta``.
@@ -12,24 +12,16 @@ import logging
 import math
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
 
-from recbole_popprior.quick_start import Pipeline, build_config, build_pipeline, train_and_test
+from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
+from recbole_popprior.serving import sweep_beta
 from recbole_popprior.tuning.space import Param, suggest
 from recbole_popprior.utils import to_jsonable, write_json
-
-#: the default serving grid; the trained ``tau`` is always added (DESIGN.md §1: beta = tau
-#: serves the same ranking family as the standard model)
-DEFAULT_BETA_GRID: tuple[float, ...] = tuple(0.25 * k for k in range(9))
-
-#: seconds to sleep at the start of every trial; a hook for the tests that kill a worker
-#: mid-trial, never set in normal use
-TEST_SLEEP_ENV = "POPPRIOR_TUNING_TEST_SLEEP"
 
 logger = logging.getLogger("recbole_popprior.tuning")
 
@@ -40,32 +32,13 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def beta_grid(tau: float, grid: Sequence[float] | None = None) -> list[float]:
-    """The serving weights to try: ``grid`` (default 0..2 step 0.25) plus the trained ``tau``."""
-    values = {round(float(b), 12) for b in (DEFAULT_BETA_GRID if grid is None else grid)}
+def beta_grid(tau: float, grid: Sequence[float]) -> list[float]:
+    """The serving weights to try: ``grid`` (``tune_beta_grid``) plus the trained ``tau``
+    (docs/DESIGN.md §1: ``beta = tau`` serves the same ranking family as the standard model)."""
+    values = {round(float(b), 12) for b in grid}
     if math.isfinite(tau):
         values.add(round(float(tau), 12))
     return sorted(values)
-
-
-def sweep_beta(pipe: Pipeline, betas: Sequence[float], data: Any = None) -> list[tuple[float, dict]]:
-    """Evaluate the loaded model at each serving weight ``beta`` on ``data`` (default: validation).
-
-    No retraining: only ``model.prior_beta`` changes between evaluations (DESIGN.md §1); the
-    evaluation itself is :func:`recbole_popprior.compare.sweep_beta`. The trainer's stage is set
-    to ``valid`` on validation data, so test-only metrics (PopPermutation) do not run per beta.
-    """
-    from recbole_popprior.compare import sweep_beta as compare_sweep_beta
-
-    trainer = pipe.trainer
-    data = pipe.valid_data if data is None else data
-    old_stage = getattr(trainer, "eval_stage", "test")
-    trainer.eval_stage = "valid" if data is pipe.valid_data else "test"
-    try:
-        rows = compare_sweep_beta(trainer, data, [float(b) for b in betas])
-    finally:
-        trainer.eval_stage = old_stage
-    return [(float(row.pop("beta")), row) for row in rows]
 
 
 def choose_beta(results: list[tuple[float, dict]], metric: str, bigger: bool, tau: float) -> tuple[float, dict]:
@@ -101,7 +74,7 @@ class Objective:
     bigger: bool
     multi_objective: bool = False
     prune: bool = True
-    betas: Sequence[float] | None = None
+    betas: Sequence[float] = ()
     extra_attrs: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -129,21 +102,21 @@ class Objective:
         params = suggest(trial, self.space)
         run_dir = self.trials_dir / str(trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
-        if os.environ.get(TEST_SLEEP_ENV):
-            time.sleep(float(os.environ[TEST_SLEEP_ENV]))
         config_dict = {**self.config_dict, **params, "run_dir": str(run_dir), "prior_beta": None}
         config = build_config(self.model, self.dataset, self.config_file_list, config_dict)
         pipe = build_pipeline(config)
         callback = self._pruning_callback(trial) if self.prune and not self.multi_objective else None
         record = train_and_test(pipe, saved=True, callback_fn=callback)
 
-        tau = float(getattr(pipe.model, "beta", math.nan))  # beta defaults to the trained tau
         if hasattr(pipe.model, "prior_beta"):
-            sweep = sweep_beta(pipe, beta_grid(tau, self.betas))
+            tau = pipe.model.effective_beta()  # prior_beta is None here: beta = the trained tau
+            rows = sweep_beta(pipe.trainer, pipe.valid_data, beta_grid(tau, self.betas), stage="valid")
+            sweep = [(row.pop("beta"), row) for row in rows]
             best_beta, valid_result = choose_beta(sweep, self.valid_metric, self.bigger, tau)
             pipe.model.prior_beta = best_beta
             test_result = dict(pipe.trainer.evaluate(pipe.test_data, load_best_model=False) or {})
         else:  # a RecBole baseline (popprior_baseline: True): nothing to sweep
+            tau = math.nan
             sweep, best_beta, valid_result = [], None, record["best_valid_result"]
             test_result = record["test_result"]
         value = float(valid_result[self.valid_metric])

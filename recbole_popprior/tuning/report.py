@@ -13,11 +13,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib
+import matplotlib.pyplot as plt
 import optuna
+import plotly.io as pio
+from optuna import visualization as vis
 from optuna.trial import FrozenTrial, TrialState
+from optuna.visualization import matplotlib as vis_mpl
+from plotly.offline import get_plotlyjs
 
 from recbole_popprior.utils import atomic_write, to_jsonable, write_json
 
+matplotlib.use("Agg")  # files only, no display
 logger = logging.getLogger("recbole_popprior.tuning")
 
 #: the table's columns, in order
@@ -102,12 +109,8 @@ def write_tables(rows: list[dict[str, Any]], folder: Path, meta: dict[str, Any])
 
 # --- plots ---------------------------------------------------------------------------------
 def _save_plotly(fig: Any, path: Path) -> None:
-    import plotly.io as pio
-
     script = path.parent / "plotly.min.js"
     if not script.exists():
-        from plotly.offline import get_plotlyjs
-
         with atomic_write(script, "w") as handle:
             handle.write(get_plotlyjs())
     with atomic_write(path, "w") as handle:
@@ -115,8 +118,6 @@ def _save_plotly(fig: Any, path: Path) -> None:
 
 
 def _save_matplotlib(ax: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
     with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=100, bbox_inches="tight")
@@ -130,12 +131,6 @@ def write_plots(study: optuna.Study, folder: Path, model: str, metric: str,
     A plot that cannot be drawn (no completed trial, a single trial for importances, a search
     space that never varied) is skipped with a logged note.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna import visualization as vis
-    from optuna.visualization import matplotlib as vis_mpl
-
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     target: Callable[[FrozenTrial], float] | None = (lambda t: t.values[0]) if multi_objective else None
     plots: list[tuple[str, Callable[..., Any], dict[str, Any], int]] = [

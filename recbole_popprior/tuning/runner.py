@@ -1,5 +1,5 @@
 """``--tune``: an Optuna study per model over the prior weights, on one process, K local
-processes, or any number of machines sharing one storage (issue 5).
+processes, or any number of machines sharing one storage.
 
     python run_recbole_popprior.py --tune --model=SASRec,GRU4Rec --dataset=ml-100k --n-trials=20 \
         [--storage=URL] [--study-name=NAME] [--timeout=SECONDS] [--search-space=FILE] \
@@ -21,7 +21,6 @@ trials in a row; default 3, 0 = never), ``tune_plots`` (default True).
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import re
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from recbole.evaluator.register import metrics_dict
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_supported, supported_models
@@ -45,10 +45,9 @@ from recbole_popprior.tuning.storage import default_storage, make_storage, redac
 logger = logging.getLogger("recbole_popprior.tuning")
 _HANDLER_TAG = "_recbole_popprior_tuning"
 _PRUNERS = ("median", "hyperband", "none")
-_TUNE_DEFAULTS: dict[str, Any] = {
-    "tune_beta_grid": None, "tune_heartbeat_interval": 60, "tune_grace_period": None,
-    "tune_seed": None, "tune_max_failures": 3, "tune_plots": True,
-}
+#: the tuning settings that are config keys (defaults in properties/overall.yaml, checks in config._validate)
+TUNE_KEYS = ("tune_beta_grid", "tune_heartbeat_interval", "tune_grace_period", "tune_seed",
+             "tune_max_failures", "tune_plots", "tune_search_space")
 
 
 @dataclass
@@ -69,7 +68,7 @@ class TuningPlan:
     pruner: str = "median"
     n_workers: int = 1
     show_progress: bool = False
-    settings: dict[str, Any] = field(default_factory=lambda: dict(_TUNE_DEFAULTS))
+    settings: dict[str, Any] = field(default_factory=dict)  # the TUNE_KEYS values
 
     def study_of(self, model: str) -> str:
         """The Optuna study name for ``model``: ``<study-name>.<Model>``."""
@@ -93,35 +92,6 @@ def parse_models(model: str) -> list[str]:
     return list(dict.fromkeys(check_supported(name.strip()) for name in names))
 
 
-def _setting(config: Any, key: str) -> Any:
-    value = config[key] if key in config else None
-    return _TUNE_DEFAULTS[key] if value is None else value
-
-
-def _tune_settings(config: Any) -> dict[str, Any]:
-    settings = {key: _setting(config, key) for key in _TUNE_DEFAULTS}
-    grid = settings["tune_beta_grid"]
-    if grid is not None:
-        if isinstance(grid, str):
-            grid = [g for g in grid.replace(",", " ").split() if g]
-        try:
-            grid = [float(b) for b in (grid if isinstance(grid, (list, tuple)) else [grid])]
-        except (TypeError, ValueError):
-            raise PopPriorError(f"tune_beta_grid must be a list of numbers, got {settings['tune_beta_grid']!r}") from None
-        if not grid or not all(math.isfinite(b) for b in grid):
-            raise PopPriorError("tune_beta_grid must hold at least one finite number")
-        settings["tune_beta_grid"] = grid
-    for key, low in (("tune_heartbeat_interval", 0), ("tune_max_failures", 0), ("tune_grace_period", 1)):
-        value = settings[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise PopPriorError(f"{key} must be an integer >= {low}, got {value!r}")
-    seed = settings["tune_seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise PopPriorError(f"tune_seed must be an integer, got {seed!r}")
-    settings["tune_plots"] = bool(settings["tune_plots"])
-    return settings
-
-
 def make_plan(model: str, dataset: str, config_file_list: list[str] | None = None,
               config_dict: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> TuningPlan:
     """Check every option once, in the parent, and turn them into a :class:`TuningPlan`."""
@@ -135,10 +105,7 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
     if pruner not in _PRUNERS:
         raise PopPriorError(f"--pruner must be one of {', '.join(_PRUNERS)}, got {options.get('pruner')!r}")
     multi = bool(options.get("multi_objective"))
-    space = load_search_space(options.get("search_space"))
     if multi:
-        from recbole.evaluator.register import metrics_dict
-
         if "popenergy" not in metrics_dict:
             raise PopPriorError("--multi-objective needs the PopEnergy metric, which is not registered")
     metrics: dict[str, tuple[str, bool]] = {}
@@ -153,10 +120,12 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
         metrics[name] = (str(config["valid_metric"]).lower(), bool(config["valid_metric_bigger"]))
         epochs[name] = int(config["epochs"])
         first = first or config
+    settings = {key: first[key] for key in TUNE_KEYS}
+    space = load_search_space(options.get("search_space"), settings["tune_search_space"])
     study_name = options.get("study_name") or f"popprior-{dataset}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
         raise PopPriorError(f"--study-name may use letters, digits, '.', '_' and '-', got {study_name!r}")
-    output = first["output"] or "saved"
+    output = first["output"]
     storage_url = options.get("storage") or default_storage(output, study_name, n_workers)
     if n_workers > 1 and ":memory:" in storage_url:
         raise PopPriorError("--n-workers > 1 needs a storage that several processes can open, not :memory:")
@@ -165,7 +134,7 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
         space=space, study_name=study_name, storage_url=storage_url,
         folder=Path(output) / "tuning" / study_name, metrics=metrics, epochs=epochs,
         multi_objective=multi, pruner=pruner, n_workers=n_workers,
-        show_progress=bool(first["show_progress"]), settings=_tune_settings(first))
+        show_progress=bool(first["show_progress"]), settings=settings)
 
 
 # --- studies --------------------------------------------------------------------------------
@@ -274,9 +243,8 @@ def work(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -
 
 
 def _worker_main(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -> None:
-    """Entry point of a spawned worker process."""
-    import recbole_popprior  # noqa: F401  (compat shims, metric registry)
-
+    """Entry point of a spawned worker process (unpickling this function imports the package,
+    which applies the compat shims and registers the metrics)."""
     init_tuning_logger(plan.folder)
     work(plan, worker, n_trials, deadline)
 
@@ -345,7 +313,7 @@ def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = No
         "search_space": {name: {k: v for k, v in vars(p).items()
                                 if k != "name" and v is not None and v is not False and v != ()}
                          for name, p in plan.space.items()},
-        "beta_grid": plan.settings["tune_beta_grid"] or "0..2 step 0.25 + tau",
+        "beta_grid": plan.settings["tune_beta_grid"],
     }
     summary = write_report(studies, plan.folder, meta, bigger, plan.multi_objective,
                            plots=plan.settings["tune_plots"])

@@ -1,8 +1,8 @@
 """The search space of a tuning study: the training weight ``prior_tau``, the smoothing
-``prior_alpha`` (DESIGN.md §1-2) and whatever RecBole keys a yaml file adds.
+``prior_alpha`` (docs/DESIGN.md §1-2) and whatever RecBole keys a yaml file adds.
 
 The serving weight ``prior_beta`` is never searched: it costs no retraining, so every trial
-sweeps it on validation instead (DESIGN.md §1).
+sweeps it on validation instead (docs/DESIGN.md §1).
 
 A search-space file maps config keys to one distribution each::
 
@@ -11,7 +11,8 @@ A search-space file maps config keys to one distribution each::
     n_layers:      {type: int, low: 1, high: 3}          # optional: step (int/float), log
     prior_alpha:   ~                                     # null removes a default entry
 
-Entries extend (or replace) :data:`DEFAULT_SPACE`; any mistake raises a one-line
+Entries extend (or replace) the configured ``tune_search_space`` (``properties/overall.yaml``:
+``prior_tau`` in [0, 2], ``prior_alpha`` on a log scale in [0.01, 10]); any mistake raises a one-line
 :class:`~recbole_popprior.errors.PopPriorError`.
 """
 
@@ -54,12 +55,6 @@ class Param:
                                      step=int(self.step or 1))
         return trial.suggest_categorical(self.name, list(self.choices))
 
-
-#: tau in [0, 2] (0 = RecBole's baseline, 1 = the paper's intervention); alpha on a log scale
-DEFAULT_SPACE: dict[str, Param] = {
-    "prior_tau": Param("prior_tau", "float", 0.0, 2.0),
-    "prior_alpha": Param("prior_alpha", "float", 0.01, 10.0, log=True),
-}
 
 #: keys the tuner sets itself, or that cannot vary between trials of one study
 _RESERVED = {
@@ -116,9 +111,24 @@ def parse_param(name: str, spec: Any) -> Param:
                  float(high) if kind == "float" else int(high), log, step)
 
 
-def load_search_space(path: str | os.PathLike | None = None) -> dict[str, Param]:
-    """:data:`DEFAULT_SPACE`, extended by the yaml file at ``path`` (a ``null`` entry drops a key)."""
-    space = dict(DEFAULT_SPACE)
+def parse_space(entries: Any, where: str = "tune_search_space") -> dict[str, Param]:
+    """``{name: {type: ..., ...}}`` -> ``{name: Param}``; a ``null`` entry maps to ``None`` (drop)."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise PopPriorError(f"{where} must map config keys to distributions")
+    space: dict[str, Any] = {}
+    for name, spec in entries.items():
+        if not isinstance(name, str):
+            raise PopPriorError(f"{where}: keys must be config names, got {name!r}")
+        space[name] = None if spec is None else parse_param(name, spec)
+    return space
+
+
+def load_search_space(path: str | os.PathLike | None, default: dict[str, Any]) -> dict[str, Param]:
+    """The configured ``tune_search_space`` (``default``), extended by the yaml file at ``path``
+    (a ``null`` entry there drops a key)."""
+    space = {name: param for name, param in parse_space(default).items() if param is not None}
     if path is None:
         return space
     if not os.path.isfile(path):
@@ -128,17 +138,11 @@ def load_search_space(path: str | os.PathLike | None = None) -> dict[str, Param]
             entries = yaml.safe_load(handle)
     except yaml.YAMLError as exc:
         raise PopPriorError(f"search space file {path} is not valid yaml: {str(exc).splitlines()[0]}") from None
-    if entries is None:
-        return space
-    if not isinstance(entries, dict):
-        raise PopPriorError(f"search space file {path} must map config keys to distributions")
-    for name, spec in entries.items():
-        if not isinstance(name, str):
-            raise PopPriorError(f"search space file {path}: keys must be config names, got {name!r}")
-        if spec is None:
+    for name, param in parse_space(entries, f"search space file {path}").items():
+        if param is None:
             space.pop(name, None)
         else:
-            space[name] = parse_param(name, spec)
+            space[name] = param
     return space
 
 

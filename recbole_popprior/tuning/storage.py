@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 import warnings
@@ -50,8 +51,6 @@ def _with_driver(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if scheme not in ("postgresql", "postgres") or not sep:
         return url
-    import importlib.util
-
     if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
         return f"postgresql+psycopg2://{rest}"
     return f"postgresql://{rest}"  # SQLAlchemy no longer knows the "postgres" alias
