@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -13,6 +14,13 @@ import pytest
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import recbole_popprior  # noqa: E402,F401  (applies the compat shims, registers metrics)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for test process groups)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_inter(path: Path, rows: list[tuple], header: str = "user_id:token\titem_id:token\ttimestamp:float") -> Path:

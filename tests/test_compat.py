@@ -1,8 +1,8 @@
-"""RecBole 1.2.1 on today's stack: numpy 2, torch >= 2.6 checkpoints, pandas, the collector bug."""
+"""RecBole 1.2.1 on today's stack (recbole_popprior/compat.py): numpy 2, pandas, the collector bug,
+anomaly detection. The checkpoint shim has its own file, tests/test_checkpoint.py."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from recbole_popprior import checkpoint, compat
+from recbole_popprior import compat
 from recbole_popprior.config import Config
-from recbole_popprior.errors import PopPriorError
 
 from conftest import tiny_config, write_inter
 
@@ -70,64 +69,6 @@ def test_fixed_collector_leaves_counters_alone(tiny_data):
     struct = collector.get_data_struct()
     assert struct.get("data.count_items") == Counter({1: 3, 2: 1})
     assert "rec.items" not in collector.data_struct  # reset after each evaluation, as upstream
-
-
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(3, 2)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = _Model()
-    path = checkpoint.save_checkpoint(tmp_path / "m.pth", model, config={"a": 1, "obj": object()}, epoch=4)
-    fresh = _Model()
-    state = checkpoint.load_checkpoint(path)
-    checkpoint.restore_model(fresh, state, path)
-    assert torch.equal(fresh.lin.weight, model.lin.weight)
-    assert state["meta"]["epoch"] == 4 and state["meta"]["config"]["a"] == 1
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle_payload", "foreign_dict", "empty"])
-def test_bad_checkpoint_gives_clear_error_and_runs_no_code(tmp_path, damage):
-    path = tmp_path / "m.pth"
-    marker = tmp_path / "pwned"
-    checkpoint.save_checkpoint(path, _Model())
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:200])
-    elif damage == "garbage":
-        path.write_bytes(b"\x00not a checkpoint" * 20)
-    elif damage == "pickle_payload":
-        torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "state_dict": _Evil(marker)}, path)
-    elif damage == "foreign_dict":
-        torch.save({"state_dict": _Model().state_dict()}, path)
-    else:
-        path.write_bytes(b"")
-    with pytest.raises(PopPriorError) as info:
-        checkpoint.load_checkpoint(path)
-    assert "\n" not in str(info.value)
-    assert not marker.exists()
-
-
-def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
-    path = checkpoint.save_checkpoint(tmp_path / "m.pth", _Model())
-    other = torch.nn.Sequential(torch.nn.Linear(5, 5))
-    with pytest.raises(PopPriorError, match="does not match"):
-        checkpoint.restore_model(other, checkpoint.load_checkpoint(path), path)
-
-
-def test_missing_checkpoint(tmp_path):
-    with pytest.raises(PopPriorError, match="not found"):
-        checkpoint.load_checkpoint(tmp_path / "nope.pth")
 
 
 def test_looking_up_a_model_leaves_anomaly_detection_off():

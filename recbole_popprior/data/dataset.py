@@ -15,6 +15,8 @@ from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType
 
+from recbole_popprior.data.fast_loader import FastLoadMixin
+from recbole_popprior.data.synthetic import ensure_synthetic_dataset
 from recbole_popprior.errors import PopPriorError
 
 _TYPE2CLASS = {
@@ -29,8 +31,6 @@ _TYPE2CLASS = {
 
 @functools.lru_cache(maxsize=None)
 def _fast_class(base: type) -> type:
-    from recbole_popprior.data.fast_loader import FastLoadMixin
-
     return type(base.__name__, (FastLoadMixin, base), {"__module__": __name__})
 
 
@@ -44,8 +44,6 @@ def dataset_class(config: Any) -> type:
 def check_dataset_files(config: Any) -> None:
     """Stop with one line when the dataset's ``.inter`` atomic file is missing."""
     if config["dataset"] == "synthetic":
-        from recbole_popprior.data.synthetic import ensure_synthetic_dataset
-
         ensure_synthetic_dataset(config)
     inter = os.path.join(config["data_path"], f'{config["dataset"]}.inter')
     if not os.path.isfile(inter) and not config["benchmark_filename"]:

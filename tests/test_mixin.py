@@ -1,10 +1,9 @@
-"""Prior-separated SASRec against RecBole's SASRec (the foundation issue, DESIGN.md §1),
-the learned prior weight, and checkpoints."""
+"""The prior-separated mixin (recbole_popprior/model/mixin.py) on SASRec, against RecBole's own
+SASRec: tau = beta = 0 is RecBole's model, the training loss, the serving shift and the learned
+prior weight (docs/DESIGN.md §1). Every other model: tests/test_model_zoo.py."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ from recbole.utils import init_seed
 
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
-from recbole_popprior.errors import PopPriorError
-from recbole_popprior.quick_start import build_config, build_pipeline, run_recbole_popprior
 
 PRIOR_KEYS = ("log_prior", "log_prior_windows", "prior_window_edges", "prior_tau")
 
@@ -125,55 +122,3 @@ def test_learned_tau_trains_and_serving_uses_its_value(tiny_data):
     assert model.effective_beta() == pytest.approx(0.37)
     assert torch.allclose(served[:, 1:] - learned[:, 1:], 0.37 * model.log_prior[1:].expand_as(learned[:, 1:]),
                           atol=1e-5)
-
-
-def test_checkpoint_round_trip(tiny_data, tmp_path):
-    overrides = tiny_config(tiny_data, fast_loader=False, prior_tau=0.9, output=str(tmp_path))
-    results = run_recbole_popprior("SASRec", "tiny", config_dict=overrides)
-    checkpoint = results["checkpoint"]
-    assert Path(checkpoint).is_file()
-
-    fresh = [build_pipeline(build_config("SASRec", "tiny", config_dict={**overrides, "seed": seed,
-                                                                        "run_dir": str(tmp_path / f"f{seed}")}),
-                            log=False) for seed in (1, 2)]
-    batch = next(iter(fresh[0].valid_data))[0]
-    before = [_scores(p.model, batch) for p in fresh]
-    assert not torch.equal(before[0], before[1])  # different seeds, different untrained weights
-    for pipe in fresh:
-        pipe.trainer.load_model_file(checkpoint)
-    after = [_scores(p.model, batch) for p in fresh]
-    assert torch.equal(after[0], after[1])
-    assert not torch.equal(after[0], before[0])
-    # the loaded model reproduces the test result of the run that wrote the checkpoint
-    test_result = fresh[0].trainer.evaluate(fresh[0].test_data, load_best_model=False)
-    assert dict(test_result) == pytest.approx(results["test_result"])
-
-
-class _Exploit:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "malicious"])
-def test_bad_checkpoint_is_a_clear_error_and_runs_no_code(tiny_data, tmp_path, damage):
-    overrides = tiny_config(tiny_data, fast_loader=False, run_dir=str(tmp_path / "run"))
-    pipe = build_pipeline(build_config("SASRec", "tiny", config_dict=overrides), log=False)
-    path = tmp_path / "model.pth"
-    marker = tmp_path / "pwned"
-    if damage == "malicious":
-        torch.save({"state_dict": pipe.model.state_dict(), "payload": _Exploit(str(marker))}, path)
-    else:
-        from recbole_popprior import checkpoint
-
-        checkpoint.save_checkpoint(path, pipe.model, config=pipe.config)
-        raw = path.read_bytes()
-        path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x00not a checkpoint" * 10)
-    with pytest.raises(PopPriorError, match="checkpoint"):
-        pipe.trainer.load_model_file(str(path))
-    assert not marker.exists()
-    assert zipfile.is_zipfile(path) or damage != "malicious"
-    with pytest.raises(pickle.UnpicklingError if damage == "malicious" else Exception):
-        torch.load(path, weights_only=True)
