@@ -1,0 +1,73 @@
+"""ReSN: a penalty on the spectral norm of the score matrix (Lin et al., WSDM 2025, "How Do
+Recommendation Models Amplify Popularity Bias? An Analysis from the Spectral Perspective",
+code github.com/LIN452/ReSN; DESIGN.md §7.4).
+
+With ``Y = link(H E[1:]^T)`` the batch score matrix (the released code uses ``link = sigmoid``)
+the top right singular vector of ``Y`` is close to the predicted item popularity ``Y^T 1``. The
+released penalty is one power-iteration step from the all-ones vector, without gradient
+through the direction:
+
+    q = stopgrad(Y^T 1 / ||Y^T 1||),    penalty = ||Y q||^2 / B   (<= ||Y||_2^2 / B)
+
+``n_power_iter > 1`` refines ``q`` towards the top right singular vector; at convergence the
+penalty is ``sigma_1(Y)^2 / B`` and its gradient ``2 sigma_1 u_1 v_1^T / B`` is that of
+``sigma_1^2 / B``. Serving is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recbole_popprior.errors import PopPriorError
+
+LINKS = ("sigmoid", "identity", "softmax")
+
+
+def _check_iters(n_power_iter: int) -> None:
+    if int(n_power_iter) != n_power_iter or n_power_iter < 1:
+        raise PopPriorError(f"resn power iterations must be an integer >= 1, got {n_power_iter!r}")
+
+
+def _power_direction(Y: torch.Tensor, n_power_iter: int) -> torch.Tensor:
+    with torch.no_grad():
+        q = F.normalize(Y.sum(dim=0), dim=0)
+        for _ in range(n_power_iter - 1):
+            q = F.normalize(Y.T @ (Y @ q), dim=0)
+    return q
+
+
+def resn_penalty_from_scores(Y: torch.Tensor, n_power_iter: int = 1) -> torch.Tensor:
+    """``||Y q||^2 / B`` for an already linked score matrix ``Y [B, n]`` (real items only)."""
+    _check_iters(n_power_iter)
+    q = _power_direction(Y, n_power_iter)
+    return (Y @ q).pow(2).sum() / Y.shape[0]
+
+
+def resn_penalty(H: torch.Tensor, E: torch.Tensor, link: str = "sigmoid", n_power_iter: int = 1,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The ReSN penalty of the batch (DESIGN §7.4). ``E`` has padding in row 0, which is left out.
+
+    ``link``: ``sigmoid`` (released), ``softmax`` (the CE model's own probabilities) or
+    ``identity`` (raw logits ``H E^T``, computed from the factors in ``O(n d)`` without an
+    ``[B, n]`` matrix). ``logits`` [B, n_items] reuses the logits the loss already built.
+    """
+    if link not in LINKS:
+        raise PopPriorError(f"resn link must be one of {', '.join(LINKS)}, got {link!r}")
+    _check_iters(n_power_iter)
+    if link == "identity" and logits is None:
+        # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q)))
+        items = E[1:]
+        with torch.no_grad():
+            q = F.normalize(items @ H.sum(dim=0), dim=0)
+            for _ in range(n_power_iter - 1):
+                q = F.normalize(items @ (H.T @ (H @ (items.T @ q))), dim=0)
+        return (H @ (items.T @ q)).pow(2).sum() / H.shape[0]
+    Z = (H @ E[1:].T) if logits is None else logits[:, 1:]
+    if link == "sigmoid":
+        Y = torch.sigmoid(Z)
+    elif link == "softmax":
+        Y = torch.softmax(Z, dim=1)
+    else:
+        Y = Z
+    return resn_penalty_from_scores(Y, n_power_iter)
