@@ -103,12 +103,13 @@ def permuted_directions(l: np.ndarray, permutations: int, seed: int = 0,
 
 
 def _orthogonalise(L: np.ndarray, l: np.ndarray) -> np.ndarray:
-    """Rows of ``L`` minus their component along the unit vector ``l``, renormalised (in place)."""
+    """Rows of ``L`` minus their component along ``l``, renormalised (in place; rows and ``l`` unit)."""
     cos = _project(L, l)
-    L -= np.outer(cos, l)
-    norm = np.linalg.norm(L, axis=1)
-    degenerate = norm < _DEGENERATE_NORM
-    L[~degenerate] /= norm[~degenerate, None]
+    residual = 1.0 - cos * cos  # ||l_b - (l_b . l) l||^2 for unit l_b and l
+    degenerate = residual < _DEGENERATE_NORM**2
+    scale = 1.0 / np.sqrt(np.where(degenerate, 1.0, residual))
+    L -= np.outer(np.where(degenerate, 0.0, cos), l)
+    L *= scale[:, None]
     if degenerate.any():  # l_b = +-l: keep the draw itself (it ties with the observed statistic)
         L[degenerate] = np.sign(cos[degenerate])[:, None] * l
     return L
