@@ -9,7 +9,7 @@ import torch
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator import (ContextStats, ScoreStats, energy_from_stats, matched_reduction,
                                         permuted_directions, popularity_energy)
-from recbole_popprior.evaluator.energy import popularity_direction
+from recbole_popprior.evaluator.energy import popularity_direction, reduction_null
 
 RTOL = 1e-6
 
@@ -48,12 +48,13 @@ def _dense(H, E, lp, windows=None, threshold=0.95, directions=None):
     E_sh = len(s) * s.mean() ** 2
     E_sp = np.sum((s - s.mean()) ** 2)
     out = {"total": T, "dir": E_dir, "shared": E_sh, "specific": E_sp,
-           "dir_frac": E_dir / T, "shared_frac": E_sh / E_dir}
+           "dir_frac": E_dir / T, "shared_frac": E_sh / E_dir, "shared_total_frac": E_sh / T}
     if directions is not None:
-        null = np.array([np.sum((Zc @ lb) ** 2) / T for lb in directions])
-        out["p_value"] = (1 + np.sum(null >= out["dir_frac"])) / (len(null) + 1)
-        out["null_mean"] = null.mean()
-        out["null_q95"] = np.quantile(null, 0.95)
+        for suffix, stat, obs in (("", lambda sb: sb @ sb, E_dir), ("_shared", lambda sb: len(sb) * sb.mean() ** 2, E_sh)):
+            null = np.array([stat(Zc @ lb) / T for lb in directions])
+            out[f"p_value{suffix}"] = (1 + np.sum(null >= obs / T)) / (len(null) + 1)
+            out[f"null_mean{suffix}"] = null.mean()
+            out[f"null_q95{suffix}"] = np.quantile(null, 0.95)
     if windows is not None:
         F = windows[:, 1:] - windows[:, 1:].mean(axis=1, keepdims=True)
         _, S, Vt = np.linalg.svd(F, full_matrices=False)
@@ -105,6 +106,30 @@ def test_permuted_directions_are_centred_unit_permutations_and_chunk_free():
     assert not np.array_equal(a[0], a[1])
     c = np.concatenate(list(permuted_directions(l, 10, seed=10)))
     assert not np.array_equal(a, c)
+
+
+def test_orthogonal_directions_are_the_same_draws_without_l():
+    rng = np.random.default_rng(12)
+    l = popularity_direction(_log_prior(rng, 300))
+    raw = np.concatenate(list(permuted_directions(l, 12, seed=5)))
+    orth = np.concatenate(list(permuted_directions(l, 12, seed=5, chunk_size=5, orthogonal=True)))
+    for r, o in zip(raw, orth):  # Gram-Schmidt of each raw draw against l, written out
+        v = r - (r @ l) * l
+        np.testing.assert_allclose(o, v / np.linalg.norm(v), rtol=1e-12, atol=1e-15)
+    assert np.abs(orth @ l).max() < 1e-12 and np.abs(orth.sum(axis=1)).max() < 1e-12
+
+
+def test_orthogonal_draw_equal_to_l_is_kept_as_a_tie():
+    # 3 real items, two with equal counts: 2 of the 6 permutations reproduce l exactly; they
+    # have no part orthogonal to l and must come back as l itself, not as NaN.
+    lp = np.log(np.array([1.0, 1.0, 1.0, 4.0]) / 6.0)
+    lp[0] = -np.inf
+    l = popularity_direction(lp)
+    orth = np.concatenate(list(permuted_directions(l, 60, seed=0, orthogonal=True)))
+    assert np.all(np.isfinite(orth))
+    is_l = np.all(np.abs(orth - l) < 1e-12, axis=1)
+    assert 0 < is_l.sum() < 60
+    assert np.abs(orth[~is_l] @ l).max() < 1e-12
 
 
 def test_decomposition_and_fraction_ranges():
@@ -159,11 +184,12 @@ def test_streaming_path_agrees_with_factorised_path():
     got = stream.result()
     assert set(got) == set(fact)
     for key, value in fact.items():
-        if key in ("p_value", "subspace_rank", "m", "n", "permutations"):
+        if key in ("p_value", "p_value_shared", "subspace_rank", "m", "n", "permutations"):
             assert got[key] == value, key
         else:
             assert got[key] == pytest.approx(value, rel=RTOL), key
-    assert 1 / 65 < fact["p_value"] < 1  # a non-trivial p-value, so the equality above says something
+    # non-trivial p-values, so the equalities above say something
+    assert 1 / 65 < fact["p_value"] < 1 and 1 / 65 < fact["p_value_shared"] < 1
 
 
 def test_context_stats_merge_equals_one_pass():
@@ -189,24 +215,29 @@ def test_torch_and_numpy_inputs_agree(dtype):
         assert got[key] == pytest.approx(value, rel=RTOL if dtype == torch.float64 else 1e-5), key
 
 
-def test_matched_reduction_uses_the_same_permutations_for_both_models():
+def test_matched_reduction_applies_each_orthogonalised_direction_to_both_models():
+    # The statistic changed deliberately (DESIGN §3.1): every label-permuted l_b has l's own
+    # component removed before it is applied to both models; the reference does that densely.
     rng = np.random.default_rng(8)
     H, E_std, lp = _problem(rng, m=60, n_items=1_000, d=8, planted=2.0)
     E_sep = E_std.copy()
     c = lp[1:] - lp[1:].mean()
-    E_sep[1:, 0] -= 2.0 * c / np.linalg.norm(c) * np.sqrt(1_000)  # remove the planted axis
+    l = c / np.linalg.norm(c)
+    E_sep[1:, 0] -= 0.8 * 2.0 * l * np.sqrt(1_000)  # remove 80% of the planted axis
+    E_sep[1:] += 0.3 * rng.standard_normal((999, 8))  # and differ elsewhere: a non-trivial null
     B, seed = 100, 4
     got = matched_reduction((H, E_std), (H, E_sep), permutations=B, seed=seed, log_prior=lp)
     std, sep = _dense(H, E_std, lp), _dense(H, E_sep, lp)
     assert got["R_dir"] == pytest.approx(1 - sep["dir"] / std["dir"], rel=RTOL)
     assert got["R_shared"] == pytest.approx(1 - sep["shared"] / std["shared"], rel=RTOL)
-    assert got["R_shared"] > 0.9
-    # Reference null: the same l_b on both models' dense centred scores.
+    assert got["R_shared"] > 0.9  # 1 - 0.2^2 plus noise
     Zs, Zp = H @ E_std[1:].T, H @ E_sep[1:].T
     Zs, Zp = Zs - Zs.mean(1, keepdims=True), Zp - Zp.mean(1, keepdims=True)
     null = []
     for lb in _all_directions(lp, B, seed):
-        ss, sp = Zs @ lb, Zp @ lb
+        u = lb - (lb @ l) * l
+        u /= np.linalg.norm(u)
+        ss, sp = Zs @ u, Zp @ u
         null.append((1 - (sp @ sp) / (ss @ ss), 1 - sp.mean() ** 2 / ss.mean() ** 2))
     null = np.array(null)
     for j, name in enumerate(("dir", "shared")):
@@ -214,7 +245,10 @@ def test_matched_reduction_uses_the_same_permutations_for_both_models():
         assert got[f"p_value_{name}"] == pytest.approx((1 + np.sum(null[:, j] >= R_obs)) / (B + 1))
         assert got[f"null_mean_{name}"] == pytest.approx(null[:, j].mean(), rel=RTOL)
         assert got[f"null_q95_{name}"] == pytest.approx(np.quantile(null[:, j], 0.95), rel=RTOL)
-    assert got["p_value_shared"] == pytest.approx(1 / (B + 1))
+    assert got["p_value_dir"] == pytest.approx(1 / (B + 1))
+    assert 2 / (B + 1) < got["p_value_shared"] < 0.5  # the equality above compares a non-trivial count
+    nulls = reduction_null((H, E_std), (H, E_sep), log_prior=lp, permutations=B, seed=seed)
+    np.testing.assert_allclose(np.c_[nulls["dir"], nulls["shared"]], null, rtol=RTOL)
 
 
 def test_bad_inputs_raise_popprior_error():

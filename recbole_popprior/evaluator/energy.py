@@ -10,7 +10,9 @@ Two exact paths compute the same numbers:
   not a plain dot product: it consumes score batches ``Z_batch [b, n_items]``.
 
 Both draw their permuted popularity directions from :func:`permuted_directions`, so the
-same ``seed`` gives the same permutations (and the same p-values) on either path.
+same ``seed`` gives the same permutations (and the same p-values) on either path. The
+single-model tests use the raw label permutations (exact); the matched reduction of two
+models uses them with ``l``'s own component removed (DESIGN §3.1 says why).
 
 Conventions: item 0 is padding and is excluded everywhere (rows of ``E``, entries of
 ``log_prior``, columns of ``Z``); ``n`` below is the number of real items.
@@ -34,6 +36,8 @@ _BUFFER_BYTES = 32 * 2**20
 # Relative slack for "stat_b >= stat_obs": the two paths sum in different orders, and ties
 # (permutations that only swap equal prior values) must count on both.
 _TIE_RTOL = 1e-9
+# A permuted direction whose part orthogonal to l is shorter than this is l itself (cos^2 > 1 - 1e-12).
+_DEGENERATE_NORM = 1e-6
 
 
 def as_float64(x: Any) -> np.ndarray:
@@ -70,13 +74,18 @@ def permutation_chunk_size(n: int, permutations: int, chunk_bytes: int = _CHUNK_
 
 
 def permuted_directions(l: np.ndarray, permutations: int, seed: int = 0,
-                        chunk_size: int | None = None) -> Iterator[np.ndarray]:
+                        chunk_size: int | None = None, *, orthogonal: bool = False) -> Iterator[np.ndarray]:
     """Yield the permuted popularity directions ``l_b`` in chunks ``[bc, n]``, b = 0..B-1.
 
     Centring and normalising commute with permuting item labels, so ``l_b = l[pi_b]`` is
     exactly the centred, unit direction of the label-shuffled prior. Permutation ``b`` is
     drawn from its own generator seeded by ``(seed, b)``: both energy paths call this one
     function and therefore see identical permutations for any chunk size.
+
+    ``orthogonal=True`` yields ``(l_b - (l_b . l) l) / ||.||`` instead (DESIGN §3.1): the same
+    permutations with ``l``'s own component removed. A draw that is ``+-l`` itself (a
+    permutation that only swaps equal prior values) has no such part and is yielded as it
+    is, so it reproduces the observed statistic and counts as a tie.
     """
     n = l.shape[0]
     chunk_size = chunk_size or permutation_chunk_size(n, permutations)
@@ -87,7 +96,23 @@ def permuted_directions(l: np.ndarray, permutations: int, seed: int = 0,
         for row, b in enumerate(range(start, stop)):
             generator.manual_seed(_permutation_seed(seed, b))
             torch.randperm(n, generator=generator, dtype=torch.int32, out=torch.from_numpy(index[row]))
-        yield np.take(l, index[: stop - start])
+        L = np.take(l, index[: stop - start])
+        if orthogonal:
+            L = _orthogonalise(L, l)
+        yield L
+
+
+def _orthogonalise(L: np.ndarray, l: np.ndarray) -> np.ndarray:
+    """Rows of ``L`` minus their component along ``l``, renormalised (in place; rows and ``l`` unit)."""
+    cos = _project(L, l)
+    residual = 1.0 - cos * cos  # ||l_b - (l_b . l) l||^2 for unit l_b and l
+    degenerate = residual < _DEGENERATE_NORM**2
+    scale = 1.0 / np.sqrt(np.where(degenerate, 1.0, residual))
+    L -= np.outer(np.where(degenerate, 0.0, cos), l)
+    L *= scale[:, None]
+    if degenerate.any():  # l_b = +-l: keep the draw itself (it ties with the observed statistic)
+        L[degenerate] = np.sign(cos[degenerate])[:, None] * l
+    return L
 
 
 def _project(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -107,10 +132,11 @@ def permutation_p_value(null: np.ndarray, observed: float) -> float:
     return float((1 + np.count_nonzero(null >= observed - slack)) / (null.shape[0] + 1))
 
 
-def _null_summary(null: np.ndarray, observed: float, prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}p_value": permutation_p_value(null, observed),
-            f"{prefix}null_mean": float(null.mean()),
-            f"{prefix}null_q95": float(np.quantile(null, 0.95))}
+def _null_summary(null: np.ndarray, observed: float, suffix: str = "") -> dict[str, float]:
+    """``p_value``, ``null_mean`` and ``null_q95`` of one permutation null (keys end in ``suffix``)."""
+    return {f"p_value{suffix}": permutation_p_value(null, observed),
+            f"null_mean{suffix}": float(null.mean()),
+            f"null_q95{suffix}": float(np.quantile(null, 0.95))}
 
 
 @dataclass
@@ -159,7 +185,20 @@ def _energy_report(total: float, E_dir: float, E_shared: float, m: int, n: int) 
     return {"total": total, "dir": E_dir, "shared": E_shared, "specific": E_specific,
             "dir_frac": E_dir / total if total > 0 else math.nan,
             "shared_frac": E_shared / E_dir if E_dir > 0 else math.nan,
+            "shared_total_frac": E_shared / total if total > 0 else math.nan,
             "m": int(m), "n": int(n)}
+
+
+def _single_model_tests(out: dict[str, Any], null_dir: np.ndarray, null_shared: np.ndarray,
+                        permutations: int) -> None:
+    """Add the two single-model permutation tests (DESIGN §3.1) to ``out``, in place.
+
+    ``null_dir`` / ``null_shared``: ``E_dir`` / ``E_shared`` along each raw permuted ``l_b``,
+    already divided by ``T`` (the statistics are ``dir_frac`` and ``shared_total_frac``).
+    """
+    out.update(_null_summary(null_dir, out["dir_frac"]))
+    out.update(_null_summary(null_shared, out["shared_total_frac"], "_shared"))
+    out["permutations"] = int(permutations)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,14 +308,14 @@ def energy_from_stats(stats: ContextStats, E: Any, log_prior: Any, *, permutatio
     E_shared = float((hsum @ w) ** 2 / m)
     out = _energy_report(total, E_dir, E_shared, m, l.shape[0])
     if permutations > 0:
-        null = np.empty(permutations)
+        null_dir, null_shared = np.empty(permutations), np.empty(permutations)
         pos = 0
         for L in permuted_directions(l, permutations, seed):
             W = _project(L, E1)  # [bc, d]; l_b sums to zero, so E1 and P_n E1 give the same w_b
-            null[pos:pos + W.shape[0]] = np.einsum("bi,ij,bj->b", W, G, W) / total
+            null_dir[pos:pos + W.shape[0]] = np.einsum("bi,ij,bj->b", W, G, W) / total
+            null_shared[pos:pos + W.shape[0]] = (W @ hsum) ** 2 / m / total
             pos += W.shape[0]
-        out.update(_null_summary(null, out["dir_frac"]))
-        out["permutations"] = int(permutations)
+        _single_model_tests(out, null_dir, null_shared, permutations)
     if windows_log_prior is not None:
         sub = popularity_subspace(windows_log_prior, subspace_energy)
         if sub.Q.shape[0] != l.shape[0]:
@@ -293,14 +332,17 @@ def popularity_energy(H: Any, E: Any, log_prior: Any, *, permutations: int = 0, 
     Args:
         H: contexts ``[m, d]``; E: item table ``[n_items, d]`` whose row 0 (padding) is
             excluded; log_prior: ``[n_items]``, entry 0 ignored. Numpy or torch, any device.
-        permutations: B item-label permutations of ``log_prior`` for the ``dir_frac`` test.
+        permutations: B item-label permutations of ``log_prior`` for the single-model tests
+            of ``dir_frac`` and of ``shared_total_frac`` (DESIGN §3.1).
         windows_log_prior: ``[T, n_items]`` windowed priors for the popularity subspace.
 
     Returns:
         ``total`` (T), ``dir`` (E_dir), ``shared`` (E_shared), ``specific``, ``dir_frac`` =
-        dir/total, ``shared_frac`` = shared/dir, ``m``, ``n``; with permutations also
-        ``p_value``, ``null_mean``, ``null_q95``, ``permutations``; with windows also
-        ``subspace_rank``, ``subspace_frac`` and ``subspace_frac@1..3``.
+        dir/total, ``shared_frac`` = shared/dir, ``shared_total_frac`` = shared/total, ``m``,
+        ``n``; with permutations also ``p_value``, ``null_mean``, ``null_q95`` (the test of
+        ``dir_frac``), ``p_value_shared``, ``null_mean_shared``, ``null_q95_shared`` (the test
+        of ``shared_total_frac``) and ``permutations``; with windows also ``subspace_rank``,
+        ``subspace_frac`` and ``subspace_frac@1..3``.
     """
     return energy_from_stats(ContextStats.from_H(H), E, log_prior, permutations=permutations,
                              seed=seed, windows_log_prior=windows_log_prior,
@@ -320,6 +362,8 @@ class ScoreStats:
     centred rows are buffered and pushed through the permutation chunks together).
     The numeric accumulators (``total``, ``s_sum``, ``s_sq``, ``m``, ``null_sq``,
     ``sub_sq``) are sums: workers all-reduce them by summing after :meth:`flush`.
+    ``null_sq`` is ``[2, B]``: per permuted direction ``l_b``, row 0 sums ``(Zc l_b)^2`` and
+    row 1 sums ``Zc l_b`` over the contexts (for ``E_dir`` and ``E_shared`` along ``l_b``).
     """
 
     log_prior: Any
@@ -341,7 +385,9 @@ class ScoreStats:
                      if self.windows_log_prior is not None else None)
         if self._sub is not None and self._sub.Q.shape[0] != self._l.shape[0]:
             raise PopPriorError("windows_log_prior and log_prior cover different item counts")
-        self.null_sq = np.zeros(max(self.permutations, 0))
+        # Both nulls' sums live in the one array that the collector's and the distributed
+        # all-reduce already sum by name (``null_sq``), so the shared test stays exact across ranks.
+        self.null_sq = np.zeros((2, max(self.permutations, 0)))
         self.sub_sq = np.zeros(self._sub.Q.shape[1]) if self._sub is not None else None
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -377,7 +423,8 @@ class ScoreStats:
         pos = 0
         for L in permuted_directions(self._l, self.permutations, self.seed):
             S = _project(Zc, L.T)  # [rows, bc]
-            self.null_sq[pos:pos + S.shape[1]] += np.einsum("rb,rb->b", S, S)
+            self.null_sq[0, pos:pos + S.shape[1]] += np.einsum("rb,rb->b", S, S)
+            self.null_sq[1, pos:pos + S.shape[1]] += S.sum(axis=0)
             pos += S.shape[1]
 
     def result(self) -> dict[str, Any]:
@@ -387,8 +434,8 @@ class ScoreStats:
         self.flush()
         out = _energy_report(self.total, self.s_sq, self.s_sum ** 2 / self.m, self.m, self._l.shape[0])
         if self.permutations > 0:
-            out.update(_null_summary(self.null_sq / self.total, out["dir_frac"]))
-            out["permutations"] = int(self.permutations)
+            _single_model_tests(out, self.null_sq[0] / self.total,
+                                self.null_sq[1] ** 2 / self.m / self.total, self.permutations)
         if self._sub is not None:
             out.update(_subspace_report(self.sub_sq, self.total, self._sub))
         return out
@@ -397,27 +444,12 @@ class ScoreStats:
 # --------------------------------------------------------------------------------------
 # Matched reduction of two models on the same contexts
 # --------------------------------------------------------------------------------------
-def _model_stats(pair: Any) -> tuple[ContextStats, Any]:
-    first, E = pair
-    return (first if isinstance(first, ContextStats) else ContextStats.from_H(first)), E
-
-
-def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int = 0,
-                      log_prior: Any) -> dict[str, Any]:
-    """``R = 1 - E(sep) / E(std)`` for ``E_dir`` and ``E_shared`` (DESIGN §3, matched reduction).
-
-    ``std`` and ``sep`` are ``(H, E)`` pairs (or ``(ContextStats, E)``) of the standard and
-    the prior-separated model on the same contexts. Every permuted direction ``l_b`` is
-    applied to BOTH models; the p-values test ``R_b >= R_obs``.
-
-    Returns ``R_dir``, ``R_shared``, the four energies (``std_dir``, ``sep_dir``,
-    ``std_shared``, ``sep_shared``) and, with permutations, ``p_value_dir``,
-    ``null_mean_dir``, ``null_q95_dir`` and the same three for ``shared``.
-    """
-    l = popularity_direction(log_prior)
+def _reduction_models(std: Any, sep: Any, l: np.ndarray) -> list[tuple[ContextStats, np.ndarray, np.ndarray]]:
+    """``(ContextStats, E1, mean row)`` of both models, checked to share the contexts' count."""
     models = []
     for pair in (std, sep):
-        stats, E = _model_stats(pair)
+        first, E = pair
+        stats = first if isinstance(first, ContextStats) else ContextStats.from_H(first)
         if stats.G is None or stats.m == 0:
             raise PopPriorError("matched_reduction needs at least one context per model")
         E1, ebar, _ = item_table(E, l.shape[0] + 1, stats.G.shape[0])
@@ -425,29 +457,88 @@ def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int
     if models[0][0].m != models[1][0].m:
         raise PopPriorError(f"the two models were measured on different context counts "
                             f"({models[0][0].m} vs {models[1][0].m})")
+    return models
 
-    def energies(W: np.ndarray, stats: ContextStats) -> tuple[np.ndarray, np.ndarray]:
-        E_dir = np.einsum("bi,ij,bj->b", W, stats.G, W)
-        return E_dir, (W @ stats.hsum) ** 2 / stats.m
 
-    obs = [energies((_project(E1.T, l) - ebar * l.sum())[None, :], stats) for stats, E1, ebar in models]
+def _direction_energies(W: np.ndarray, stats: ContextStats) -> tuple[np.ndarray, np.ndarray]:
+    """``E_dir`` and ``E_shared`` along the directions whose ``w_b = E^T u_b`` are the rows of ``W``."""
+    return np.einsum("bi,ij,bj->b", W, stats.G, W), (W @ stats.hsum) ** 2 / stats.m
+
+
+def _reduction_null(models: list, l: np.ndarray, permutations: int, seed: int) -> dict[str, np.ndarray]:
+    null = {"dir": np.empty(permutations), "shared": np.empty(permutations)}
+    pos = 0
+    for L in permuted_directions(l, permutations, seed, orthogonal=True):
+        (d0, s0), (d1, s1) = (_direction_energies(_project(L, E1), stats) for stats, E1, _ in models)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            null["dir"][pos:pos + L.shape[0]] = 1.0 - d1 / d0
+            null["shared"][pos:pos + L.shape[0]] = 1.0 - s1 / s0
+        pos += L.shape[0]
+    return null
+
+
+def reduction_null(std: Any, sep: Any, *, log_prior: Any, permutations: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """The permutation nulls ``{"dir": R_dir,b, "shared": R_shared,b}`` of :func:`matched_reduction`.
+
+    ``R_b = 1 - E(sep) / E(std)`` along each orthogonalised permuted direction (DESIGN §3.1),
+    the very draws :func:`matched_reduction` counts (same ``seed``), e.g. for plotting.
+    """
+    l = popularity_direction(log_prior)
+    return _reduction_null(_reduction_models(std, sep, l), l, permutations, seed)
+
+
+def _isotropic_shared_p(models: list, l: np.ndarray, a: tuple[float, float]) -> float:
+    """Exact p of the ``R_shared`` test under directions uniform on the sphere of ``V`` (DESIGN §3.1).
+
+    ``V`` = centred vectors orthogonal to ``l``. With ``x``, ``y`` the two models' mean
+    centred score rows projected onto ``V``, ``t = (y.u)/(x.u)`` is Cauchy(mu, gamma) with
+    ``mu = x.y/x.x`` and ``gamma = sqrt(x.x y.y - (x.y)^2)/x.x``; ``p = P(t^2 <= (a_sep/a_std)^2)``.
+    """
+    zbar = [_project(E1, stats.hsum / stats.m) - ebar @ (stats.hsum / stats.m) for stats, E1, ebar in models]
+    x, y = (z - (z @ l) * l for z in zbar)
+    xx, yy, xy = float(x @ x), float(y @ y), float(x @ y)
+    if not (xx > 0 and a[0] != 0):
+        return math.nan
+    root = abs(a[1] / a[0])
+    mu, gamma = xy / xx, math.sqrt(max(xx * yy - xy * xy, 0.0)) / xx
+    if gamma <= 1e-12 * max(abs(mu), 1e-300):  # x and y parallel: t is the constant mu
+        return 1.0 if mu * mu <= root * root * (1 + _TIE_RTOL) else 0.0
+    return (math.atan((root - mu) / gamma) + math.atan((root + mu) / gamma)) / math.pi
+
+
+def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int = 0,
+                      log_prior: Any) -> dict[str, Any]:
+    """``R = 1 - E(sep) / E(std)`` for ``E_dir`` and ``E_shared`` and their tests (DESIGN §3.1).
+
+    ``std`` and ``sep`` are ``(H, E)`` pairs (or ``(ContextStats, E)``) of the standard and
+    the prior-separated model on the same contexts. Every permuted direction is applied to
+    BOTH models, with ``l``'s own component removed first (``permuted_directions(...,
+    orthogonal=True)``); the p-values count ``R_b >= R_obs``: is the reduction along ``l``
+    larger than along directions that carry no popularity?
+
+    Returns ``R_dir``, ``R_shared``, the four energies (``std_dir``, ``sep_dir``,
+    ``std_shared``, ``sep_shared``), ``p_iso_shared`` (the ``R_shared`` test's exact p under
+    isotropic directions, without the ``1/(B+1)`` resolution of a Monte Carlo null) and, with
+    permutations, ``p_value_dir``, ``null_mean_dir``, ``null_q95_dir``, the same three for
+    ``shared`` and ``permutations``.
+    """
+    l = popularity_direction(log_prior)
+    models = _reduction_models(std, sep, l)
+    obs = [_direction_energies((_project(E1.T, l) - ebar * l.sum())[None, :], stats)
+           for stats, E1, ebar in models]
     with np.errstate(divide="ignore", invalid="ignore"):
         R_dir = float(1.0 - obs[1][0][0] / obs[0][0][0])
         R_shared = float(1.0 - obs[1][1][0] / obs[0][1][0])
     out: dict[str, Any] = {"R_dir": R_dir, "R_shared": R_shared,
                            "std_dir": float(obs[0][0][0]), "sep_dir": float(obs[1][0][0]),
                            "std_shared": float(obs[0][1][0]), "sep_shared": float(obs[1][1][0])}
+    # the signed shared projections a = mean_c (Zc l) of each model: E_shared = m a^2
+    a = tuple(float(stats.hsum @ (_project(E1.T, l) - ebar * l.sum())) / stats.m for stats, E1, ebar in models)
+    out["p_iso_shared"] = _isotropic_shared_p(models, l, a)
     if permutations > 0:
-        null_dir, null_shared = np.empty(permutations), np.empty(permutations)
-        pos = 0
-        for L in permuted_directions(l, permutations, seed):
-            (d0, s0), (d1, s1) = (energies(_project(L, E1), stats) for stats, E1, _ in models)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                null_dir[pos:pos + L.shape[0]] = 1.0 - d1 / d0
-                null_shared[pos:pos + L.shape[0]] = 1.0 - s1 / s0
-            pos += L.shape[0]
-        for name, null, obs_R in (("dir", null_dir, R_dir), ("shared", null_shared, R_shared)):
-            summary = _null_summary(null, obs_R)
-            out.update({f"{key}_{name}": value for key, value in summary.items()})
+        null = _reduction_null(models, l, permutations, seed)
+        for name, obs_R in (("dir", R_dir), ("shared", R_shared)):
+            out.update(_null_summary(null[name], obs_R, f"_{name}"))
         out["permutations"] = int(permutations)
     return out

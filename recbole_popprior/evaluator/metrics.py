@@ -13,9 +13,11 @@ PopEnergy          ``pop_total`` (T, centred energy), ``pop_e_dir``, ``pop_e_sha
                    ``pop_e_specific``, ``pop_dir_frac`` (E_dir/T), ``pop_shared_frac``
                    (E_shared/E_dir), ``pop_contexts`` (m)
 PopPermutation     ``pop_p_value``, ``pop_null_mean``, ``pop_null_q95``: item-label permutation
-                   test of ``pop_dir_frac`` (``energy_permutations`` draws). Only at the final
-                   test evaluation unless ``energy_permutation_stage`` is ``valid``/``always``;
-                   the keys are absent where it does not run.
+                   test of ``pop_dir_frac``; ``pop_p_value_shared``, ``pop_null_mean_shared``,
+                   ``pop_null_q95_shared``: the same draws' test of the context-shared energy
+                   ``pop_e_shared / pop_total`` (DESIGN §3.1; ``energy_permutations`` draws).
+                   Only at the final test evaluation unless ``energy_permutation_stage`` is
+                   ``valid``/``always``; the keys are absent where it does not run.
 PopSubspace        ``subspace_rank``, ``subspace_frac``, ``subspace_frac@1..3``: share of T in
                    the popularity subspace of the windowed priors (``energy_subspace``
                    threshold). Windows: the model's ``log_prior_windows``, else ``prior_windows``
@@ -74,7 +76,7 @@ class PopEnergy(_PopPriorMetric):
 
 
 class PopPermutation(_PopPriorMetric):
-    """Item-label permutation test of ``pop_dir_frac`` (DESIGN §3)."""
+    """Item-label permutation tests of ``pop_dir_frac`` and of ``E_shared / T`` (DESIGN §3.1)."""
 
     ddp_key_prefixes = ("pop_",)  # computed from statistics summed over workers: already global
 
@@ -85,7 +87,10 @@ class PopPermutation(_PopPriorMetric):
         if "p_value" not in res:
             return {}
         return {"pop_p_value": _value(res["p_value"]), "pop_null_mean": _value(res["null_mean"]),
-                "pop_null_q95": _value(res["null_q95"])}
+                "pop_null_q95": _value(res["null_q95"]),
+                "pop_p_value_shared": _value(res["p_value_shared"]),
+                "pop_null_mean_shared": _value(res["null_mean_shared"]),
+                "pop_null_q95_shared": _value(res["null_q95_shared"])}
 
 
 class PopSubspace(_PopPriorMetric):

@@ -1,0 +1,159 @@
+"""Seed-level uncertainty: intervals over seeds and paired tests of two arms (DESIGN.md §3.1).
+
+The permutation tests of :mod:`recbole_popprior.evaluator.energy` hold two trained models
+fixed; how much a number moves from one training seed to the next is measured here, from
+one value per seed. Pure functions of plain sequences of floats.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from recbole_popprior.errors import PopPriorError
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """Student-t interval of a mean over ``n`` seeds.
+
+    ``defined`` is False for ``n = 1``: one seed gives no interval, and ``sd``,
+    ``half_width``, ``low`` and ``high`` are NaN then.
+    """
+
+    mean: float
+    sd: float
+    n: int
+    confidence: float
+    half_width: float
+    low: float
+    high: float
+    defined: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Paired t-test of ``a - b`` over seeds, with the interval of the mean difference.
+
+    ``defined`` is False for ``n = 1`` (no test, no interval: the other fields are NaN).
+    """
+
+    mean_diff: float
+    sd_diff: float
+    n: int
+    confidence: float
+    statistic: float
+    p_value: float
+    half_width: float
+    low: float
+    high: float
+    alternative: str
+    defined: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _values(x: Sequence[float], name: str) -> np.ndarray:
+    try:
+        values = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise PopPriorError(f"{name} must be a sequence of numbers") from None
+    if values.size == 0:
+        raise PopPriorError(f"{name} is empty: at least one seed is needed")
+    if not np.all(np.isfinite(values)):
+        raise PopPriorError(f"{name} has non-finite values: {values.tolist()}")
+    return values
+
+
+def _check_confidence(confidence: float) -> float:
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:
+        raise PopPriorError(f"confidence must lie in (0, 1), got {confidence}")
+    return confidence
+
+
+def _t_half_width(sd: float, n: int, confidence: float) -> float:
+    """``t_{(1+c)/2, n-1} * sd / sqrt(n)``."""
+    return float(stats.t.ppf(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n))
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> MeanInterval:
+    """Mean over seeds and its Student-t interval ``mean +- t_{(1+c)/2, n-1} sd / sqrt(n)``.
+
+    ``sd`` is the sample standard deviation (``n - 1`` in the denominator). The interval
+    assumes the per-seed values are independent draws of one normal distribution; with
+    ``n = 1`` there is none (``defined`` False).
+    """
+    x = _values(values, "values")
+    confidence = _check_confidence(confidence)
+    n, mean = x.size, float(x.mean())
+    if n == 1:
+        nan = math.nan
+        return MeanInterval(mean, nan, 1, confidence, nan, nan, nan, False)
+    sd = float(x.std(ddof=1))
+    half = _t_half_width(sd, n, confidence)
+    return MeanInterval(mean, sd, n, confidence, half, mean - half, mean + half, True)
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                alternative: str = "two-sided") -> PairedTest:
+    """Paired t-test of two arms' per-seed values (seed ``k`` of ``a`` pairs with seed ``k`` of ``b``).
+
+    Tests the mean of ``d = a - b`` against 0 (``scipy.stats.ttest_rel``; ``alternative`` is
+    ``two-sided``, ``greater`` (a > b) or ``less``) and gives the two-sided Student-t
+    interval of ``mean(d)``. When every difference is the same, ``t`` is undefined: then
+    ``p = 1`` if that difference is 0 and ``p = 0`` otherwise (scipy's limit), and the
+    interval has zero width.
+    """
+    x, y = _values(a, "a"), _values(b, "b")
+    if x.size != y.size:
+        raise PopPriorError(f"paired arms need one value per seed each, got {x.size} and {y.size}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise PopPriorError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+    confidence = _check_confidence(confidence)
+    d = x - y
+    n, mean = d.size, float(d.mean())
+    if n == 1:
+        nan = math.nan
+        return PairedTest(mean, nan, 1, confidence, nan, nan, nan, nan, nan, alternative, False)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:  # scipy warns and returns nan for 0/0: state the limit instead
+        if mean == 0.0:
+            statistic, p_value = 0.0, 1.0
+        else:
+            statistic = math.copysign(math.inf, mean)
+            p_value = 0.0 if alternative == "two-sided" or (alternative == "greater") == (mean > 0) else 1.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # near-identical arms: scipy's precision note
+            result = stats.ttest_rel(x, y, alternative=alternative)
+        statistic, p_value = float(result.statistic), float(result.pvalue)
+    half = _t_half_width(sd, n, confidence)
+    return PairedTest(mean, sd, n, confidence, statistic, p_value, half, mean - half, mean + half,
+                      alternative, True)
+
+
+def combined_p_value(p_values: Sequence[float]) -> float:
+    """Fisher's combination ``-2 sum log p_k ~ chi^2_{2K}`` of independent per-seed p-values.
+
+    Valid when the seeds' tests are independent and each ``p_k`` is uniform (or
+    conservative) under its null; permutation p-values are, so the result is conservative.
+    """
+    p = _values(p_values, "p_values")
+    if np.any((p <= 0) | (p > 1)):
+        raise PopPriorError(f"p-values must lie in (0, 1], got {p.tolist()}")
+    if p.size == 1:
+        return float(p[0])
+    return float(stats.combine_pvalues(p, method="fisher").pvalue)
+
+
+__all__ = ["MeanInterval", "PairedTest", "mean_interval", "paired_test", "combined_p_value"]
