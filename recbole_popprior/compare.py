@@ -32,7 +32,8 @@ from recbole.utils import get_local_time
 from recbole_popprior import plots
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
-from recbole_popprior.evaluator.energy import item_table, matched_reduction
+from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_null
+from recbole_popprior.prior import estimate_log_prior
 from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
 from recbole_popprior.serving import evaluate_at, sweep_beta
 from recbole_popprior.utils import atomic_write, to_jsonable, write_json
@@ -167,18 +168,19 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     out_dir = _output_dir(output, probe, "compare")
     seed_values = _seed_list(probe, seeds)
 
-    per_seed, spectra, first_reduction = [], {}, None
+    per_seed, spectra, first_null = [], {}, None
     for seed in seed_values:
         arms = {}
         for name, baseline in ((STD, True), (SEP, False)):
             config = arm_config(model, dataset, config_file_list, config_dict, seed=seed, baseline=baseline,
                                 run_dir=out_dir / "runs" / f"seed{seed}-{name}")
             arms[name] = train_arm(name, config)
-        record, reduction = _compare_seed(arms[STD], arms[SEP], permutations, energy_seed)
+        log_prior = _training_log_prior(arms[STD], arms[SEP])
+        record = _compare_seed(arms[STD], arms[SEP], log_prior, permutations, energy_seed)
         record["seed"] = seed
         per_seed.append(record)
-        if first_reduction is None:  # the plots show the first seed
-            first_reduction = reduction
+        if len(per_seed) == 1:  # the plots show the first seed
+            first_null = _null(arms[STD].state, arms[SEP].state, log_prior, permutations, energy_seed)
             spectra = {_row_label(key, model, record["tau"]): score_singular_values(arms[key].state.contexts.G,
                                                                                      arms[key].state.E)
                        for key in (STD, SEP) if arms[key].state.contexts is not None}
@@ -186,13 +188,13 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
                     f"R_shared={record['reduction']['R_shared']:.4f}")
 
     payload = _summarise(model, dataset, per_seed, topk, permutations)
-    files = _write_compare(out_dir, payload, spectra, first_reduction)
+    files = _write_compare(out_dir, payload, spectra, first_null)
     payload["files"] = {k: str(v) for k, v in files.items()}
     print(payload["markdown"])
     return payload
 
 
-def _compare_seed(std: Arm, sep: Arm, permutations: int, energy_seed: int) -> tuple[dict[str, Any], dict]:
+def _compare_seed(std: Arm, sep: Arm, log_prior: np.ndarray, permutations: int, energy_seed: int) -> dict[str, Any]:
     """Evaluate one seed's pair on the same contexts: accuracy, energies, matched reductions."""
     digests = {STD: data_digest(std.pipe), SEP: data_digest(sep.pipe)}
     if digests[STD] != digests[SEP]:
@@ -201,15 +203,9 @@ def _compare_seed(std: Arm, sep: Arm, permutations: int, energy_seed: int) -> tu
     tau = sep.pipe.model.training_tau()  # the learned value when prior_tau is "learned"
     metrics = {STD: measure(std, shared_test), SEP0: measure(sep, shared_test, 0.0),
                SEP: measure(sep, shared_test, None)}
-    log_prior = np.asarray(std.state.log_prior.double().cpu() if isinstance(std.state.log_prior, torch.Tensor)
-                           else std.state.log_prior, dtype=np.float64)
-    sep_prior = sep.pipe.model.log_prior.double().cpu().numpy()
-    if not np.allclose(np.exp(log_prior[1:]), np.exp(sep_prior[1:]), rtol=1e-5, atol=1e-9):
-        raise RuntimeError("the two arms counted different training priors")
     energy = {key: {k: arm.state.energy()[k] for k in _ENERGY_KEYS} for key, arm in ((STD, std), (SEP, sep))}
     energy[SEP0] = energy[SEP]  # beta changes serving only; the learned dot product is the same
-    full = _matched(std.state, sep.state, log_prior, permutations, energy_seed)
-    reduction = {k: v for k, v in full.items() if not k.startswith("null_values")}
+    reduction = _matched(std.state, sep.state, log_prior, permutations, energy_seed)
     return {
         "tau": tau,
         "metrics": metrics,
@@ -219,7 +215,18 @@ def _compare_seed(std: Arm, sep: Arm, permutations: int, energy_seed: int) -> tu
         "energy_path": {STD: std.state.path, SEP: sep.state.path},
         "best_valid_score": {STD: std.result.get("best_valid_score"), SEP: sep.result.get("best_valid_score")},
         "run_dir": {STD: std.result.get("run_dir"), SEP: sep.result.get("run_dir")},
-    }, full
+    }
+
+
+def _training_log_prior(std: Arm, sep: Arm) -> np.ndarray:
+    """``log p_hat`` of the training targets (docs/DESIGN.md §2): what both arms' measures use."""
+    train = std.pipe.train_data.dataset
+    log_prior = estimate_log_prior(train.inter_feat[train.iid_field], train.item_num,
+                                   float(std.pipe.config["prior_alpha"])).double().numpy()
+    if not np.allclose(np.exp(log_prior[1:]), np.exp(sep.pipe.model.log_prior.double().cpu().numpy()[1:]),
+                       rtol=1e-5, atol=1e-9):
+        raise RuntimeError("the two arms counted different training priors")
+    return log_prior
 
 
 def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
@@ -234,6 +241,15 @@ def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutat
         return {"R_dir": 1.0 - e_sep["dir"] / e_std["dir"], "R_shared": 1.0 - e_sep["shared"] / e_std["shared"],
                 "std_dir": e_std["dir"], "sep_dir": e_sep["dir"], "std_shared": e_std["shared"],
                 "sep_shared": e_sep["shared"]}
+
+
+def _null(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
+          seed: int) -> dict[str, np.ndarray] | None:
+    """The permutation nulls behind ``_matched``'s p-values (the same draws), for the plot."""
+    if permutations <= 0 or std.contexts is None or sep.contexts is None:
+        return None
+    return reduction_null((std.contexts, std.E), (sep.contexts, sep.E), log_prior=log_prior,
+                          permutations=permutations, seed=seed)
 
 
 def _row_label(key: str, model: str, tau: float) -> str:
@@ -317,7 +333,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np.ndarray],
-                   reduction: dict[str, Any] | None) -> dict[str, Path]:
+                   nulls: dict[str, np.ndarray] | None) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": _write_text(out_dir / "compare.csv", _compare_csv(payload)),
              "md": _write_text(out_dir / "compare.md", payload["markdown"])}
@@ -325,10 +341,10 @@ def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np
         files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png")
     energy_rows = {row["label"]: payload["per_seed"][0]["energy"][row["row"]] for row in payload["summary"][:2]}
     files["energy"] = plots.plot_energy(energy_rows, out_dir / "energy.png")
-    if reduction is not None and "null_values_dir" in reduction:
-        nulls = {"dir": reduction["null_values_dir"], "shared": reduction["null_values_shared"]}
+    if nulls is not None:
+        first = payload["per_seed"][0]["reduction"]
         files["permutation"] = plots.plot_permutation_null(
-            nulls, {"dir": reduction["R_dir"], "shared": reduction["R_shared"]}, out_dir / "permutation.png")
+            nulls, {"dir": first["R_dir"], "shared": first["R_shared"]}, out_dir / "permutation.png")
     payload["files"] = {k: str(v) for k, v in {**files, "json": out_dir / "compare.json"}.items()}
     files["json"] = write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"})
     return files

@@ -39,7 +39,7 @@ def test_compare_end_to_end_on_tiny_synthetic(tmp_path) -> None:
     out = tmp_path / "out"
     run_compare("SASRec", "synthetic", config_dict=settings, seeds=2, output=out)
 
-    for name in ("compare.json", "compare.csv", "compare.md", "spectra.png", "energy.png"):
+    for name in ("compare.json", "compare.csv", "compare.md", "spectra.png", "energy.png", "permutation.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "compare.json").read_text())
     assert saved["seeds"] == [7, 8]

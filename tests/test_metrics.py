@@ -178,3 +178,23 @@ def test_permutation_stage_valid_runs_at_validation_and_max_contexts_caps(tiny_d
     record = train_and_test(pipe, saved=False)
     assert "pop_p_value" in record["best_valid_result"]
     assert record["test_result"]["pop_contexts"] == 25
+
+
+# --- PopPermutation's shared-energy test (docs/DESIGN.md §3.1) ---------------------------------
+@pytest.mark.parametrize("model", ["SASRec", GRU4RecCPR], ids=["factorised", "scores"])
+def test_pop_permutation_reports_the_shared_test(model, tiny_data, out_dir):
+    pipe = _pipeline(model, tiny_data, out_dir)
+    test = train_and_test(pipe, saved=False)["test_result"]
+    collector = pipe.trainer.eval_collector
+    lp = getattr(pipe.model, "log_prior", None)
+    lp = (lp if isinstance(lp, torch.Tensor) else collector.train_log_prior).double().numpy()
+    Z = _dense_reference(pipe)[0][:, 1:]
+    Zc = Z - Z.mean(axis=1, keepdims=True)
+    T = np.sum(Zc**2)
+    observed = Zc.shape[0] * (Zc @ popularity_direction(lp)).mean() ** 2 / T
+    null = np.array([Zc.shape[0] * (Zc @ lb).mean() ** 2 / T
+                     for chunk in permuted_directions(popularity_direction(lp), B, 7) for lb in chunk])
+    assert test["pop_p_value_shared"] == pytest.approx((1 + np.sum(null >= observed)) / (B + 1))
+    assert test["pop_null_mean_shared"] == pytest.approx(null.mean(), rel=1e-4)
+    assert test["pop_null_q95_shared"] == pytest.approx(np.quantile(null, 0.95), rel=1e-4)
+    assert test["pop_e_shared"] / test["pop_total"] == pytest.approx(observed, rel=1e-4)
