@@ -134,6 +134,8 @@ def _validate(config: dict[str, Any]) -> None:
     if metrics and valid_metric.split("@")[0] not in metrics:
         raise PopPriorError(f"valid_metric {config.get('valid_metric')!r} is not among metrics {config.get('metrics')}; "
                             "add it to metrics or choose another valid_metric")
+    if config.get("sequence_data") not in {"lean", "recbole"}:
+        raise PopPriorError(f"sequence_data must be 'lean' or 'recbole', got {config.get('sequence_data')!r}")
     perms = config.get("energy_permutations")
     if isinstance(perms, bool) or not isinstance(perms, int) or perms < 0:
         raise PopPriorError(f"energy_permutations must be an integer >= 0, got {perms!r}")

@@ -1,4 +1,5 @@
-"""Datasets and dataloaders: RecBole's, with the plugin's fast atomic-file loader.
+"""Datasets and dataloaders: RecBole's, with the plugin's fast atomic-file loader and, for
+sequential models, the lean sequence data (``sequence_data: lean``, DESIGN.md §5.2).
 
 Unlike ``recbole.data.create_dataset`` / ``data_preparation``, nothing here unpickles a
 saved dataset or dataloader: datasets are always built from the atomic files.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from typing import Any
 
+from recbole.data.dataloader import TrainDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType
@@ -55,8 +58,24 @@ def check_dataset_files(config: Any) -> None:
 
 
 def create_dataset(config: Any):
-    """Build the dataset from its atomic files (never from a pickle)."""
+    """Build the dataset from its atomic files (never from a pickle).
+
+    Sequential models get :class:`~recbole_popprior.data.lean_dataset.LeanSequentialDataset`
+    unless ``sequence_data: recbole``, or where it cannot promise RecBole's exact data: then
+    RecBole's class, with one INFO line saying why.
+    """
     check_dataset_files(config)
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and config["sequence_data"] == "lean":
+        from recbole_popprior.data.fast_loader import _Unsupported
+        from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsupported
+
+        reason = lean_unsupported(config)
+        if reason is None:
+            try:
+                return LeanSequentialDataset(config)
+            except _Unsupported as why:
+                reason = str(why)
+        logging.getLogger().info(f"sequence_data: lean is not used ({reason}); using RecBole's sequential data")
     return dataset_class(config)(config)
 
 
@@ -66,7 +85,12 @@ def data_preparation(config: Any, dataset):
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
     if config["MODEL_TYPE"] != ModelType.KNOWLEDGE:
-        train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
+        loader = get_dataloader(config, "train")
+        if _is_lean(dataset) and loader is TrainDataLoader and config["single_spec"] and len(train_dataset):
+            from recbole_popprior.data.loaders import LeanTrainDataLoader
+
+            loader = LeanTrainDataLoader
+        train_data = loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     else:
         kg_sampler = KGSampler(dataset, config["train_neg_sample_args"]["distribution"],
                                config["train_neg_sample_args"]["alpha"])
@@ -74,3 +98,9 @@ def data_preparation(config: Any, dataset):
     valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
     test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
     return train_data, valid_data, test_data
+
+
+def _is_lean(dataset) -> bool:
+    from recbole_popprior.data.lean_dataset import LeanSequentialDataset
+
+    return isinstance(dataset, LeanSequentialDataset)
