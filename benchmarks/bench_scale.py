@@ -117,6 +117,7 @@ def phase_load_prepare(out: str, sequence_data: str, **_) -> dict:
         "sequence_data": sequence_data})
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
+    str(dataset)  # the quick start logs it
     train, valid, test = data_preparation(config, dataset)
     batch = next(iter(train))
     return {"users": int(dataset.user_num - 1), "items": int(dataset.item_num - 1),

@@ -25,6 +25,7 @@ from recbole_popprior.compare import _train_digest
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.data.inter_codes import read_inter_codes
+from recbole_popprior.data import lean_dataset
 from recbole_popprior.data.lean_dataset import LeanSequentialDataset
 from recbole_popprior.data.loaders import LeanTrainDataLoader, _Batches
 from recbole_popprior.data.remap import first_appearance
@@ -66,9 +67,9 @@ def batches(loader, epochs: int = 1) -> list:
 def assert_same_batches(lean, recbole, unread: set[str]) -> None:
     assert len(lean) == len(recbole) > 0
     for mine, theirs in zip(lean, recbole):
-        if isinstance(theirs, tuple):  # evaluation: (interaction, history, positive_u, positive_i)
-            assert mine[1] is None and theirs[1] is None
-            assert torch.equal(mine[2], theirs[2]) and torch.equal(mine[3], theirs[3])
+        if isinstance(theirs, tuple):  # evaluation: (interaction, history or row index, positive_u, positive_i)
+            for a, b in zip(mine[1:], theirs[1:]):
+                assert (a is None and b is None) or torch.equal(a, b)
             mine, theirs = mine[0], theirs[0]
         assert set(theirs.columns) - set(mine.columns) == unread
         assert set(mine.columns) <= set(theirs.columns)
@@ -170,6 +171,42 @@ def test_bert4rec_windowed_prior_gets_recboles_time_lists(messy):
     assert_same_data(both, {"rating_list", "category_list"})
 
 
+def test_rows_already_in_user_time_order_skip_the_sort_and_are_recboles(tmp_path, monkeypatch):
+    """The plugin's converters write rows by user, then time: the stable sort is the identity."""
+    rng = np.random.default_rng(4)
+    rows = [(u, int(i), 1_500_000_000 + int(t)) for u in range(1, 41)
+            for i, t in zip(rng.integers(1, 30, size=12), np.sort(rng.integers(0, 900, size=12)))]
+    write_inter(tmp_path / "ordered" / "ordered.inter", rows)
+    orders = []
+    real = lean_dataset._user_time_order
+    monkeypatch.setattr(lean_dataset, "_user_time_order", lambda users, times: orders.append(real(users, times)))
+    both = Both("SASRec", "ordered", data_path=str(tmp_path), MAX_ITEM_LIST_LENGTH=4)
+    assert orders == [None]
+    assert_same_data(both, {"timestamp_list"})
+
+
+@pytest.mark.parametrize("mode", ["uni100", "pop50"])
+def test_sampled_evaluation_is_recboles(messy, mode):
+    """Negative-sampling evaluation sorts the split by user and slices it; popularity sampling
+    counts the items of the whole dataset after build() (its time-ordered examples)."""
+    both = Both("SASRec", "messy", data_path=str(messy), load_col=MESSY_COLUMNS, user_inter_num_interval="[3,inf)",
+                eval_args={**LS, "mode": mode})
+    unread = {"rating_list", "timestamp_list", "category_list"}
+    assert_same_batches(batches(both.lean.valid), batches(both.recbole.valid), unread)
+    assert_same_batches(batches(both.lean.test), batches(both.recbole.test), unread)
+
+
+@pytest.mark.parametrize("split", ["valid_only", "test_only"])
+def test_other_leave_one_out_modes_are_recboles(messy, split):
+    both = Both("SASRec", "messy", data_path=str(messy), load_col=MESSY_COLUMNS, user_inter_num_interval="[2,inf)",
+                eval_args={**LS, "split": {"LS": split}})
+    for name in ("train", "valid", "test"):
+        mine, theirs = getattr(both.lean, name).dataset.inter_feat, getattr(both.recbole, name).dataset.inter_feat
+        assert len(mine) == len(theirs)
+        for field in ("user_id", "item_id", "item_length", "item_id_list"):
+            assert torch.equal(mine[field], theirs[field]), (name, field)
+
+
 def test_what_the_plugin_reads_from_the_training_split_is_recboles(messy):
     both = Both("SASRec", "messy", data_path=str(messy), load_col=MESSY_COLUMNS,
                 user_inter_num_interval="[4,inf)", item_inter_num_interval="[2,inf)")
@@ -194,6 +231,16 @@ def test_what_the_plugin_reads_from_the_training_split_is_recboles(messy):
         inter.sort(by=["item_id", "user_id"])
         assert torch.equal(view["timestamp"], inter["timestamp"])
         assert torch.equal(view[np.arange(5)]["item_id_list"], inter[np.arange(5)]["item_id_list"])
+
+
+def test_dataset_summary_before_build_is_recboles(messy):
+    """What the quick start logs after loading: user/item/interaction counts, averages, sparsity."""
+    summaries = []
+    for path in ("lean", "recbole"):
+        config = Config(model="SASRec", dataset="messy", config_dict=settings(
+            data_path=str(messy), load_col=MESSY_COLUMNS, sequence_data=path, user_inter_num_interval="[3,inf)"))
+        summaries.append(str(create_dataset(config)))
+    assert summaries[0] == summaries[1]
 
 
 def test_lean_store_is_linear_in_the_interactions(messy):

@@ -143,11 +143,12 @@ class LeanSequentialDataset(FastLoadMixin, SequentialDataset):
                 if len(dropped):  # RecBole's expression, labels used as positions (its quirk kept)
                     self.logger.warning(f"{len(dropped)} rows of a feature table have no {field}; they are removed.")
                     feat.drop(feat.index[dropped], inplace=True)
-        missing = None if min(codes.columns[uid].min(initial=0), codes.columns[iid].min(initial=0)) >= 0 else \
-            (codes.columns[uid] < 0) | (codes.columns[iid] < 0)
-        if missing is not None:
+        users, items = codes.columns[uid], codes.columns[iid]
+        if min(users.min(initial=0), items.min(initial=0)) < 0:  # (no row mask when no id is missing)
+            missing = (users < 0) | (items < 0)
             self.logger.warning(f"In inter_feat, {int(missing.sum())} rows have no {uid} or {iid}; they are removed.")
             codes.keep(~missing)
+        del users, items
         if self.config["filter_inter_by_user_or_item"] is True:  # _filter_inter_by_user_or_item
             keep = np.ones(len(codes), dtype=bool)
             for field, feat in ((uid, self.user_feat), (iid, self.item_feat)):
@@ -273,6 +274,9 @@ class LeanSequentialDataset(FastLoadMixin, SequentialDataset):
     # --- RecBole's statistics, without a Counter over every row ---------------------------------
     @property
     def avg_actions_of_users(self):
+        if isinstance(self.inter_feat, RowsView):  # before build(): the users' row counts are the offsets
+            counts = np.diff(self._store.user_offsets.numpy())
+            return np.mean(counts[counts > 0])
         return _mean_positive_count(self.inter_feat[self.uid_field])
 
     @property

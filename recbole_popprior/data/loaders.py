@@ -58,10 +58,11 @@ class _Batches(torch.utils.data.Sampler):
 
 
 class LeanTrainDataLoader(TrainDataLoader):
-    """``TrainDataLoader`` with the torch side of :mod:`recbole_popprior.data.loaders` (single process).
+    """RecBole's ``TrainDataLoader`` over ``_Positions`` / ``_Batches`` (single process only;
+    DDP keeps RecBole's ``DistributedSampler``).
 
-    The setup is RecBole's ``TrainDataLoader.__init__`` and ``AbstractDataLoader.__init__``
-    (``recbole/data/dataloader``), with ``_Positions`` / ``_Batches`` given to torch instead.
+    ``__init__`` is RecBole's ``TrainDataLoader.__init__`` and ``AbstractDataLoader.__init__``
+    (``recbole/data/dataloader``) line for line, except for what is handed to torch.
     """
 
     def __init__(self, config, dataset, sampler, shuffle=False):
