@@ -186,6 +186,7 @@ def _validate(config: dict[str, Any]) -> None:
     if metrics and valid_metric.split("@")[0] not in metrics:
         raise PopPriorError(f"valid_metric {config.get('valid_metric')!r} is not among metrics {config.get('metrics')}; "
                             "add it to metrics or choose another valid_metric")
+    _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_energy(config)
     _validate_tuning(config)
     if "synthetic_users" in config:

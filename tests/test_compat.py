@@ -53,7 +53,8 @@ def test_recbole_fills_missing_floats(tmp_path):
     write_inter(tmp_path / "holes" / "holes.inter",
                 [(u, i, 100 * u + i, "" if (u + i) % 3 == 0 else 1.5) for u in range(1, 8) for i in range(1, 6)],
                 header="user_id:token\titem_id:token\ttimestamp:float\tweight:float")
-    config = Config("SASRec", "holes", config_dict=tiny_config(tmp_path, load_col=None, fast_loader=False))
+    config = Config("SASRec", "holes", config_dict=tiny_config(tmp_path, load_col=None, fast_loader=False,
+                                                            sequence_data="recbole"))  # RecBole's own fillna
     from recbole_popprior.data import create_dataset
 
     dataset = create_dataset(config)

@@ -1,7 +1,13 @@
-"""Datasets: RecBole's dataset classes with the plugin's fast loader, and the synthetic generator.
+"""Datasets: RecBole's dataset classes with the plugin's fast loader, the lean sequential data,
+and the synthetic generator.
 
 - :mod:`~recbole_popprior.data.dataset`: :func:`create_dataset` and :func:`data_preparation`;
 - :mod:`~recbole_popprior.data.fast_loader`: a pyarrow reader for atomic files;
+- :mod:`~recbole_popprior.data.lean_dataset`: ``sequence_data: lean``, RecBole's sequential data in
+  O(N) memory, built from :mod:`~recbole_popprior.data.inter_codes` (the ``.inter`` file as codes),
+  :mod:`~recbole_popprior.data.filtering`, :mod:`~recbole_popprior.data.remap`,
+  :mod:`~recbole_popprior.data.sequences` (the store and its views) and
+  :mod:`~recbole_popprior.data.loaders` (the training loader);
 - :mod:`~recbole_popprior.data.synthetic`: sequences with known truth.
 """
 

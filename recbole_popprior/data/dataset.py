@@ -1,4 +1,5 @@
-"""Datasets and dataloaders: RecBole's, with the plugin's fast atomic-file loader.
+"""Datasets and dataloaders: RecBole's, with the plugin's fast atomic-file loader and, for
+sequential models, the lean sequence data (``sequence_data: lean``, DESIGN.md §5.2).
 
 Unlike ``recbole.data.create_dataset`` / ``data_preparation``, nothing here unpickles a
 saved dataset or dataloader: datasets are always built from the atomic files.
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from typing import Any
 
+from recbole.data.dataloader import TrainDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType
 
-from recbole_popprior.data.fast_loader import FastLoadMixin
+from recbole_popprior.data.fast_loader import FastLoadMixin, _Unsupported
+from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsupported
+from recbole_popprior.data.loaders import LeanTrainDataLoader
 from recbole_popprior.data.synthetic import ensure_synthetic_dataset
 from recbole_popprior.errors import PopPriorError
 
@@ -53,8 +58,21 @@ def check_dataset_files(config: Any) -> None:
 
 
 def create_dataset(config: Any):
-    """Build the dataset from its atomic files (never from a pickle)."""
+    """Build the dataset from its atomic files (never from a pickle).
+
+    Sequential models get :class:`~recbole_popprior.data.lean_dataset.LeanSequentialDataset`
+    unless ``sequence_data: recbole``, or where it cannot promise RecBole's exact data: then
+    RecBole's class, with one INFO line saying why.
+    """
     check_dataset_files(config)
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and config["sequence_data"] == "lean":
+        reason = lean_unsupported(config)
+        if reason is None:
+            try:
+                return LeanSequentialDataset(config)
+            except _Unsupported as why:
+                reason = str(why)
+        logging.getLogger().info(f"sequence_data: lean is not used ({reason}); using RecBole's sequential data")
     return dataset_class(config)(config)
 
 
@@ -64,7 +82,10 @@ def data_preparation(config: Any, dataset):
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
     if config["MODEL_TYPE"] != ModelType.KNOWLEDGE:
-        train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
+        loader = get_dataloader(config, "train")
+        if isinstance(dataset, LeanSequentialDataset) and loader is TrainDataLoader and config["single_spec"] and len(train_dataset):
+            loader = LeanTrainDataLoader
+        train_data = loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     else:
         kg_sampler = KGSampler(dataset, config["train_neg_sample_args"]["distribution"],
                                config["train_neg_sample_args"]["alpha"])

@@ -50,42 +50,8 @@ class FastLoadMixin:
         load_col, unload_col = self._get_load_and_unload_col(source)
         if load_col == set():
             return None
-        separator, encoding = self.config["field_separator"], self.config["encoding"]
-        if encoding is None:  # RecBole opens the header with the locale's encoding, pandas reads UTF-8
-            encoding = locale.getpreferredencoding(False)
-        try:
-            utf8 = codecs.lookup(encoding).name == "utf-8"
-        except (LookupError, TypeError):
-            utf8 = False
-        if not utf8 or not isinstance(separator, str) or len(separator) != 1 or separator in "\"\r\n":
-            raise _Unsupported("encoding or separator")
-        with open(filepath, "rb") as handle:
-            head_bytes = handle.readline()
-        try:
-            head = head_bytes.decode("utf-8")[:-1]
-        except UnicodeDecodeError:
-            raise _Unsupported("header is not UTF-8") from None
-        names = head.split(separator)
-        if head.startswith("\ufeff") or "\r" in head or len(names) < 2 or len(set(names)) != len(names):
-            raise _Unsupported("unusual header")
-        fields = []  # (field, "field:type", FeatureType) of the columns to load
-        for field_type in names:
-            parts = field_type.split(":")
-            if len(parts) != 2:
-                raise _Unsupported("unusual header")
-            field, ftype = parts
-            try:
-                ftype = FeatureType(ftype)
-            except ValueError:
-                raise _Unsupported("unknown type") from None  # RecBole raises its own error
-            if ftype not in (FeatureType.TOKEN, FeatureType.FLOAT):
-                if (load_col is None or field in load_col) and not (unload_col and field in unload_col):
-                    raise _Unsupported(f"{ftype.value} column {field}")
-            if load_col is not None and field not in load_col:
-                continue
-            if unload_col is not None and field in unload_col:
-                continue
-            fields.append((field, field_type, ftype))
+        separator = self.config["field_separator"]
+        names, fields = read_header(filepath, load_col, unload_col, separator, self.config["encoding"])
         if not fields:
             return super()._load_feat(filepath, source)  # RecBole warns and returns None
         table = _read_table(filepath, names, fields, separator)
@@ -104,12 +70,57 @@ class FastLoadMixin:
         return pd.DataFrame(data, index=pd.RangeIndex(table.num_rows), copy=False)  # arrays are ours: no copy
 
 
-def _read_table(filepath, names: list[str], fields: list, separator: str) -> pa.Table:
+def read_header(filepath, load_col: set | None, unload_col: set | None, separator, encoding
+                ) -> tuple[list[str], list[tuple[str, str, FeatureType]]]:
+    """The header's column names and the ``(field, "field:type", FeatureType)`` RecBole would load.
+
+    Raises :class:`_Unsupported` where pyarrow cannot promise RecBole's result: encodings other
+    than UTF-8, unusual separators or headers, and ``token_seq`` / ``float_seq`` columns to load.
+    """
+    if encoding is None:  # RecBole opens the header with the locale's encoding, pandas reads UTF-8
+        encoding = locale.getpreferredencoding(False)
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except (LookupError, TypeError):
+        utf8 = False
+    if not utf8 or not isinstance(separator, str) or len(separator) != 1 or separator in "\"\r\n":
+        raise _Unsupported("encoding or separator")
+    with open(filepath, "rb") as handle:
+        head_bytes = handle.readline()
+    try:
+        head = head_bytes.decode("utf-8")[:-1]
+    except UnicodeDecodeError:
+        raise _Unsupported("header is not UTF-8") from None
+    names = head.split(separator)
+    if head.startswith("\ufeff") or "\r" in head or len(names) < 2 or len(set(names)) != len(names):
+        raise _Unsupported("unusual header")
+    fields = []  # (field, "field:type", FeatureType) of the columns to load
+    for field_type in names:
+        parts = field_type.split(":")
+        if len(parts) != 2:
+            raise _Unsupported("unusual header")
+        field, ftype = parts
+        try:
+            ftype = FeatureType(ftype)
+        except ValueError:
+            raise _Unsupported("unknown type") from None  # RecBole raises its own error
+        if ftype not in (FeatureType.TOKEN, FeatureType.FLOAT):
+            if (load_col is None or field in load_col) and not (unload_col and field in unload_col):
+                raise _Unsupported(f"{ftype.value} column {field}")
+        if load_col is not None and field not in load_col:
+            continue
+        if unload_col is not None and field in unload_col:
+            continue
+        fields.append((field, field_type, ftype))
+    return names, fields
+
+
+def _read_table(filepath, names: list[str], fields: list, separator: str, memory_pool=None) -> pa.Table:
     """Parse the file body with pyarrow; any doubt raises :class:`_Unsupported`."""
     types = {field_type: (_TOKEN if ftype == FeatureType.TOKEN else pa.float64()) for _, field_type, ftype in fields}
     try:
         table = pcsv.read_csv(
-            filepath,
+            filepath, memory_pool=memory_pool,
             read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=16 << 20),
             parse_options=pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
                                             escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
