@@ -1,15 +1,18 @@
 """Converter and loader speed / memory on a UserBehavior-shaped log.
 
-    python benchmarks/bench_convert.py [--rows 10000000] [--repeats 3] [--cache DIR]
+    python benchmarks/bench_convert.py [--rows 10000000] [--repeats 3] [--cache DIR] [--only-cli]
 
 Generates (once, cached) a Tianchi UserBehavior-shaped csv: users in file order as in the
 real log, ~1M users, items drawn from a Zipf(1)-like law over ~4M ids, 89% page views, 0.2%
 of rows outside the official window. Every contender runs in its own subprocess; the table
 reports the median wall time over ``--repeats`` runs (slow baselines: ``--slow-repeats``),
 rows/s, the child's peak RSS and, for the converter, the peak RSS of a child that only
-imports the package (the converter's CLI imports recbole and torch through the package).
-Goals (2 cores): converter >= 4M rows/s and <= 1 GB without dedup; dedup + 5-core <= 4 GB
-extrapolated to 100M rows; loader >= 4M rows/s.
+imports the package (``import recbole_popprior`` loads torch and RecBole).
+The ``CLI`` rows run ``python -m recbole_popprior.convert`` itself, which skips torch and
+RecBole: their time is the summary's ``seconds`` (start-up excluded), their RSS the child's
+``ru_maxrss`` from ``os.wait4``. ``--only-cli`` runs just those (with and without
+``--sample-users 0.1``). Goals (2 cores): converter >= 4M rows/s and <= 1 GB without dedup;
+dedup + 5-core <= 4 GB extrapolated to 100M rows; loader >= 4M rows/s.
 """
 
 from __future__ import annotations
@@ -140,8 +143,25 @@ def run_child(code: str, *args: str) -> dict:
     return result
 
 
+def run_cli(src: str, out: str, *options: str) -> dict:
+    """``python -m recbole_popprior.convert tianchi`` in a child: its summary, peak RSS and wall time."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", src,
+                             "--output", out, "--no-progress", *options], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (subprocess.wait would lose it)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"converter failed:\n{proc.stderr.read().decode()[-2000:]}")
+    summary = json.loads((Path(out) / "tianchi" / "tianchi.summary.json").read_text())
+    return {"seconds": summary["seconds"], "cpu": usage.ru_utime + usage.ru_stime, "rows_read": summary["rows_read"],
+            "rows_kept": summary["rows_kept"], "rss_kb": usage.ru_maxrss, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "wall": wall}
+
+
 def median_run(label: str, repeats: int, code: str, *args: str) -> dict:
-    runs = [run_child(code, *args) for _ in range(repeats)]
+    runs = [run_cli(*args) if code == "cli" else run_child(code, *args) for _ in range(repeats)]
     seconds = statistics.median(r["seconds"] for r in runs)
     cpu = statistics.median(r["cpu"] for r in runs)
     rss = max(r["peak_rss_mb"] for r in runs)
@@ -158,6 +178,7 @@ def main() -> None:
     parser.add_argument("--slow-repeats", type=int, default=1, help="runs of the pure-Python and RecBole baselines")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "recbole_popprior_bench"))
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only-cli", action="store_true", help="only the command-line rows (with --sample-users)")
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -166,6 +187,18 @@ def main() -> None:
     print(f"input {src} ({src.stat().st_size / 1e9:.2f} GB, {time.perf_counter() - t:.1f} s to make or find)",
           file=sys.stderr)
     out = cache / "out"
+    cli = [median_run("CLI, no dedup", args.repeats, "cli", str(src), str(out / "d"), "--no-dedup"),
+           median_run("CLI, no dedup, --sample-users 0.1", args.repeats, "cli", str(src), str(out / "e"), "--no-dedup",
+                      "--sample-users", "0.1"),
+           median_run("CLI, dedup + 5-core, --sample-users 0.1", args.repeats, "cli", str(src), str(out / "f"),
+                      "--k-core", "5", "--sample-users", "0.1")]
+    if args.only_cli:
+        print(f"\nUserBehavior-shaped input: {args.rows:,} rows; {os.cpu_count()} CPUs; load average "
+              f"{os.getloadavg()[0]:.1f}\n")
+        _table(cli, cli[0]["seconds"], "ratio: CLI, no dedup / this row, by median seconds (start-up excluded)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(cli, indent=2))
+        return
     results = [
         median_run("import only (baseline RSS)", 1, _IMPORT_ONLY),
         median_run("plugin converter, no dedup", args.repeats, _CONVERT, str(src), str(out / "a"), '{"dedup": false}'),
@@ -186,17 +219,11 @@ def main() -> None:
     rows = args.rows
     print(f"\nUserBehavior-shaped input: {rows:,} rows; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.1f}; pure-Python output identical to the converter's: {same}\n")
-    print(f"| {'contender':<38} | {'median s':>8} | {'rows/s':>9} | {'CPU s':>6} | {'peak RSS':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 8}|")
     py = results[3]["seconds"]
     recbole = results[4]["seconds"]
-    for r in results[1:]:
-        rate = r["rows_read"] / r["seconds"]
-        ratio = recbole / r["seconds"] if r in results[4:] else py / r["seconds"]
-        print(f"| {r['label']:<38} | {r['seconds']:8.2f} | {rate / 1e6:7.2f} M | {r['cpu']:6.2f} "
-              f"| {r['peak_rss_mb'] / 1024:6.2f} GB | {ratio:5.1f}x |")
-    print("\n(ratio: converters vs the pure-Python baseline, loaders vs RecBole's loader, by median wall time;"
-          " CPU s: user+sys seconds of the measured section, all threads)")
+    _table(results[1:4] + cli, py, "ratio: converters vs the pure-Python baseline, by median seconds")
+    _table(results[4:], recbole, "ratio: loaders vs RecBole's loader, by median seconds")
+    print("(CPU s: user+sys seconds of the measured section, all threads; CLI rows: of the whole child)")
     base_rss = results[0]["peak_rss_mb"]
     dd = results[2]
     slope = (dd["peak_rss_mb"] - quarter["peak_rss_mb"]) / (rows - rows // 4)  # MB per row
@@ -206,6 +233,16 @@ def main() -> None:
           f" GB extrapolated linearly to 100M rows")
     if args.json:
         Path(args.json).write_text(json.dumps(results + [quarter], indent=2))
+
+
+def _table(rows: list[dict], reference_seconds: float, note: str) -> None:
+    print(f"| {'contender':<42} | {'median s':>8} | {'rows/s':>9} | {'CPU s':>6} | {'peak RSS':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 8}|")
+    for r in rows:
+        rate = r["rows_read"] / r["seconds"]
+        print(f"| {r['label']:<42} | {r['seconds']:8.2f} | {rate / 1e6:7.2f} M | {r['cpu']:6.2f} "
+              f"| {r['peak_rss_mb'] / 1024:6.2f} GB | {reference_seconds / r['seconds']:5.2f}x |")
+    print(f"({note})\n")
 
 
 if __name__ == "__main__":

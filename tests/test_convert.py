@@ -8,7 +8,9 @@ converter's pyarrow/numpy code paths.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -18,8 +20,10 @@ import sys
 import zipfile
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recbole_popprior.converters.cli import convert as cli_convert
@@ -93,7 +97,21 @@ def _int(text: str, signed: bool = False) -> int | None:
     return int(text) if re.fullmatch(r"-?\d+" if signed else r"\d+", text) and abs(int(text)) < 2**63 else None
 
 
-def reference(kind: str, lines: list[bytes], behaviors: set[str], window: tuple, dedup: bool, k: int) -> dict:
+def splitmix64(x: int) -> int:
+    """SplitMix64's output for state ``x`` (Vigna's splitmix64.c), in plain Python integers."""
+    z = (x + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def in_sample(user: int, fraction: float | None) -> bool:
+    """The documented rule: keep the user iff splitmix64(id) < floor(fraction * 2**64)."""
+    return fraction is None or splitmix64(user) < math.floor(Fraction(fraction) * 2**64)
+
+
+def reference(kind: str, lines: list[bytes], behaviors: set[str], window: tuple, dedup: bool, k: int,
+              sample: float | None = None) -> dict:
     """Expected rows (in output order) and counts, by brute force."""
     utc8 = timezone(timedelta(hours=8))
     body = lines[1:] if kind == "alibaba" else lines
@@ -145,6 +163,8 @@ def reference(kind: str, lines: list[bytes], behaviors: set[str], window: tuple,
             dropped["out_of_window"] += 1
         elif r["b"] not in behaviors:
             dropped["behavior"] += 1
+        elif not in_sample(r["user"], sample):
+            dropped["sample_users"] += 1
         else:
             kept.append(r)
     if dedup:
@@ -174,12 +194,14 @@ def reference(kind: str, lines: list[bytes], behaviors: set[str], window: tuple,
 
 
 def check(summary: dict, out: Path, name: str, ref: dict) -> None:
-    assert (out / name / f"{name}.inter").read_text() == ref["text"]
+    data = (out / name / f"{name}.inter").read_bytes()
+    assert data.decode() == ref["text"]
     saved = json.loads((out / name / f"{name}.summary.json").read_text())
+    assert (saved["inter_bytes"], saved["inter_sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert saved["rows_kept"] == summary["rows_kept"] == ref["rows_kept"]
     assert saved["rows_read"] == ref["rows_read"]
     assert saved["bad_rows"] == {k: ref["bad"][k] for k in BAD_KINDS}
-    for reason in ("out_of_window", "behavior", "duplicate", "k_core"):
+    for reason in ("out_of_window", "behavior", "sample_users", "duplicate", "k_core"):
         assert saved["dropped"][reason] == ref["dropped"][reason], reason
     assert saved["dropped"]["bad_rows"] == sum(ref["bad"].values())
     assert saved["blank_lines"] == ref["blank"]
@@ -243,8 +265,6 @@ def test_rows_are_ordered_by_numeric_user_then_time_then_line(tmp_path):
 def test_k_core_matches_brute_force_on_random_pairs():
     rng = random.Random(7)
     pairs = sorted((rng.randint(1, 40), int(rng.paretovariate(0.8))) for _ in range(500))
-    import numpy as np
-
     users = converters_buckets.dense_users(np.array([u for u, _ in pairs]), 0)
     index = converters_buckets.ItemIndex(2**40)
     index.add(np.array([i for _, i in pairs]) * 1000003)
@@ -261,6 +281,227 @@ def test_k_core_matches_brute_force_on_random_pairs():
         alive = core
     assert sorted(np.flatnonzero(keep).tolist()) == alive
     assert 0 < len(alive) < len(pairs)
+
+
+# ----------------------------------------------------------------------------- --sample-users
+
+
+@pytest.mark.parametrize("kind, options, behaviors, dedup, k, fraction", [
+    ("tianchi", {}, {"pv"}, True, 0, 0.5),
+    ("tianchi", {"behaviors": "all", "dedup": False, "k_core": 2}, set(TIANCHI_NAMES), False, 2, 0.3),
+    ("alibaba", {"behaviors": "all"}, set(ALIBABA_NAMES.values()), True, 0, 0.5),
+])
+def test_sample_users_keeps_exactly_the_users_hashed_below_the_fraction(tmp_path, kind, options, behaviors,
+                                                                        dedup, k, fraction):
+    lines = tianchi_lines(seed=11) if kind == "tianchi" else alibaba_lines(seed=11)
+    src = write_log(tmp_path / "log.csv", lines)
+    summary = convert(kind, src, tmp_path / "out", sample_users=fraction, **options, **SMALL)
+    window = (T0, T1) if kind == "tianchi" else (None, None)
+    ref = reference(kind, lines, behaviors, window, dedup, k, sample=fraction)
+    check(summary, tmp_path / "out", kind, ref)
+    full = reference(kind, lines, behaviors, window, dedup, 0)
+    assert 0 < ref["users"] < full["users"] and ref["dropped"]["sample_users"] > 0  # a real subset
+    assert summary["options"]["sample_users"] == fraction
+
+
+def test_user_hash_is_splitmix64_with_its_published_outputs():
+    from recbole_popprior.converters.sample import user_hash
+
+    # SplitMix64 seeded with 0 outputs mix(G), mix(2G), ...; user_hash(x) is mix(x + G)
+    gamma = 0x9E3779B97F4A7C15
+    states = np.array([0, gamma, 2 * gamma % 2**64], dtype=np.uint64).view(np.int64)
+    assert user_hash(states).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    ids = [0, 1, 7, 2**31, 988_000, 2**63 - 1]
+    assert user_hash(np.array(ids)).tolist() == [splitmix64(x) for x in ids]
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 0.9])
+def test_kept_share_of_many_users_is_within_a_binomial_bound(fraction):
+    from recbole_popprior.converters.sample import keep_users
+
+    n = 1_000_000
+    bound = 5 * math.sqrt(n * fraction * (1 - fraction))  # 5 sigma: a false alarm about once in 3.5M
+    for ids in (np.arange(1, n + 1), np.arange(n) * 1024, np.arange(n) * 1_000_003 + 10**12):
+        kept = keep_users(ids, fraction)
+        assert abs(int(kept.sum()) - fraction * n) < bound
+        assert abs(int(kept[: n // 2].sum()) - fraction * n / 2) < bound  # no drift along the ids
+    assert not (keep_users(np.arange(n), fraction) & ~keep_users(np.arange(n), min(1.0, fraction * 2))).any()
+
+
+def test_sample_is_the_same_whatever_block_size_workers_order_or_compression(tmp_path):
+    rng = random.Random(12)
+    lines = [f"{rng.randint(1, 2000)},{rng.randint(1, 50)},3,pv,{rng.randint(T0, T1)}".encode() for _ in range(4000)]
+    src = write_log(tmp_path / "u.csv", lines)
+    shuffled = lines[:]
+    rng.shuffle(shuffled)
+    write_log(tmp_path / "s.csv", shuffled)
+    (tmp_path / "u.csv.gz").write_bytes(gzip.compress(src.read_bytes()))
+    runs = {"default": (src, {"progress": False}), "small blocks, 1 worker": (src, {**SMALL, "workers": 1}),
+            "4 workers": (src, {"block_bytes": 512, "workers": 4, "progress": False}),
+            "gzip": (tmp_path / "u.csv.gz", SMALL), "shuffled": (tmp_path / "s.csv", SMALL)}
+    outputs = {}
+    for label, (path, options) in runs.items():
+        out = tmp_path / label.replace(" ", "_").replace(",", "")
+        convert("tianchi", path, out, sample_users=0.25, **options)
+        outputs[label] = (out / "tianchi/tianchi.inter").read_text().splitlines()
+    ref = reference("tianchi", lines, {"pv"}, (T0, T1), True, 0, sample=0.25)["text"].splitlines()
+    for label, rows in outputs.items():
+        if label == "shuffled":  # same rows; only ties of (user, time) may be in another line order
+            assert sorted(rows) == sorted(ref), label
+        else:
+            assert rows == ref, label
+    users = {int(r.split("\t")[0]) for r in ref[1:]}
+    assert users == {u for u in range(1, 2001) if in_sample(u, 0.25)} & {int(x.split(b",")[0]) for x in lines}
+
+
+def test_sample_users_one_keeps_everything_and_bad_fractions_are_refused(tmp_path):
+    src = write_log(tmp_path / "u.csv", tianchi_lines(seed=13, bad=False))
+    convert("tianchi", src, tmp_path / "all", sample_users=1.0, progress=False)
+    convert("tianchi", src, tmp_path / "none", progress=False)
+    assert (tmp_path / "all/tianchi/tianchi.inter").read_bytes() == (tmp_path / "none/tianchi/tianchi.inter").read_bytes()
+    for bad in (0, 0.0, -0.1, 1.5, float("nan"), float("inf"), "abc", True, [0.5]):
+        with pytest.raises(PopPriorError, match=r"--sample-users must be a fraction in \(0, 1\]"):
+            convert("tianchi", src, tmp_path / "bad", sample_users=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- output pair
+
+
+def describes(summary_path: Path) -> bool:
+    """Does this summary describe the .inter beside it? (size, SHA-256 and row count, by hand)"""
+    summary = json.loads(summary_path.read_text())
+    inter = summary_path.parent / summary_path.name.replace(".summary.json", ".inter")
+    if not inter.exists():
+        return False
+    data = inter.read_bytes()
+    return (summary["rows_kept"], summary.get("inter_bytes"), summary.get("inter_sha256")) == \
+        (data.count(b"\n") - 1, len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_summary_identifies_its_inter_and_verify_output_checks_it(tmp_path):
+    from recbole_popprior.converters import verify_output
+
+    src = write_log(tmp_path / "u.csv", tianchi_lines(seed=14, bad=False))
+    summary = convert("tianchi", src, tmp_path / "out", progress=False)
+    inter = tmp_path / "out/tianchi/tianchi.inter"
+    assert describes(tmp_path / "out/tianchi/tianchi.summary.json")
+    assert verify_output(inter) == json.loads((tmp_path / "out/tianchi/tianchi.summary.json").read_text())
+    assert verify_output(inter)["inter_sha256"] == summary["inter_sha256"]
+    lines = inter.read_bytes().splitlines(keepends=True)
+    inter.write_bytes(b"".join(lines[:1] + lines[2:] + lines[1:2]))  # same size, other content
+    with pytest.raises(PopPriorError, match="does not describe"):
+        verify_output(inter)
+    (tmp_path / "out/tianchi/tianchi.summary.json").unlink()
+    with pytest.raises(PopPriorError, match="no summary"):
+        verify_output(inter)
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])
+def test_interrupt_at_the_commit_point_never_leaves_a_summary_beside_another_inter(tmp_path, monkeypatch, capsys,
+                                                                                   stop_at):
+    """An older pair from another input exists; the new run is stopped at its 1st or 2nd rename
+    into place (the two renames of the commit). Whatever is left, no summary may describe
+    anything but the .inter beside it, and the last line must say what was left."""
+    out = tmp_path / "out"
+    old = write_log(tmp_path / "old.csv", tianchi_lines(seed=15, n=100, bad=False))
+    convert("tianchi", old, out, progress=False)
+    old_inter = (out / "tianchi/tianchi.inter").read_bytes()
+    lines = tianchi_lines(seed=16, bad=False)
+    src = write_log(tmp_path / "new.csv", lines)
+    new_text = reference("tianchi", lines, {"pv"}, (T0, T1), True, 0)["text"].encode()
+    real_replace, calls = os.replace, []
+
+    def replace_then_stop(a, b, **kwargs):
+        calls.append(Path(b).name)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # as a Ctrl-C (or SIGKILL) exactly at this rename
+        return real_replace(a, b, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    code, _, err = run_cli(["tianchi", "--input", str(src), "--output", str(out)], capsys)
+    monkeypatch.undo()
+    assert code == 130 and len(err.strip().splitlines()) == 1 and err.startswith("error: interrupted")
+    summary = out / "tianchi/tianchi.summary.json"
+    assert not summary.exists() or describes(summary)
+    inter = (out / "tianchi/tianchi.inter").read_bytes()
+    assert inter in (old_inter, new_text)  # never a mix
+    if inter == new_text:
+        assert "not its summary" in err
+    else:
+        assert "no output written" in err
+    assert not [p for p in (out / "tianchi").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])
+def test_sigkill_at_the_commit_point_never_leaves_a_summary_beside_another_inter(tmp_path, stop_at):
+    """The same with SIGKILL, where no clean-up code runs at all."""
+    out = tmp_path / "out"
+    convert("tianchi", write_log(tmp_path / "old.csv", tianchi_lines(seed=21, n=100, bad=False)), out, progress=False)
+    old_inter = (out / "tianchi/tianchi.inter").read_bytes()
+    lines = tianchi_lines(seed=22, bad=False)
+    src = write_log(tmp_path / "new.csv", lines)
+    # the real command, with os.replace patched at start-up by a sitecustomize module
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nreal, calls = os.replace, []\n"
+        "def replace(a, b, **kw):\n    calls.append(b)\n"
+        f"    if len(calls) == {stop_at}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(a, b, **kw)\n"
+        "os.replace = replace\n")
+    proc = subprocess.run([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(src),
+                           "--output", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{ROOT}"), timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    summary = out / "tianchi/tianchi.summary.json"
+    assert not summary.exists() or describes(summary)
+    new_text = reference("tianchi", lines, {"pv"}, (T0, T1), True, 0)["text"].encode()
+    assert (out / "tianchi/tianchi.inter").read_bytes() == (old_inter if stop_at == 1 else new_text)
+
+
+def test_a_later_run_replaces_an_older_pair_whole(tmp_path):
+    out = tmp_path / "out"
+    convert("tianchi", write_log(tmp_path / "a.csv", tianchi_lines(seed=17, bad=False)), out, progress=False)
+    lines = tianchi_lines(seed=18, n=150, bad=False)
+    convert("tianchi", write_log(tmp_path / "b.csv", lines), out, progress=False)
+    assert describes(out / "tianchi/tianchi.summary.json")
+    assert (out / "tianchi/tianchi.inter").read_text() == reference("tianchi", lines, {"pv"}, (T0, T1), True, 0)["text"]
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "summary"])
+def test_output_that_would_replace_the_input_is_refused(tmp_path, how):
+    data = b"\n".join(tianchi_lines(seed=19, bad=False)) + b"\n"
+    (tmp_path / "d/tianchi").mkdir(parents=True)
+    target = tmp_path / "d/tianchi" / ("tianchi.summary.json" if how == "summary" else "tianchi.inter")
+    target.write_bytes(data)
+    src = target
+    if how in ("symlink", "hard link"):
+        src = tmp_path / "raw.csv"
+        (src.symlink_to if how == "symlink" else src.hardlink_to)(target)
+    with pytest.raises(PopPriorError, match="would overwrite the input"):
+        convert("tianchi", src, tmp_path / "d", progress=False)
+    assert target.read_bytes() == data and sorted(p.name for p in (tmp_path / "d/tianchi").iterdir()) == [target.name]
+
+
+# ----------------------------------------------------------------------------- standard streams
+
+
+def test_closed_stdout_is_quiet_and_the_output_is_complete(tmp_path):
+    lines = tianchi_lines(seed=20, bad=False)
+    src = write_log(tmp_path / "u.csv", lines)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -0`: every write to stdout fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(src),
+                               "--output", str(tmp_path / "out"), "--no-progress"], stdout=write_end,
+                              stderr=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert (tmp_path / "out/tianchi/tianchi.inter").read_text() == reference("tianchi", lines, {"pv"}, (T0, T1),
+                                                                                True, 0)["text"]
+    assert describes(tmp_path / "out/tianchi/tianchi.summary.json")
 
 
 # ----------------------------------------------------------------------------- inputs

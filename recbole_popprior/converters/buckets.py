@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 import polars as pl
 
 
@@ -279,6 +278,8 @@ class ItemIndex:
             return np.zeros(0, np.int32)
         if self.direct:
             return np.concatenate(parts)
+        import pandas as pd  # here: importing pandas costs ~0.8 s at start, and only ids >= 2**28 need it
+
         return pd.factorize(np.concatenate(parts))[0].astype(np.int32)
 
 
@@ -325,10 +326,16 @@ class ItemCounter:
         if self._bitmap is not None:
             self._bitmap[items] = True
         else:
+            import pandas as pd  # see ItemIndex.finish
+
             self._parts.append(pd.unique(items))
 
     def count(self) -> int:
         if self._bitmap is not None:
             return int(self._bitmap.sum())
-        return len(pd.unique(np.concatenate(self._parts))) if self._parts else 0
+        if not self._parts:
+            return 0
+        import pandas as pd  # see ItemIndex.finish
+
+        return len(pd.unique(np.concatenate(self._parts)))
 

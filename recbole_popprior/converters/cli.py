@@ -2,17 +2,24 @@
 
     python -m recbole_popprior.convert {tianchi,alibaba} --input FILE --output DIR [--name NAME]
         [--behaviors pv,cart,...] [--dedup/--no-dedup] [--k-core K] [--start T --end T]
-        [--max-bad-rows N] [--no-progress]
+        [--sample-users FRACTION] [--max-bad-rows N] [--no-progress] [--workers N]
 
 Writes DIR/NAME/NAME.inter and DIR/NAME/NAME.summary.json. Bad input ends with one
-``error:`` line and exit status 2; an interrupted run leaves no output and exits 130.
+``error:`` line and exit status 2; an interrupted run exits 130 with one ``error:`` line
+saying what it left on disk (normally nothing). A reader of stdout that goes away early
+(``| head -0``) is not an error: the files are complete before anything is printed, so the
+status stays 0 (141, the shell's SIGPIPE status, would fail ``set -o pipefail`` scripts
+for a conversion that succeeded).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
-from typing import NoReturn, Sequence
+from typing import NoReturn, Sequence, TextIO
 
 from recbole_popprior.converters.pipeline import (DEFAULT_MAX_BAD_ROWS, KINDS, ConversionInterrupted, convert,
                                               format_summary)
@@ -23,7 +30,7 @@ __all__ = ["convert", "main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, as every plugin CLI
-        print(f"error: {message}", file=sys.stderr)
+        _say(sys.stderr, f"error: {message}")
         raise SystemExit(2)
 
 
@@ -42,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k-core", type=int, default=0, help="keep the K-core of users and items (default 0: off)")
     p.add_argument("--start", default=None, help="window start: unix seconds or YYYY-MM-DD[ HH[:MM[:SS]]] (UTC+8)")
     p.add_argument("--end", default=None, help="window end, inclusive (a date means its last second)")
+    p.add_argument("--sample-users", default=None, metavar="FRACTION",
+                   help="keep the users whose SplitMix64 hash of the id is below FRACTION of 2**64: a deterministic "
+                        "subset, the same whatever the file order or machine (0 < FRACTION <= 1; default: all users)")
     p.add_argument("--max-bad-rows", type=int, default=DEFAULT_MAX_BAD_ROWS,
                    help=f"bad rows to skip before stopping (default {DEFAULT_MAX_BAD_ROWS})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -51,20 +61,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except BrokenPipeError:  # --help into a closed pipe
+        _to_devnull(sys.stdout)
+        return 0
     try:
         summary = convert(args.kind, args.input, args.output, name=args.name, behaviors=args.behaviors,
                           dedup=args.dedup, k_core=args.k_core, start=args.start, end=args.end,
-                          max_bad_rows=args.max_bad_rows, progress=args.progress, workers=args.workers)
+                          sample_users=args.sample_users, max_bad_rows=args.max_bad_rows, progress=args.progress,
+                          workers=args.workers)
     except PopPriorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(sys.stderr, f"error: {exc}")
         return 2
-    except KeyboardInterrupt as exc:
-        why = str(exc) if isinstance(exc, ConversionInterrupted) else "interrupted"
-        print(f"error: {why}; no output written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # ConversionInterrupted says what was left on disk
+        why = str(exc) if isinstance(exc, ConversionInterrupted) else "interrupted; no output written"
+        _say(sys.stderr, f"error: {why}")
         return 130
-    print(format_summary(summary))
+    _say(sys.stdout, format_summary(summary))
     return 0
+
+
+def _say(stream: TextIO, text: str) -> None:
+    """Print one message; a reader that has gone away (``| head -0``) is not an error."""
+    try:
+        print(text, file=stream, flush=True)
+    except OSError:  # EPIPE, or ENOSPC on 2>/dev/full: nowhere left to say it
+        _to_devnull(stream)
+
+
+def _to_devnull(stream: TextIO) -> None:
+    """Python would fail again when it flushes the stream at exit (a warning and status 120),
+    so the stream's descriptor is pointed at /dev/null."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

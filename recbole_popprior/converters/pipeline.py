@@ -2,6 +2,7 @@
 
     convert("tianchi", "UserBehavior.csv", "dataset")     # -> dataset/tianchi/tianchi.inter
     convert("alibaba", "tianchi_mobile_recommend_train_user.zip", "dataset", behaviors="click,cart")
+    convert("tianchi", "UserBehavior.csv", "dataset", name="tianchi10", sample_users=0.1)  # a 10% user subset
 
 Rows are read in a stream (pass 1, :mod:`~recbole_popprior.converters.read`), checked, filtered and spilled as
 compact columns into user-range buckets; then each bucket is sorted and de-duplicated, the
@@ -12,10 +13,15 @@ header ``user_id:token item_id:token timestamp:float behavior_type:token categor
 rows sorted by user (numeric), then time, then original line.
 
 Dropped rows are counted per reason, in this order: bad rows (per kind of problem), then
-``out_of_window``, ``behavior``, ``duplicate`` (an exact copy of an earlier raw row, the
-geohash included), ``k_core``. Ids are read as non-negative decimal integers, so ``007`` and
-``7`` are the same token. Up to ``max_bad_rows`` bad rows (default 1000) are skipped; one
-more stops the run. Nothing is written under the final names unless the run succeeds.
+``out_of_window``, ``behavior``, ``sample_users`` (users outside the deterministic subset of
+:mod:`~recbole_popprior.converters.sample`), ``duplicate`` (an exact copy of an earlier raw
+row, the geohash included), ``k_core`` (computed on what is left, so on the subset). Ids are
+read as non-negative decimal integers, so ``007`` and ``7`` are the same token. Up to
+``max_bad_rows`` bad rows (default 1000) are skipped; one more stops the run.
+
+The ``.inter`` and its summary are committed as one (:mod:`~recbole_popprior.converters.commit`):
+a ``NAME.summary.json`` only ever sits beside the ``NAME.inter`` it describes (size and SHA-256),
+and an output that would replace the input is refused.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ from tqdm import tqdm
 
 from recbole_popprior.converters import buckets as _buckets
 from recbole_popprior.converters import read as _read
+from recbole_popprior.converters.commit import OutputPair
 from recbole_popprior.converters.read import BAD_KINDS, BEHAVIORS, DEFAULT_BEHAVIORS, TIANCHI_WINDOW
+from recbole_popprior.converters.sample import check_fraction
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.utils import atomic_write, write_json
 
 KINDS = ("tianchi", "alibaba")
 DEFAULT_MAX_BAD_ROWS = 1000
+MAX_WORKERS = 64  # each parser thread keeps two blocks in flight: a huge count would only fill memory
 _PROGRESS_MIN_BYTES = 256 << 20
 
 __all__ = ["convert", "KINDS", "DEFAULT_MAX_BAD_ROWS", "ConversionInterrupted", "format_summary"]
@@ -55,7 +63,7 @@ class ConversionInterrupted(KeyboardInterrupt):
 
 def convert(kind: str, input: str | Path, output_dir: str | Path, *, name: str | None = None,
             behaviors: str | Sequence[str] | None = None, dedup: bool = True, k_core: int = 0,
-            start: str | int | None = None, end: str | int | None = None,
+            start: str | int | None = None, end: str | int | None = None, sample_users: float | str | None = None,
             max_bad_rows: int = DEFAULT_MAX_BAD_ROWS, progress: bool | None = None, workers: int = 2,
             rows_per_bucket: int = 2_000_000, block_bytes: int = 1 << 20) -> dict[str, Any]:
     """Convert a raw log into ``output_dir/NAME/NAME.inter`` and ``NAME.summary.json``.
@@ -70,15 +78,21 @@ def convert(kind: str, input: str | Path, output_dir: str | Path, *, name: str |
         k_core: keep the K-core of users and items (0 or 1: off).
         start, end: inclusive time window, unix seconds or ``YYYY-MM-DD[ HH[:MM[:SS]]]`` in
             UTC+8; tianchi defaults to the official 2017-11-25..2017-12-03, alibaba to none.
+        sample_users: keep only the users whose SplitMix64 hash of the id falls below this
+            fraction of 2**64 (0 < f <= 1; default None: every user), see
+            :mod:`~recbole_popprior.converters.sample`.
         max_bad_rows: bad rows skipped before the run stops with an error.
         progress: tqdm bars on stderr (default: when stderr is a terminal or the input > 256 MB).
+        workers: parser threads (at least 1).
 
     Returns:
         The summary, also saved as ``NAME.summary.json``.
 
     Raises:
         PopPriorError: bad options, unreadable or malformed input, too many bad rows, an
-            unwritable output directory, or nothing left after filtering.
+            unwritable output directory, an output that would replace the input, or nothing
+            left after filtering.
+        ConversionInterrupted: SIGINT or SIGTERM; its message says what was left on disk.
     """
     began = time.time()
     if kind not in KINDS:
@@ -90,27 +104,39 @@ def convert(kind: str, input: str | Path, output_dir: str | Path, *, name: str |
         raise PopPriorError(f"--k-core must be a non-negative integer, got {k_core!r}")
     if not isinstance(max_bad_rows, (int, np.integer)) or max_bad_rows < 0:
         raise PopPriorError(f"--max-bad-rows must be a non-negative integer, got {max_bad_rows!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or not 1 <= workers <= MAX_WORKERS:
+        raise PopPriorError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
+    sample_users = check_fraction(sample_users)
     input = Path(input)
-    stream, size, consumed, plain = _read.open_raw(input)
     out_dir = Path(output_dir) / name
+    pair = OutputPair(out_dir, name)
+    pair.refuse_to_overwrite(input)
+    stream, size, consumed, plain = _read.open_raw(input)
     if progress is None:
         progress = sys.stderr.isatty() or size > _PROGRESS_MIN_BYTES
     try:
         with _terminate_on_sigterm(), _workdir(out_dir, name) as workdir:
-            parser = _read.BlockParser(kind, codes, window, dedup)
+            parser = _read.BlockParser(kind, codes, window, dedup, sample_users)
             columns = list(_buckets.COLUMNS) if kind == "alibaba" and dedup else list(_buckets.COLUMNS)[:5]
             bounds = _buckets.sample_bounds(input, rows_per_bucket) if plain else None
             buckets = _buckets.Buckets(workdir, columns, np.zeros(0, np.int64) if bounds is None else bounds)
             stats = _pass1(stream, size, consumed, parser, buckets, kind, max_bad_rows, progress, workers, block_bytes)
             stats.update(input=str(input), kind=kind)
+            if buckets.n == 0:
+                raise PopPriorError(_nothing_left(stats))
             stores = _buckets.repartition(buckets, workdir, rows_per_bucket) if bounds is None else buckets.stores
             buckets.close()
             options = {"behaviors": [BEHAVIORS[kind][c] for c in sorted(codes)], "dedup": dedup,
                        "k_core": int(k_core), "start": window[0], "end": window[1],
-                       "max_bad_rows": int(max_bad_rows)}
-            summary = _pass2(stores, stats, kind, dedup, k_core, out_dir, name, progress, options, began)
+                       "sample_users": 1.0 if sample_users is None else sample_users,
+                       "sample_users_hash": "splitmix64", "max_bad_rows": int(max_bad_rows)}
+            summary = _pass2(stores, stats, kind, dedup, k_core, pair, progress, options, began)
     except OSError as exc:
-        raise PopPriorError(f"cannot write output under {out_dir}: {exc.strerror or exc}") from None
+        left = "" if pair.stage == "nothing" else f"; {pair.left_behind()}"
+        raise PopPriorError(f"cannot write output under {out_dir}: {exc.strerror or exc}{left}") from None
+    except KeyboardInterrupt as exc:
+        why = str(exc) if isinstance(exc, ConversionInterrupted) else "interrupted"
+        raise ConversionInterrupted(f"{why}; {pair.left_behind()}") from None
     finally:
         stream.close()
     logging.getLogger().info(f"converted {input} -> {summary['output']}: {summary['rows_kept']} rows")
@@ -202,6 +228,29 @@ def _workdir(out_dir: Path, name: str) -> Iterator[Path]:
                 pass
 
 
+class _QuietStream:
+    """stderr for the progress bars: a closed or full stderr (``2>&1 | head``) stops the bars,
+    not the conversion (tqdm only forgives EIO)."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._ok = stream, True
+
+    def write(self, text: str) -> int:
+        if self._ok:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):
+                self._ok = False
+        return len(text)
+
+    def flush(self) -> None:
+        if self._ok:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._ok = False
+
+
 # ----------------------------------------------------------------------------- passes
 
 
@@ -214,7 +263,8 @@ def _pass1(stream, size: int, consumed, parser: _read.BlockParser, buckets: _buc
     dropped: Counter = Counter()
     examples: list = []
     max_user = max_item = -1
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {kind}", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {kind}", disable=not progress,
+               file=_QuietStream(sys.stderr))
 
     def chunks() -> Iterator[tuple[bytes, int]]:
         line = header_lines + 1
@@ -278,23 +328,22 @@ def _prepend(first: bytes, source: Iterator[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def _pass2(buckets: list, stats: dict, kind: str, dedup: bool, k_core: int, out_dir: Path, name: str,
+def _pass2(buckets: list, stats: dict, kind: str, dedup: bool, k_core: int, pair: OutputPair,
            progress: bool, options: dict, began: float) -> dict[str, Any]:
     """Sort, de-duplicate, k-core filter and write the buckets, in user order."""
     keys = _buckets.DEDUP_KEYS[kind] if dedup else None
     names = BEHAVIORS[kind]
     n_spilled = sum(b.n for b in buckets)
     bar = tqdm(total=n_spilled, unit="row", unit_scale=True, desc="sorting/writing", disable=not progress,
-               file=sys.stderr)
+               file=_QuietStream(sys.stderr))
     try:
-        return _sort_filter_write(buckets, stats, kind, keys, names, n_spilled, k_core, out_dir, name, bar,
-                                  options, began)
+        return _sort_filter_write(buckets, stats, kind, keys, names, n_spilled, k_core, pair, bar, options, began)
     finally:
         bar.close()
 
 
 def _sort_filter_write(buckets: list, stats: dict, kind: str, keys: list | None, names: dict, n_spilled: int,
-                       k_core: int, out_dir: Path, name: str, bar: tqdm, options: dict, began: float) -> dict:
+                       k_core: int, pair: OutputPair, bar: tqdm, options: dict, began: float) -> dict:
     duplicates = 0
     keep = None
     if k_core > 1:  # first sort + dedup every bucket, then find the core over all of them
@@ -314,8 +363,7 @@ def _sort_filter_write(buckets: list, stats: dict, kind: str, keys: list | None,
     kept = n_users = 0
     ts_min, ts_max = None, None
     item_counter = _buckets.ItemCounter(max(stats["max_item"], 0))
-    inter_path = out_dir / f"{name}.inter"
-    with atomic_write(inter_path, "wb") as handle:
+    with pair.writing_inter() as handle:
         handle.write(_buckets.HEADER.encode())
         starts = np.cumsum([0] + [b.n for b in buckets])
 
@@ -341,13 +389,14 @@ def _sort_filter_write(buckets: list, stats: dict, kind: str, keys: list | None,
             ts_min = lo if ts_min is None else min(ts_min, lo)
             ts_max = hi if ts_max is None else max(ts_max, hi)
         if kept == 0:
-            raise PopPriorError("no rows left after filtering (check --behaviors, --start/--end and --k-core)")
+            raise PopPriorError(_nothing_left(stats, duplicate=duplicates, k_core=n_spilled - duplicates))
         dropped = stats["dropped"]
         summary = {
-            "kind": kind, "input": stats["input"], "output": str(inter_path),
+            "kind": kind, "input": stats["input"], "output": str(pair.inter),
             "rows_read": stats["rows_read"], "rows_kept": kept,
             "dropped": {"bad_rows": int(sum(stats["bad"].values())),
                         "out_of_window": int(dropped["out_of_window"]), "behavior": int(dropped["behavior"]),
+                        "sample_users": int(dropped["sample_users"]),
                         "duplicate": int(duplicates), "k_core": int(n_spilled - duplicates - kept)},
             "bad_rows": {k: int(stats["bad"][k]) for k in BAD_KINDS},
             "bad_examples": [{"line": line, "problem": what, "text": text}
@@ -359,9 +408,26 @@ def _sort_filter_write(buckets: list, stats: dict, kind: str, keys: list | None,
             "options": options,
             "seconds": round(time.time() - began, 3),
         }
-        # The summary is renamed into place just before the .inter (on leaving this block).
-        write_json(out_dir / f"{name}.summary.json", summary)
-    return summary
+    return pair.commit(summary)  # the .inter is in place: now its summary (commit.py's invariant)
+
+
+def _nothing_left(stats: dict, **later: int) -> str:
+    """Why no row is left, reason by reason, with the first bad row (one line)."""
+    bad, read = stats["bad"], stats["rows_read"]
+    n_bad = int(sum(bad.values()))
+    kinds = ", ".join(f"{k} {bad[k]}" for k in BAD_KINDS if bad[k])
+    example = ""
+    if stats["bad_examples"]:
+        line, what, text = stats["bad_examples"][0]
+        example = f"; first at line {line}: {what.replace('_', ' ')}: {text!r}"
+    if n_bad == read:
+        return f"no valid rows: all {read} data rows are malformed ({kinds}){example}"
+    counts = {"bad_rows": n_bad, **{k: int(stats["dropped"][k]) for k in ("out_of_window", "behavior", "sample_users")},
+              **later}
+    reasons = ", ".join(f"{k.replace('_', ' ')} {v}" + (f" ({kinds})" if k == "bad_rows" else "")
+                        for k, v in counts.items() if v)
+    return (f"no rows left after filtering: {read} rows read, dropped {reasons}{example} "
+            f"(check --behaviors, --start/--end, --sample-users and --k-core)")
 
 
 def _prefetched(prepare, n: int) -> Iterator:
@@ -388,6 +454,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"rows read {summary['rows_read']:,}, kept {summary['rows_kept']:,}; users {summary['users']:,}, "
         f"items {summary['items']:,}",
         f"dropped: bad rows {d['bad_rows']:,} ({bad}), out of window {d['out_of_window']:,}, "
-        f"behaviour {d['behavior']:,}, duplicate {d['duplicate']:,}, k-core {d['k_core']:,}",
+        f"behaviour {d['behavior']:,}, sample users {d['sample_users']:,}, duplicate {d['duplicate']:,}, "
+        f"k-core {d['k_core']:,}",
         f"time span {span['min_iso']} .. {span['max_iso']} (UTC+8); {summary['seconds']} s",
     ])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import threading
 import zipfile
 import zlib
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
+from recbole_popprior.converters.sample import keep_users
 from recbole_popprior.errors import PopPriorError
 
 #: China standard time, in which both logs are stamped.
@@ -67,7 +69,7 @@ class Block:
     blank_lines: int = 0
     bad: Counter = field(default_factory=Counter)
     bad_examples: list = field(default_factory=list)  # (line number, kind, text)
-    dropped: Counter = field(default_factory=Counter)  # out_of_window, behavior
+    dropped: Counter = field(default_factory=Counter)  # out_of_window, behavior, sample_users
 
 
 # ----------------------------------------------------------------------------- input
@@ -168,16 +170,22 @@ def parse_time_utc8(text: str, end: bool = False) -> int:
     2017-12-03 23:59:59), so ``--start``/``--end`` given as dates are both inclusive.
     """
     text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
+    value = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
     formats = [("%Y-%m-%d %H:%M:%S", 0), ("%Y-%m-%d %H:%M", 59), ("%Y-%m-%d %H", 3599), ("%Y-%m-%d", 86399)]
-    for fmt, span in formats:
+    for fmt, span in formats if value is None else []:
         try:
             stamp = datetime.strptime(text.replace("T", " "), fmt).replace(tzinfo=UTC8)
         except ValueError:
             continue
-        return int(stamp.timestamp()) + (span if end else 0)
-    raise PopPriorError(f"cannot read time {text!r}: use unix seconds or YYYY-MM-DD[ HH[:MM[:SS]]] (UTC+8)")
+        value = int(stamp.timestamp()) + (span if end else 0)
+        break
+    if value is None:
+        raise PopPriorError(f"cannot read time {text!r}: use unix seconds or YYYY-MM-DD[ HH[:MM[:SS]]] (UTC+8)")
+    try:
+        iso_utc8(value)  # the summary shows every time as a date: it must have one
+    except (OverflowError, ValueError, OSError):
+        raise PopPriorError(f"time {text!r} is out of range for a calendar date") from None
+    return value
 
 
 def iso_utc8(ts: int) -> str:
@@ -230,8 +238,9 @@ def _int_or_none(text: str, signed: bool = False) -> int | None:
 class BlockParser:
     """Parses blocks of one raw log kind into :class:`Block` s (see module docstring)."""
 
-    def __init__(self, kind: str, behaviors: set[int], window: tuple[int | None, int | None], dedup: bool):
-        self.kind, self.behaviors, self.dedup = kind, behaviors, dedup
+    def __init__(self, kind: str, behaviors: set[int], window: tuple[int | None, int | None], dedup: bool,
+                 sample_users: float | None = None):
+        self.kind, self.behaviors, self.dedup, self.sample_users = kind, behaviors, dedup, sample_users
         self.start, self.end = window
         self.columns = TIANCHI_COLUMNS if kind == "tianchi" else ALIBABA_COLUMNS
         self._name2code = {name.encode(): code for code, name in BEHAVIORS["tianchi"].items()}
@@ -407,7 +416,8 @@ class BlockParser:
 
     # Filters -------------------------------------------------------------------
     def _filter(self, block: Block) -> Block:
-        """Drop rows out of the time window, then rows of unwanted behaviours (in that order)."""
+        """Drop rows out of the time window, then rows of unwanted behaviours, then rows of users
+        outside the ``sample_users`` subset (in that order)."""
         keep = np.ones(len(block.user), bool)
         if self.start is not None:
             keep &= block.ts >= self.start
@@ -418,6 +428,11 @@ class BlockParser:
         keep &= self._wanted[block.behavior]
         kept = int(keep.sum())
         block.dropped["behavior"] = in_window - kept
+        if self.sample_users is not None:
+            keep &= keep_users(block.user, self.sample_users)
+            sampled = int(keep.sum())
+            block.dropped["sample_users"] = kept - sampled
+            kept = sampled
         if kept < len(keep):
             rows = np.flatnonzero(keep)
             block.user, block.item, block.ts = block.user[rows], block.item[rows], block.ts[rows]
