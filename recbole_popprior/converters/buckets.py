@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pandas as pd
 import polars as pl
 
 
@@ -278,7 +279,6 @@ class ItemIndex:
             return np.zeros(0, np.int32)
         if self.direct:
             return np.concatenate(parts)
-        import pandas as pd  # here: importing pandas costs ~0.8 s at start, and only ids >= 2**28 need it
 
         return pd.factorize(np.concatenate(parts))[0].astype(np.int32)
 
@@ -326,7 +326,6 @@ class ItemCounter:
         if self._bitmap is not None:
             self._bitmap[items] = True
         else:
-            import pandas as pd  # see ItemIndex.finish
 
             self._parts.append(pd.unique(items))
 
@@ -335,7 +334,6 @@ class ItemCounter:
             return int(self._bitmap.sum())
         if not self._parts:
             return 0
-        import pandas as pd  # see ItemIndex.finish
 
         return len(pd.unique(np.concatenate(self._parts)))
 

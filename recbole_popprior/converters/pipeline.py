@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -218,8 +219,6 @@ def _workdir(out_dir: Path, name: str) -> Iterator[Path]:
         yield workdir
         ok = True
     finally:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
         if not ok and created:
             try:

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
+import recbole.data.dataset as recbole_datasets
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
@@ -46,8 +47,6 @@ _WHOLE_LIST_READERS = {
 
 def lean_unsupported(config: Any) -> str | None:
     """Why ``sequence_data: lean`` cannot promise RecBole's exact data for this config, or ``None``."""
-    import recbole.data.dataset as recbole_datasets
-
     model = config["model"]
     own = getattr(recbole_datasets, f"{model}Dataset", None)
     if own is not None:
