@@ -3,14 +3,18 @@
 RecBole 1.2.1 pickles its ``Config`` into checkpoints, which torch >= 2.6 refuses to load with
 ``weights_only=True``; turning that off would run arbitrary pickled code from the file. A
 checkpoint here holds only tensors, plain containers and one JSON string, so it always loads
-with ``weights_only=True``.
+with ``weights_only=True``. The metadata records a SHA-256 digest of every tensor and value
+saved, checked on load: torch's zip reader checks no CRC, so a flipped byte inside a tensor
+would otherwise load as a silently different model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,8 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.utils import atomic_write
 
 CHECKPOINT_FORMAT = "recbole-popprior-checkpoint/1"
+#: the saved entries the digest covers (everything but the metadata that holds it)
+_DIGESTED = ("state_dict", "optimizer", "other_parameter")
 
 
 def _plain_config(config: Any) -> dict[str, Any]:
@@ -36,44 +42,126 @@ def _plain_config(config: Any) -> dict[str, Any]:
     return plain
 
 
+def _is_plain(value: Any) -> bool:
+    """Tensors, numbers, strings and containers of them: what ``weights_only=True`` loads."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _other_parameters(model: torch.nn.Module) -> dict[str, Any] | None:
+    """RecBole's ``other_parameter()`` entries that a checkpoint can hold as plain data.
+
+    SASRecF, GRU4RecF and FDSA list their ``feature_embed_layer`` there: a module whose weights
+    are already in the state dict and whose other attributes (the dataset, its item features)
+    are rebuilt from the data when the model is built, so modules are left out. Anything else
+    that is not plain data would need pickled code to restore: refused with one line.
+    """
+    other = model.other_parameter() if hasattr(model, "other_parameter") else None
+    if not isinstance(other, dict):
+        return None
+    kept = {}
+    for name, value in other.items():
+        if isinstance(value, torch.nn.Module):
+            continue
+        if not _is_plain(value):
+            raise PopPriorError(f"cannot save {type(model).__name__}.{name} ({type(value).__name__}) in a "
+                                "checkpoint: only tensors and plain values are saved, never pickled objects")
+        kept[name] = value
+    return kept or None
+
+
+def payload_digest(state: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of the saved tensors and values (``state_dict``, ``optimizer``,
+    ``other_parameter``): names, dtypes, shapes and bytes, independent of dict order."""
+    digest = hashlib.sha256()
+    _feed(digest, [state.get(key) for key in _DIGESTED])
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)};".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{value!r};".encode())
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: Any = None,
                     optimizer: torch.optim.Optimizer | None = None, **meta: Any) -> Path:
     """Save ``model``'s state dict plus plain metadata, loadable with ``weights_only=True``.
 
     Replaces RecBole's ``Trainer._save_checkpoint`` (trainer.py ~L289), which pickles
-    the ``Config`` object. Metadata is stored as a JSON string, so no code is pickled.
+    the ``Config`` object. Metadata is stored as a JSON string, so no code is pickled; it
+    carries the content digest that :func:`load_checkpoint` checks.
     The file is written to a temporary name and renamed.
     """
-    other = model.other_parameter() if hasattr(model, "other_parameter") else None
     state = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "other_parameter": other if isinstance(other, dict) and other else None,
-        "meta": json.dumps({"config": _plain_config(config), **meta}, default=str),
+        "other_parameter": _other_parameters(model),
     }
+    state["meta"] = json.dumps({"config": _plain_config(config), **meta, "digest": payload_digest(state)},
+                               default=str)
     with atomic_write(path, "wb") as handle:
         torch.save(state, handle)
     return Path(path)
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused the file, without torch's advice to turn
+    ``weights_only`` off (which would run the pickled code this format exists to avoid)."""
+    text = str(exc)
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) or text.startswith("Weights only load failed"):
+        what = f"it names {found.group(1)}" if found else "objects that are not plain data"
+        return (f"it holds pickled Python objects, not only tensors ({what[:120]}); refused, because "
+                "loading them could run code")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"corrupt, truncated or not a recbole-popprior checkpoint ({first[:200]})"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Returns ``{"state_dict", "optimizer", "other_parameter", "meta"}``. A missing,
-    truncated, tampered or foreign file raises :class:`PopPriorError` with one line;
-    no pickled code is ever executed.
+    truncated, corrupt, tampered or foreign file raises :class:`PopPriorError` with one line;
+    no pickled code is ever executed. Corruption is caught twice: by the zip members' CRCs
+    and by the content digest in the metadata (files written before the digest existed
+    have none and are only CRC-checked).
     """
     path = Path(path)
     if not path.is_file():
         raise PopPriorError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
-            zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PopPriorError(f"cannot load checkpoint {path}: corrupt, truncated or not a "
                             f"recbole-popprior checkpoint ({reason[:200]})") from None
+    if bad_member is not None:
+        raise PopPriorError(f"cannot load checkpoint {path}: corrupt (member {bad_member} fails its CRC check)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
+            zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        raise PopPriorError(f"cannot load checkpoint {path}: {_refusal(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PopPriorError(f"cannot load checkpoint {path}: not a recbole-popprior checkpoint "
                             f"(expected format {CHECKPOINT_FORMAT})")
@@ -81,15 +169,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         state["meta"] = json.loads(state.get("meta") or "{}")
     except (TypeError, ValueError):
         raise PopPriorError(f"cannot load checkpoint {path}: its metadata is not valid JSON") from None
+    if not isinstance(state["meta"], dict):
+        raise PopPriorError(f"cannot load checkpoint {path}: its metadata is not a JSON object")
+    recorded = state["meta"].get("digest")
+    if recorded is not None and recorded != payload_digest(state):
+        raise PopPriorError(f"cannot load checkpoint {path}: corrupt or modified (its tensors do not match "
+                            "the digest recorded when it was saved)")
     return state
+
+
+def _shape(value: Any) -> str:
+    return "x".join(map(str, value.shape)) if hasattr(value, "shape") else type(value).__name__
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | None:
+    """What keeps ``state_dict`` from loading into ``model``: missing, unexpected and mis-shaped
+    keys, briefly (``None`` when they match)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shaped = [f"{k} {_shape(state_dict[k])} (model {_shape(own[k])})" for k in own
+              if k in state_dict and getattr(state_dict[k], "shape", None) != getattr(own[k], "shape", None)]
+    parts = [f"{label} {_listed(keys)}" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape differs for", shaped)) if keys]
+    return "; ".join(parts) or None
 
 
 def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike = "?") -> None:
     """Load a checkpoint's weights into ``model`` with a one-line error on mismatch."""
+    state_dict = state.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise PopPriorError(f"checkpoint {path} holds no state dict")
+    problem = mismatch(model, state_dict)
+    if problem:
+        raise PopPriorError(f"checkpoint {path} does not match this {type(model).__name__}: {problem}")
     try:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state_dict)
     except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise PopPriorError(f"checkpoint {path} does not match this model: {first[:200]}") from None
+        first = str(exc).strip().replace("\n", " ").replace("\t", "")
+        raise PopPriorError(f"checkpoint {path} does not match this model: {first[:300]}") from None
     if state.get("other_parameter") and hasattr(model, "load_other_parameter"):
         model.load_other_parameter(state["other_parameter"])
