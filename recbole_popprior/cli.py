@@ -2,6 +2,7 @@
 
     python run_recbole_popprior.py --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
         --compare [--seeds=3] [--output=DIR]          RecBole baseline vs prior-separated, matched
+            [--arms=standard,separated,resn,...]      arms to compare (recbole_popprior.arms.ARMS)
         --beta-sweep=-1,0,0.5,1                        serve one trained model at several beta
         --tune --n-trials=N [--storage=URL] ...        Optuna search over the prior weights
         --nproc=K [--world_size=.. --ip=.. --port=.. --group_offset=..]   distributed training
@@ -18,6 +19,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from recbole_popprior.arms import parse_arms
 from recbole_popprior.compare import run_beta_sweep, run_compare
 from recbole_popprior.distributed import run_distributed
 from recbole_popprior.errors import PopPriorError
@@ -27,7 +29,7 @@ from recbole_popprior.tuning import run_tuning
 #: plugin options: name -> (takes a value, default)
 OPTIONS: dict[str, tuple[bool, Any]] = {
     "model": (True, None), "dataset": (True, None), "config_files": (True, None),
-    "compare": (False, False), "seeds": (True, 3), "beta_sweep": (True, None),
+    "compare": (False, False), "seeds": (True, 3), "arms": (True, None), "beta_sweep": (True, None),
     "tune": (False, False), "n_trials": (True, 20), "storage": (True, None), "study_name": (True, None),
     "timeout": (True, None), "search_space": (True, None), "n_workers": (True, 1),
     "multi_objective": (False, False), "pruner": (True, "median"),
@@ -79,6 +81,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         for path in options["config_files"]:
             if not os.path.isfile(path):
                 raise PopPriorError(f"config file not found: {path}")
+    if options["arms"] is not None:
+        if not options["compare"]:
+            raise PopPriorError("--arms chooses the arms of --compare; add --compare")
+        options["arms"] = parse_arms(options["arms"])
     if options["beta_sweep"] is not None:
         try:
             options["beta_sweep"] = [float(b) for b in options["beta_sweep"].split(",") if b.strip()]
@@ -97,7 +103,7 @@ def _dispatch(options: dict[str, Any], overrides: dict[str, Any]) -> Any:
         return run_tuning(model, dataset, config_file_list=files, config_dict=overrides, options=options)
     if options["compare"]:
         return run_compare(model, dataset, config_file_list=files, config_dict=overrides,
-                           seeds=options["seeds"], output=overrides.get("output"))
+                           seeds=options["seeds"], output=overrides.get("output"), arms=options["arms"])
     if options["beta_sweep"] is not None:
         return run_beta_sweep(model, dataset, options["beta_sweep"], config_file_list=files,
                               config_dict=overrides, output=overrides.get("output"))

@@ -1,35 +1,43 @@
-"""Matched comparison of RecBole's model (tau = 0) and its prior-separated version (docs/DESIGN.md §1, §3).
+"""Matched comparison of RecBole's model with the prior-separated model and other arms (docs/DESIGN.md §1, §3).
 
-``run_compare`` trains, for every seed, both arms under one config (only ``prior_tau``
-differs), evaluates both on the SAME test contexts (one shared test loader; the arms' data
-splits are checked to be identical) and reports accuracy, popularity-band recall, coverage,
-average popularity, the energy fractions and the matched reductions ``R_dir`` and ``R_shared``
-with their permutation p-values. The energies come from the same collector that feeds the
-``PopEnergy`` metric, so the comparison's figures and the metrics' figures are one computation.
-``run_beta_sweep`` serves one trained prior-separated model at several ``beta`` without
-retraining.
+``run_compare`` trains, for every seed, one model per arm (:mod:`recbole_popprior.arms`: by
+default RecBole's own model, ``standard``, and the prior-separated model, ``separated``) under
+one config, evaluates every arm on the SAME test contexts (the standard arm's test loader; the
+arms' data splits are checked to be identical) and reports accuracy, popularity-band recall,
+coverage, average popularity, the energy fractions, the embedding spectrum, each arm's own
+permutation tests, each non-standard arm's matched reductions ``R_dir`` and ``R_shared``
+against ``standard`` with their permutation p-values, and intervals over seeds
+(:mod:`recbole_popprior.compare_report`, DESIGN §3.2). The energies come from the same
+collector that feeds the ``PopEnergy`` metric, so the comparison's figures and the metrics'
+figures are one computation. ``run_beta_sweep`` serves one trained prior-separated model at
+several ``beta`` without retraining.
 
 Outputs (each file atomic; ``compare.json`` last, so its presence means the set is complete):
-``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png`` and ``compare.json``;
-``beta_sweep.{csv,md,json}``.
+``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png``, ``arms.png`` and
+``compare.json``; ``beta_sweep.{csv,md,json}``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import math
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import yaml
 from recbole.utils import get_local_time
 
 from recbole_popprior import plots
+from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms
+from recbole_popprior.compare_report import compare_csv, summarise
+from recbole_popprior.config import parse_literal, properties_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
 from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_null
@@ -39,12 +47,15 @@ from recbole_popprior.serving import evaluate_at, sweep_beta
 from recbole_popprior.utils import atomic_write, to_jsonable, write_json
 
 #: RecBole metrics every comparison evaluates (PopBandRecall: head/mid/tail recall; PopEnergy and
-#: EmbeddingSpectrum: the statistics the matched reductions are computed from)
+#: EmbeddingSpectrum: the statistics the energy columns and the matched reductions are computed
+#: from; ``run_compare`` adds PopPermutation, each arm's own permutation tests)
 COMPARE_METRICS = ["Recall", "MRR", "NDCG", "ItemCoverage", "AveragePopularity", "PopBandRecall",
                    "PopEnergy", "EmbeddingSpectrum"]
 _ENERGY_METRICS = ("PopEnergy", "EmbeddingSpectrum")
 STD, SEP, SEP0 = "standard", "separated", "separated_beta0"
 _ENERGY_KEYS = ("total", "dir", "shared", "specific", "dir_frac", "shared_frac", "m")
+_SPECIFICITY_KEYS = ("p_value", "p_value_shared", "null_mean", "null_q95", "null_mean_shared", "null_q95_shared",
+                     "shared_total_frac")
 
 
 # --------------------------------------------------------------------------------------
@@ -53,7 +64,7 @@ _ENERGY_KEYS = ("total", "dir", "shared", "specific", "dir_frac", "shared_frac",
 @dataclass
 class Arm:
     """One trained model of a comparison: its pipeline, its result record, and the energy
-    statistics of its latest evaluation on the shared test contexts."""
+    statistics of its evaluation on the shared test contexts (at its own serving beta)."""
 
     name: str
     pipe: Any
@@ -61,27 +72,32 @@ class Arm:
     state: EnergyState | None = None
 
 
-def _with_energy_metrics(metrics: Any) -> list[str]:
-    names = list(metrics)
+def _with_energy_metrics(metrics: Any, needed: Sequence[str] = _ENERGY_METRICS) -> list[str]:
+    if isinstance(metrics, str):  # --metrics=... from the command line: a literal list, or one name
+        metrics = parse_literal(metrics)
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
     known = {str(m).lower() for m in names}
-    return names + [m for m in _ENERGY_METRICS if m.lower() not in known]
+    return names + [m for m in needed if m.lower() not in known]
 
 
 def arm_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict | None,
-               *, seed: int | None, baseline: bool, run_dir: Path | None = None, tau: float | None = None):
-    """The plugin ``Config`` of one arm: the user's settings, this seed, and the arm's ``prior_tau``."""
-    overrides = dict(config_dict or {})
-    overrides["metrics"] = _with_energy_metrics(overrides.get("metrics", COMPARE_METRICS))
-    overrides.update(popprior_baseline=bool(baseline), prior_beta=None)
+               *, seed: int | None, baseline: bool, run_dir: Path | None = None, tau: float | None = None,
+               overrides: Mapping[str, Any] | None = None):
+    """The plugin ``Config`` of one arm: the user's settings, this seed, the arm's ``prior_tau``
+    and the arm's ``overrides`` (:func:`recbole_popprior.arms.arm_overrides`)."""
+    settings = dict(config_dict or {})
+    settings["metrics"] = _with_energy_metrics(settings.get("metrics", COMPARE_METRICS))
+    settings.update(popprior_baseline=bool(baseline), prior_beta=None)
     if seed is not None:
-        overrides["seed"] = int(seed)
+        settings["seed"] = int(seed)
     if baseline:
-        overrides["prior_tau"] = 0.0
+        settings["prior_tau"] = 0.0
     elif tau is not None:
-        overrides["prior_tau"] = tau
+        settings["prior_tau"] = tau
+    settings.update(overrides or {})
     if run_dir is not None:
-        overrides["run_dir"] = str(run_dir)
-    return build_config(model, dataset, config_file_list, overrides)
+        settings["run_dir"] = str(run_dir)
+    return build_config(model, dataset, config_file_list, settings)
 
 
 def train_arm(name: str, config: Any, *, saved: bool = True) -> Arm:
@@ -101,11 +117,22 @@ def data_digest(pipe: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def measure(arm: Arm, eval_data: Any, beta: float | None = None) -> dict[str, float]:
-    """Evaluate ``arm`` on ``eval_data`` (at serving ``beta``) and keep the energy statistics that
-    the evaluation's ``PopEnergy`` metric was computed from."""
-    metrics = evaluate_at(arm.pipe.trainer, eval_data, beta)
-    arm.state = arm.pipe.trainer.eval_collector.last_state
+def measure(arm: Arm, eval_data: Any, beta: float | None = None, *, primary: bool = True) -> dict[str, float]:
+    """Evaluate ``arm`` on ``eval_data`` (at serving ``beta``).
+
+    ``primary``: a test-stage evaluation (the ``PopPermutation`` tests run) whose energy
+    statistics become ``arm.state``. Otherwise only the serving metrics are wanted: the learned
+    dot product, and so every energy statistic, does not depend on ``beta``, so the permutations
+    are skipped and ``arm.state`` is kept.
+    """
+    trainer = arm.pipe.trainer
+    stage, trainer.eval_stage = trainer.eval_stage, "test" if primary else "valid"
+    try:
+        metrics = evaluate_at(trainer, eval_data, beta)
+    finally:
+        trainer.eval_stage = stage
+    if primary:
+        arm.state = trainer.eval_collector.last_state
     return metrics
 
 
@@ -126,10 +153,6 @@ def score_singular_values(G: np.ndarray, E: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------
-_TABLE_METRICS = ("ndcg", "recall", "mrr", "headrecall", "midrecall", "tailrecall",
-                  "itemcoverage", "averagepopularity")
-
-
 def _output_dir(output: str | Path | None, config: Any, kind: str) -> Path:
     if output:
         return Path(output)
@@ -143,90 +166,178 @@ def _seed_list(config: Any, seeds: int) -> list[int]:
     return [base + k for k in range(seeds)]
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+def _shipped_defaults(config: Any) -> dict[str, Any]:
+    """The plugin's ``properties/overall.yaml``, read with RecBole's yaml loader (the keys arms may set)."""
+    with open(properties_file("overall.yaml"), encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=config.yaml_loader) or {}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one arm trains with and which rows it reports."""
+
+    spec: ArmSpec
+    overrides: dict[str, Any]
+    tau: Any  # the configured prior_tau (a number or "learned")
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """``name``, plus ``name_beta0`` for a prior-separated arm (served at beta = tau and at 0)."""
+        if self.spec.baseline or (self.tau != "learned" and float(self.tau) == 0.0):
+            return (self.spec.name,)
+        return (self.spec.name, f"{self.spec.name}_beta0")
+
+
+def _plan(names: Sequence[str], table: Mapping[str, ArmSpec], probe: Any) -> list[_Plan]:
+    defaults = _shipped_defaults(probe)
+    check_arms(names, table, defaults, probe.final_config_dict)
+    plans = []
+    for name in names:
+        spec = table[name]
+        tau = 0.0 if spec.baseline else spec.overrides.get("prior_tau", probe["prior_tau"])
+        plans.append(_Plan(spec, arm_overrides(spec, table, defaults), tau))
+    return plans
 
 
 def run_compare(model: str, dataset: str, config_file_list: list[str] | None = None,
-                config_dict: dict | None = None, seeds: int = 3, output: str | Path | None = None) -> dict[str, Any]:
-    """Train RecBole's ``model`` (tau = 0) and its prior-separated version per seed; compare them.
+                config_dict: dict | None = None, seeds: int = 3, output: str | Path | None = None,
+                arms: str | Iterable[str] | None = None, arm_table: Mapping[str, ArmSpec] | None = None
+                ) -> dict[str, Any]:
+    """Train every arm per seed and compare each with RecBole's ``model`` (the ``standard`` arm).
 
-    Both arms of a seed share the config, the data split, the seed and the test contexts.
-    Returns the ``compare.json`` payload (``summary``, ``reductions``, ``per_seed``, ``files``).
+    ``arms``: names from ``arm_table`` (default :data:`recbole_popprior.arms.ARMS`); None =
+    ``standard,separated``. All arms of a seed share the config, the data split, the seed and
+    the test contexts. Returns the ``compare.json`` payload (``summary``, ``deltas``,
+    ``specificity``, ``reductions``, ``per_seed``, ``files``; DESIGN §3.2).
     """
     logger = getLogger()
+    table = dict(arm_table or ARMS)
+    names = parse_arms(arms, table)
+    config_dict = dict(config_dict or {})
+    config_dict["metrics"] = _with_energy_metrics(config_dict.get("metrics", COMPARE_METRICS),
+                                                  (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
-    tau = probe["prior_tau"]
-    if tau != "learned" and float(tau) == 0.0:
+    plans = _plan(names, table, probe)
+    if SEP in names and probe["prior_tau"] != "learned" and float(probe["prior_tau"]) == 0.0:
         raise PopPriorError("--compare needs a non-zero prior_tau for the prior-separated arm")
     topk = int(probe["topk"][0])
     permutations = int(probe["energy_permutations"])
     energy_seed = int(probe["energy_seed"])
+    confidence = float(probe["compare_confidence"])
     out_dir = _output_dir(output, probe, "compare")
     seed_values = _seed_list(probe, seeds)
 
-    per_seed, spectra, first_null = [], {}, None
+    per_seed, figures = [], {}
     for seed in seed_values:
-        arms = {}
-        for name, baseline in ((STD, True), (SEP, False)):
-            config = arm_config(model, dataset, config_file_list, config_dict, seed=seed, baseline=baseline,
-                                run_dir=out_dir / "runs" / f"seed{seed}-{name}")
-            arms[name] = train_arm(name, config)
-        log_prior = _training_log_prior(arms[STD], arms[SEP])
-        record = _compare_seed(arms[STD], arms[SEP], log_prior, permutations, energy_seed)
+        config_of = functools.partial(_seed_config, model, dataset, config_file_list, config_dict, seed, out_dir)
+        record = _run_seed(plans, config_of, permutations, energy_seed, figures if not per_seed else None)
         record["seed"] = seed
         per_seed.append(record)
-        if len(per_seed) == 1:  # the plots show the first seed
-            first_null = _null(arms[STD].state, arms[SEP].state, log_prior, permutations, energy_seed)
-            spectra = {_row_label(key, model, record["tau"]): score_singular_values(arms[key].state.contexts.G,
-                                                                                     arms[key].state.E)
-                       for key in (STD, SEP) if arms[key].state.contexts is not None}
-        logger.info(f"compare seed {seed}: R_dir={record['reduction']['R_dir']:.4f} "
-                    f"R_shared={record['reduction']['R_shared']:.4f}")
+        for name, red in record["reductions"].items():
+            logger.info(f"compare seed {seed} {name}: R_dir={red['R_dir']:.4f} R_shared={red['R_shared']:.4f}")
 
-    payload = _summarise(model, dataset, per_seed, topk, permutations)
-    files = _write_compare(out_dir, payload, spectra, first_null)
+    taus = per_seed[0]["tau"]  # labels and plots use the first seed
+    spectra = {_label(plan, model, taus[plan.spec.name]): figures["spectra"][plan.spec.name]
+               for plan in plans if plan.spec.name in figures["spectra"]}
+    first_nulls = figures["nulls"]
+    arms_info = [_arm_info(plan, model, taus[plan.spec.name]) for plan in plans]
+    payload = summarise(model, dataset, arms_info, per_seed, topk=topk, permutations=permutations,
+                        confidence=confidence)
+    payload["tau"] = taus.get(SEP)
+    files = _write_compare(out_dir, payload, spectra, first_nulls)
     payload["files"] = {k: str(v) for k, v in files.items()}
     print(payload["markdown"])
     return payload
 
 
-def _compare_seed(std: Arm, sep: Arm, log_prior: np.ndarray, permutations: int, energy_seed: int) -> dict[str, Any]:
-    """Evaluate one seed's pair on the same contexts: accuracy, energies, matched reductions."""
-    digests = {STD: data_digest(std.pipe), SEP: data_digest(sep.pipe)}
-    if digests[STD] != digests[SEP]:
-        raise RuntimeError("the two arms did not get the same data split: compare is not matched")
-    shared_test = std.pipe.test_data  # both models are measured on one loader: same contexts, same order
-    tau = sep.pipe.model.training_tau()  # the learned value when prior_tau is "learned"
-    metrics = {STD: measure(std, shared_test), SEP0: measure(sep, shared_test, 0.0),
-               SEP: measure(sep, shared_test, None)}
-    energy = {key: {k: arm.state.energy()[k] for k in _ENERGY_KEYS} for key, arm in ((STD, std), (SEP, sep))}
-    energy[SEP0] = energy[SEP]  # beta changes serving only; the learned dot product is the same
-    reduction = _matched(std.state, sep.state, log_prior, permutations, energy_seed)
-    return {
-        "tau": tau,
-        "metrics": metrics,
-        "energy": energy,
-        "reduction": reduction,
-        "data_digest": digests,
-        "energy_path": {STD: std.state.path, SEP: sep.state.path},
-        "best_valid_score": {STD: std.result.get("best_valid_score"), SEP: sep.result.get("best_valid_score")},
-        "run_dir": {STD: std.result.get("run_dir"), SEP: sep.result.get("run_dir")},
-    }
+def _seed_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict, seed: int,
+                 out_dir: Path, plan: _Plan) -> Any:
+    """One arm's config for one seed (its run folder: ``runs/seed<seed>-<arm>``)."""
+    return arm_config(model, dataset, config_file_list, config_dict, seed=seed, baseline=plan.spec.baseline,
+                      overrides=plan.overrides, run_dir=out_dir / "runs" / f"seed{seed}-{plan.spec.name}")
 
 
-def _training_log_prior(std: Arm, sep: Arm) -> np.ndarray:
-    """``log p_hat`` of the training targets (docs/DESIGN.md §2): what both arms' measures use."""
+def _label(plan: _Plan, model: str, tau: float, beta: float | None = None) -> str:
+    return plan.spec.label.format(model=model, tau=tau, beta=tau if beta is None else beta)
+
+
+def _arm_info(plan: _Plan, model: str, tau: float) -> dict[str, Any]:
+    """Name, labels and settings of one arm, for the report."""
+    labels = {plan.spec.name: _label(plan, model, tau)}
+    if len(plan.rows) > 1:
+        primary = labels[plan.spec.name]
+        labels[plan.rows[1]] = (_label(plan, model, tau, 0.0) if "{beta" in plan.spec.label
+                                else f"{primary} served at beta=0")
+    return {"name": plan.spec.name, "label": labels[plan.spec.name], "baseline": plan.spec.baseline, "tau": tau,
+            "overrides": {k: v for k, v in plan.spec.overrides.items()}, "rows": list(plan.rows),
+            "row_labels": labels}
+
+
+def _run_seed(plans: Sequence[_Plan], config_of: Callable[[_Plan], Any], permutations: int, energy_seed: int,
+              figures: dict[str, Any] | None) -> dict[str, Any]:
+    """Train and evaluate one seed's arms on the same contexts: accuracy, energies, own tests and
+    matched reductions. Arms are trained one after the other; only the standard arm's pipeline
+    (its test loader is every arm's) stays in memory. ``figures``: filled with the spectra and
+    the permutation nulls when given (the first seed)."""
+    record: dict[str, Any] = {"tau": {}, "metrics": {}, "energy": {}, "specificity": {}, "reductions": {},
+                              "data_digest": {}, "energy_path": {}, "best_valid_score": {}, "run_dir": {},
+                              "fit_seconds": {}}
+    if figures is not None:
+        figures.update(spectra={}, nulls={})
+    std: Arm | None = None
+    for plan in plans:
+        name = plan.spec.name
+        arm = train_arm(name, config_of(plan))
+        record["data_digest"][name] = data_digest(arm.pipe)
+        if std is None:
+            std, log_prior = arm, _training_log_prior(arm)
+        elif record["data_digest"][name] != record["data_digest"][REFERENCE]:
+            raise RuntimeError(f"arm {name} did not get the standard arm's data split: compare is not matched")
+        else:
+            _check_prior(arm, log_prior)
+        _measure_arm(record, plan, arm, std.pipe.test_data)  # one loader: same contexts, same order
+        if arm is not std:
+            record["reductions"][name] = _matched(std.state, arm.state, log_prior, permutations, energy_seed)
+        if figures is not None:
+            if arm.state.contexts is not None:
+                figures["spectra"][name] = score_singular_values(arm.state.contexts.G, arm.state.E)
+            if arm is not std:
+                figures["nulls"][name] = _null(std.state, arm.state, log_prior, permutations, energy_seed)
+    return record
+
+
+def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any) -> None:
+    """Evaluate ``arm`` on the shared test contexts; fill its entries of ``record`` in place."""
+    name, model = plan.spec.name, arm.pipe.model
+    record["tau"][name] = model.training_tau() if hasattr(model, "training_tau") else 0.0
+    record["metrics"][name] = measure(arm, shared_test, None)
+    for row in plan.rows[1:]:  # the beta = 0 serving of a prior-separated arm
+        record["metrics"][row] = measure(arm, shared_test, 0.0, primary=False)
+    energy, embedding = arm.state.energy(), arm.state.embedding()
+    values = {k: energy[k] for k in _ENERGY_KEYS}
+    values.update(emb_r1=embedding["R1"], emb_erank=embedding["erank"])
+    for row in plan.rows:  # beta changes serving only; the learned dot product is the same
+        record["energy"][row] = values
+    record["specificity"][name] = {k: energy.get(k) for k in _SPECIFICITY_KEYS}
+    record["energy_path"][name] = arm.state.path
+    record["best_valid_score"][name] = arm.result.get("best_valid_score")
+    record["run_dir"][name] = arm.result.get("run_dir")
+    record["fit_seconds"][name] = arm.result.get("fit_seconds")
+
+
+def _training_log_prior(std: Arm) -> np.ndarray:
+    """``log p_hat`` of the training targets (docs/DESIGN.md §2): what every arm's measures use."""
     train = std.pipe.train_data.dataset
-    log_prior = estimate_log_prior(train.inter_feat[train.iid_field], train.item_num,
-                                   float(std.pipe.config["prior_alpha"])).double().numpy()
-    if not np.allclose(np.exp(log_prior[1:]), np.exp(sep.pipe.model.log_prior.double().cpu().numpy()[1:]),
-                       rtol=1e-5, atol=1e-9):
-        raise RuntimeError("the two arms counted different training priors")
-    return log_prior
+    return estimate_log_prior(train.inter_feat[train.iid_field], train.item_num,
+                              float(std.pipe.config["prior_alpha"])).double().numpy()
+
+
+def _check_prior(arm: Arm, log_prior: np.ndarray) -> None:
+    """A prior-separated arm must have counted the same training prior as the standard arm's data."""
+    own = getattr(arm.pipe.model, "log_prior", None)
+    if isinstance(own, torch.Tensor) and not np.allclose(
+            np.exp(log_prior[1:]), np.exp(own.double().cpu().numpy()[1:]), rtol=1e-5, atol=1e-9):
+        raise RuntimeError(f"arm {arm.name} counted another training prior than {REFERENCE}")
 
 
 def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
@@ -252,80 +363,6 @@ def _null(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutation
                           permutations=permutations, seed=seed)
 
 
-def _row_label(key: str, model: str, tau: float) -> str:
-    return {STD: f"RecBole {model} (tau=0)",
-            SEP: f"prior-separated {model} (tau={tau:g}, beta={tau:g})",
-            SEP0: f"prior-separated {model} (tau={tau:g}, beta=0)"}[key]
-
-
-def _summarise(model: str, dataset: str, per_seed: list[dict], topk: int, permutations: int) -> dict[str, Any]:
-    tau = per_seed[0]["tau"]
-    columns = [f"{m}@{topk}" for m in _TABLE_METRICS] + ["dir_frac", "shared_frac"]
-    rows = []
-    for key in (STD, SEP, SEP0):
-        row: dict[str, Any] = {"row": key, "label": _row_label(key, model, tau)}
-        for col in columns:
-            if col in ("dir_frac", "shared_frac"):
-                values = [rec["energy"][key][col] for rec in per_seed]
-            else:
-                values = [rec["metrics"][key].get(col, math.nan) for rec in per_seed]
-            row[col] = dict(zip(("mean", "sd"), _mean_sd(values)))
-        rows.append(row)
-    red_keys = ["R_dir", "R_shared", "p_value_dir", "p_value_shared", "null_mean_dir", "null_q95_dir",
-                "null_mean_shared", "null_q95_shared"]
-    reductions = {}
-    for key in red_keys:
-        values = [rec["reduction"].get(key, math.nan) for rec in per_seed]
-        mean, sd = _mean_sd(values)
-        reductions[key] = {"mean": mean, "sd": sd, "per_seed": values}
-    payload = {
-        "model": model, "dataset": dataset, "tau": tau, "seeds": [rec["seed"] for rec in per_seed],
-        "topk": topk, "permutations": permutations, "columns": columns, "summary": rows,
-        "reductions": reductions, "per_seed": per_seed,
-    }
-    payload["markdown"] = _compare_markdown(payload)
-    return payload
-
-
-def _fmt(cell: dict[str, float]) -> str:
-    mean, sd = cell["mean"], cell["sd"]
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    digits = 4 if abs(mean) < 100 else 1
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
-def _compare_markdown(payload: dict[str, Any]) -> str:
-    cols = payload["columns"]
-    lines = [f"# {payload['model']} on {payload['dataset']}: RecBole baseline vs prior-separated",
-             "", f"Seeds {payload['seeds']} (mean ± sd); same data split, seed and test contexts per pair.", "",
-             "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row in payload["summary"]:
-        lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    red = payload["reductions"]
-    lines += ["", f"Matched reductions (same contexts, same l; B = {payload['permutations']} item-label permutations):", "",
-              "| measure | R (mean ± sd) | p-value per seed | null mean | null 95th pct |", "|---|---|---|---|---|"]
-    for name in ("dir", "shared"):
-        ps = ", ".join("n/a" if p is None or not math.isfinite(p) else f"{p:.4g}"
-                       for p in red[f"p_value_{name}"]["per_seed"])
-        lines.append(f"| R_{name} | {_fmt(red[f'R_{name}'])} | {ps} | {_fmt(red[f'null_mean_{name}'])} | "
-                     f"{_fmt(red[f'null_q95_{name}'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def _compare_csv(payload: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", "metric", "mean", "sd", "n_seeds"])
-    n = len(payload["seeds"])
-    for row in payload["summary"]:
-        for col in payload["columns"]:
-            writer.writerow([row["label"], col, row[col]["mean"], row[col]["sd"], n])
-    for key, cell in payload["reductions"].items():
-        writer.writerow(["matched", key, cell["mean"], cell["sd"], n])
-    return buffer.getvalue()
-
-
 def _write_text(path: Path, text: str) -> Path:
     with atomic_write(path, "w") as handle:
         handle.write(text)
@@ -333,18 +370,23 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np.ndarray],
-                   nulls: dict[str, np.ndarray] | None) -> dict[str, Path]:
+                   nulls: Mapping[str, dict[str, np.ndarray] | None]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"csv": _write_text(out_dir / "compare.csv", _compare_csv(payload)),
+    files = {"csv": _write_text(out_dir / "compare.csv", compare_csv(payload)),
              "md": _write_text(out_dir / "compare.md", payload["markdown"])}
     if spectra:
         files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png")
-    energy_rows = {row["label"]: payload["per_seed"][0]["energy"][row["row"]] for row in payload["summary"][:2]}
-    files["energy"] = plots.plot_energy(energy_rows, out_dir / "energy.png")
-    if nulls is not None:
-        first = payload["per_seed"][0]["reduction"]
-        files["permutation"] = plots.plot_permutation_null(
-            nulls, {"dir": first["R_dir"], "shared": first["R_shared"]}, out_dir / "permutation.png")
+    first = payload["per_seed"][0]
+    labels = {arm["name"]: arm["label"] for arm in payload["arms"]}
+    files["energy"] = plots.plot_energy({labels[name]: first["energy"][name] for name in labels},
+                                        out_dir / "energy.png")
+    panels = {labels[name]: (null, {"dir": first["reductions"][name]["R_dir"],
+                                    "shared": first["reductions"][name]["R_shared"]})
+              for name, null in nulls.items() if null is not None}
+    if panels:
+        files["permutation"] = plots.plot_permutation_nulls(panels, out_dir / "permutation.png")
+    files["arms"] = plots.plot_arms(payload["summary"], out_dir / "arms.png",
+                                    (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"))
     payload["files"] = {k: str(v) for k, v in {**files, "json": out_dir / "compare.json"}.items()}
     files["json"] = write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"})
     return files
@@ -402,4 +444,4 @@ def _cell(value: Any) -> str:
 
 
 __all__ = ["run_compare", "run_beta_sweep", "arm_config", "train_arm", "measure", "score_singular_values",
-           "COMPARE_METRICS"]
+           "COMPARE_METRICS", "Arm"]

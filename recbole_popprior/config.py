@@ -188,6 +188,9 @@ def _validate(config: dict[str, Any]) -> None:
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_energy(config)
+    _number(config, "compare_confidence", low=0.0, strict=True)  # the t intervals' level (DESIGN §3.2)
+    if config["compare_confidence"] >= 1.0:
+        raise PopPriorError(f"compare_confidence must lie in (0, 1), got {config['compare_confidence']!r}")
     _validate_tuning(config)
     if "synthetic_users" in config:
         _validate_synthetic(config)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
@@ -105,9 +106,11 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
 def train_and_test(pipe: Pipeline, *, saved: bool = True, callback_fn=None) -> dict[str, Any]:
     """Fit on train/valid, then evaluate the best model on test; return the result record."""
     config, trainer, logger = pipe.config, pipe.trainer, getLogger()
+    start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         pipe.train_data, pipe.valid_data, saved=saved, show_progress=config["show_progress"],
         callback_fn=callback_fn)
+    fit_seconds = time.perf_counter() - start
     test_result = trainer.evaluate(pipe.test_data, load_best_model=saved, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {to_jsonable(dict(best_valid_result or {}))}")
     logger.info(set_color("test result", "yellow") + f": {to_jsonable(dict(test_result or {}))}")
@@ -126,6 +129,7 @@ def train_and_test(pipe: Pipeline, *, saved: bool = True, callback_fn=None) -> d
         "test_result": dict(test_result or {}),
         "run_dir": str(pipe.run_dir),
         "checkpoint": trainer.saved_model_file if saved else None,
+        "fit_seconds": fit_seconds,  # wall time of fit (training and validation)
     }
 
 

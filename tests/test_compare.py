@@ -8,10 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from recbole_popprior import checkpoint
+from recbole_popprior.arms import ARMS, ArmSpec
 from recbole_popprior.compare import arm_config, run_beta_sweep, run_compare, score_singular_values
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.evaluator.energy import permuted_directions
 from recbole_popprior.quick_start import build_pipeline
 from conftest import loader_contexts, numpy_log_prior as _numpy_log_prior, synthetic_settings as _settings
 
@@ -34,55 +37,156 @@ def test_score_singular_values_match_dense_svd() -> None:
     np.testing.assert_allclose(score_singular_values(H.T @ H, E), dense, rtol=1e-8, atol=1e-8 * dense[0])
 
 
-def test_compare_end_to_end_on_tiny_synthetic(tmp_path) -> None:
+#: a test-only third arm: the prior-separated model at another tau (works with today's config keys)
+HALF = ArmSpec("half", "prior-separated {model} (tau={tau:g}, beta={beta:g})", {"prior_tau": 0.5})
+TABLE = {**ARMS, "half": HALF}
+
+
+def _dense_tests(H: np.ndarray, E: np.ndarray, log_prior: np.ndarray, B: int, seed: int) -> tuple[float, float]:
+    """One model's permutation p-values of dir_frac and E_shared/T, from the dense score matrix (DESIGN §3.1)."""
+    Z = H @ E[1:].T
+    Zc = Z - Z.mean(axis=1, keepdims=True)
+    T = float((Zc ** 2).sum())
+    lp = log_prior[1:] - log_prior[1:].mean()
+    l = lp / np.linalg.norm(lp)
+    L = np.concatenate(list(permuted_directions(l, B, seed)))  # the draws' convention; statistics below are dense
+    S = Zc @ np.vstack([l, L]).T  # [m, 1 + B]
+    frac_dir = (S ** 2).sum(axis=0) / T
+    frac_sh = len(H) * S.mean(axis=0) ** 2 / T
+    return tuple(float((1 + np.count_nonzero(f[1:] >= f[0] * (1 - 1e-9))) / (B + 1)) for f in (frac_dir, frac_sh))
+
+
+def _t_interval(values: list[float], confidence: float) -> tuple[float, float]:
+    x = np.asarray(values, dtype=np.float64)
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return x.mean() - half, x.mean() + half
+
+
+def test_three_arms_on_identical_contexts_with_dense_reductions_and_t_intervals(tmp_path) -> None:
     settings = _settings(tmp_path)
     out = tmp_path / "out"
-    run_compare("SASRec", "synthetic", config_dict=settings, seeds=2, output=out)
+    run_compare("SASRec", "synthetic", config_dict=settings, seeds=2, output=out,
+                arms="standard,separated,half", arm_table=TABLE)
 
-    for name in ("compare.json", "compare.csv", "compare.md", "spectra.png", "energy.png", "permutation.png"):
+    for name in ("compare.json", "compare.csv", "compare.md", "spectra.png", "energy.png", "permutation.png",
+                 "arms.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "compare.json").read_text())
-    assert saved["seeds"] == [7, 8]
-    labels = [row["label"] for row in saved["summary"]]
-    assert labels == ["RecBole SASRec (tau=0)", "prior-separated SASRec (tau=1, beta=1)",
-                      "prior-separated SASRec (tau=1, beta=0)"]
-    for row in saved["summary"]:
-        for col in ("ndcg@10", "recall@10", "mrr@10", "headrecall@10", "midrecall@10", "tailrecall@10",
-                    "itemcoverage@10", "averagepopularity@10", "dir_frac", "shared_frac"):
-            assert np.isfinite(row[col]["mean"]) and np.isfinite(row[col]["sd"]), (row["label"], col)
+    assert saved["seeds"] == [7, 8] and saved["confidence"] == 0.95  # the shipped default
+    assert [arm["name"] for arm in saved["arms"]] == ["standard", "separated", "half"]
+    assert [row["label"] for row in saved["summary"]] == [
+        "RecBole SASRec (tau=0)", "prior-separated SASRec (tau=1, beta=1)", "prior-separated SASRec (tau=1, beta=0)",
+        "prior-separated SASRec (tau=0.5, beta=0.5)", "prior-separated SASRec (tau=0.5, beta=0)"]
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert {r["metric"] for r in rows} >= {"ndcg@10", "R_dir", "R_shared", "p_value_shared"}
-    assert "R_shared" in (out / "compare.md").read_text()
+    assert {r["metric"] for r in rows} >= {"ndcg@10", "delta_ndcg@10", "R_dir", "R_shared", "p_value_dir",
+                                           "p_value_shared", "own_p_value", "emb_erank", "fit_ratio"}
+    B, energy_seed = saved["permutations"], 2020  # energy_seed: the shipped default
 
-    for record in saved["per_seed"]:
-        assert record["data_digest"]["standard"] == record["data_digest"]["separated"]
-        assert 1 / 200 <= record["reduction"]["p_value_dir"] <= 1.0
-        # one computation: the comparison's energies are the PopEnergy metric's (6 digits there)
-        for arm, row in (("standard", "standard"), ("separated", "separated")):
-            assert record["metrics"][row]["pop_dir_frac"] == pytest.approx(record["energy"][arm]["dir_frac"], rel=1e-5)
-            assert record["metrics"][row]["pop_shared_frac"] == pytest.approx(record["energy"][arm]["shared_frac"],
-                                                                              rel=1e-5)
+    # Independent check of every seed: rebuild each arm's data (no training), compare the
+    # contexts tensor by tensor, load the saved weights and recompute everything densely.
+    for k, record in enumerate(saved["per_seed"]):
+        seed = record["seed"]
+        assert len(set(record["data_digest"].values())) == 1
+        pipes, log_priors = {}, {}
+        for name, baseline, tau in (("standard", True, None), ("separated", False, None), ("half", False, 0.5)):
+            config = arm_config("SASRec", "synthetic", None, settings, seed=seed, baseline=baseline, tau=tau,
+                                run_dir=tmp_path / f"check-{seed}-{name}")
+            pipe = build_pipeline(config, log=False)
+            checkpoint.restore_model(pipe.model, checkpoint.load_checkpoint(f"{record['run_dir'][name]}/model.pth"))
+            pipes[name] = pipe
+            train = pipe.train_data.dataset
+            log_priors[name] = _numpy_log_prior(train.inter_feat[train.iid_field].numpy(), train.item_num)
+        reference_loader = pipes["standard"].test_data  # the loader compare evaluates every arm on
+        contexts = {name: loader_contexts(pipe.model, reference_loader) for name, pipe in pipes.items()}
+        own = {name: loader_contexts(pipe.model, pipe.test_data) for name, pipe in pipes.items()}
+        dense = {}
+        for name in pipes:
+            assert torch.equal(own[name].ids, contexts["standard"].ids), name  # identical contexts, same order
+            np.testing.assert_array_equal(log_priors[name], log_priors["standard"])
+            c = contexts[name]
+            assert record["energy"][name]["m"] == len(c.H)
+            dense[name] = _dense_energy(c.H, c.E, log_priors["standard"])
+            assert record["energy"][name]["dir"] == pytest.approx(dense[name][0], rel=1e-6)
+            # one computation: the comparison's energies are the PopEnergy metric's (6 digits there)
+            assert record["metrics"][name]["pop_dir_frac"] == pytest.approx(record["energy"][name]["dir_frac"],
+                                                                             rel=1e-5)
+            # each arm's own permutation tests, against its own null
+            p_dir, p_sh = _dense_tests(c.H, c.E, log_priors["standard"], B, energy_seed)
+            assert record["specificity"][name]["p_value"] == pytest.approx(p_dir, abs=1e-12), name
+            assert record["specificity"][name]["p_value_shared"] == pytest.approx(p_sh, abs=1e-12), name
+        for name in ("separated", "half"):
+            red = record["reductions"][name]
+            assert red["R_dir"] == pytest.approx(1 - dense[name][0] / dense["standard"][0], rel=1e-6, abs=1e-9)
+            assert red["R_shared"] == pytest.approx(1 - dense[name][1] / dense["standard"][1], rel=1e-6, abs=1e-9)
+            assert 1 / (B + 1) <= red["p_value_dir"] <= 1.0 and 1 / (B + 1) <= red["p_value_shared"] <= 1.0
+            for key in ("R_dir", "R_shared", "p_value_dir", "p_value_shared"):
+                assert saved["reductions"][name][key]["per_seed"][k] == red[key]
+        assert record["metrics"]["separated_beta0"]["ndcg@10"] != record["metrics"]["separated"]["ndcg@10"]
 
-    # Independent check of the seed-7 pair: rebuild both arms' data (no training), compare the
-    # evaluated contexts tensor by tensor, load the saved weights and recompute R densely.
-    record = saved["per_seed"][0]
-    contexts, log_priors = {}, {}
-    for name, baseline in (("standard", True), ("separated", False)):
-        config = arm_config("SASRec", "synthetic", None, settings, seed=7, baseline=baseline,
-                            run_dir=tmp_path / f"check-{name}")
-        pipe = build_pipeline(config, log=False)
-        state = checkpoint.load_checkpoint(f"{record['run_dir'][name]}/model.pth")
-        checkpoint.restore_model(pipe.model, state)
-        contexts[name] = loader_contexts(pipe.model, pipe.test_data)
-        train = pipe.train_data.dataset
-        log_priors[name] = _numpy_log_prior(train.inter_feat[train.iid_field].numpy(), train.item_num)
-    std, sep = contexts["standard"], contexts["separated"]
-    assert torch.equal(std.ids, sep.ids)
-    np.testing.assert_array_equal(log_priors["standard"], log_priors["separated"])
-    (std_dir, std_sh), (sep_dir, sep_sh) = (_dense_energy(c.H, c.E, log_priors["standard"]) for c in (std, sep))
-    assert record["reduction"]["R_dir"] == pytest.approx(1 - sep_dir / std_dir, rel=1e-6, abs=1e-9)
-    assert record["reduction"]["R_shared"] == pytest.approx(1 - sep_sh / std_sh, rel=1e-6, abs=1e-9)
-    assert record["energy"]["standard"]["dir"] == pytest.approx(std_dir, rel=1e-6)
+    # Seed-level statistics, recomputed here from the per-seed values in compare.json.
+    conf, per_seed = saved["confidence"], saved["per_seed"]
+    for row in saved["summary"]:
+        for col in ("ndcg@10", "recall@10", "mrr@10", "dir_frac", "emb_r1", "emb_erank"):
+            values = [rec["metrics"][row["row"]][col] if "@" in col else rec["energy"][row["row"]][col]
+                      for rec in per_seed]
+            cell = row[col]
+            assert cell["per_seed"] == values
+            low, high = _t_interval(values, conf)
+            assert (cell["ci"]["low"], cell["ci"]["high"]) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+        ratios = [rec["fit_seconds"][row["arm"]] / rec["fit_seconds"]["standard"] for rec in per_seed]
+        assert row["fit_ratio"]["mean"] == pytest.approx(np.mean(ratios), rel=1e-9)
+    for name in ("separated", "half"):
+        for key in ("R_dir", "R_shared"):
+            cell = saved["reductions"][name][key]
+            low, high = _t_interval(cell["per_seed"], conf)
+            assert (cell["ci"]["low"], cell["ci"]["high"]) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+            ps = saved["reductions"][name][f"p_value_{key[2:]}"]["per_seed"]
+            fisher = stats.chi2.sf(-2 * np.sum(np.log(ps)), 2 * len(ps))
+            assert saved["reductions"][name][f"p_value_{key[2:]}"]["combined"] == pytest.approx(fisher, rel=1e-9)
+    for delta in saved["deltas"]:
+        for col in ("ndcg@10", "recall@10", "tailrecall@10", "averagepopularity@10"):
+            d = np.array([rec["metrics"][delta["row"]][col] - rec["metrics"]["standard"][col] for rec in per_seed])
+            low, high = _t_interval(list(d), conf)
+            cell = delta[col]
+            assert cell["mean_diff"] == pytest.approx(d.mean(), abs=1e-12)
+            if d.std(ddof=1) > 0:
+                t = d.mean() / (d.std(ddof=1) / np.sqrt(d.size))
+                assert cell["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), d.size - 1), rel=1e-9)
+                assert cell["ci"]["low"] == pytest.approx(low, rel=1e-9, abs=1e-12)
+    md = (out / "compare.md").read_text()
+    assert "Fisher" in md and "no interval" not in md and "±" not in md
+    ndcg = saved["summary"][1]["ndcg@10"]
+    assert f"{ndcg['mean']:.4f} [{ndcg['ci']['low']:.4f}, {ndcg['ci']['high']:.4f}]" in md
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_one_seed_default_arms_report_no_interval(tmp_path) -> None:
+    out = tmp_path / "out"
+    run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, epochs=1), seeds=1, output=out)
+    saved = json.loads((out / "compare.json").read_text())
+    assert [arm["name"] for arm in saved["arms"]] == ["standard", "separated"]  # today's default
+    assert [row["label"] for row in saved["summary"]] == [
+        "RecBole SASRec (tau=0)", "prior-separated SASRec (tau=1, beta=1)", "prior-separated SASRec (tau=1, beta=0)"]
+    md = (out / "compare.md").read_text()
+    assert "1 seed: no interval" in md and "±" not in md and "Fisher" not in md
+    pairs = list(_walk(saved))
+    assert any(key == "ci" for key, _ in pairs)
+    for key, value in pairs:
+        if key in ("ci", "sd", "sd_diff", "low", "high", "half_width", "statistic"):
+            assert value is None, key
+    assert saved["summary"][0]["ndcg@10"]["mean"] == saved["per_seed"][0]["metrics"]["standard"]["ndcg@10"]
+    assert saved["reductions"]["separated"]["p_value_dir"]["per_seed"] == [
+        saved["per_seed"][0]["reductions"]["separated"]["p_value_dir"]]
+    assert (out / "arms.png").stat().st_size > 0
 
 
 def test_run_beta_sweep_writes_files(tmp_path) -> None:
@@ -106,3 +210,8 @@ def test_compare_refuses_zero_tau(tmp_path) -> None:
                     output=tmp_path / "o")
     with pytest.raises(PopPriorError, match="seeds"):
         run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path), seeds=0, output=tmp_path / "o")
+    for bad in (1.0, 0.0, "high", True):
+        with pytest.raises(PopPriorError, match="compare_confidence"):
+            run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, compare_confidence=bad), seeds=1,
+                        output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
