@@ -8,7 +8,8 @@
         --nproc=K [--world_size=.. --ip=.. --port=.. --group_offset=..]   distributed training
 
 Every ``--key=value`` that is not a plugin option becomes a RecBole config override, as in
-``run_recbole.py``. Bad input ends with one ``error:`` line and exit status 2.
+``run_recbole.py``. Bad input ends with one ``error:`` line and exit status 2; Ctrl-C with one
+line and status 130.
 """
 
 from __future__ import annotations
@@ -71,11 +72,18 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             options[name] = int(options[name])
         except (TypeError, ValueError):
             raise PopPriorError(f"--{name.replace('_', '-')} must be an integer, got {options[name]!r}") from None
+    for name, low in (("seeds", 1), ("n_trials", 0), ("n_workers", 1), ("nproc", 1), ("group_offset", 0)):
+        if options[name] < low:
+            raise PopPriorError(f"--{name.replace('_', '-')} must be >= {low}, got {options[name]}")
+    if options["world_size"] < 1 and options["world_size"] != -1:
+        raise PopPriorError(f"--world-size must be >= 1 (or -1: --nproc), got {options['world_size']}")
     if options["timeout"] is not None:
         try:
             options["timeout"] = float(options["timeout"])
         except ValueError:
             raise PopPriorError(f"--timeout must be seconds, got {options['timeout']!r}") from None
+        if not 0 < options["timeout"] < float("inf"):
+            raise PopPriorError(f"--timeout must be a positive number of seconds, got {options['timeout']!r}")
     if options["config_files"]:
         options["config_files"] = options["config_files"].split()
         for path in options["config_files"]:
@@ -121,8 +129,8 @@ def guarded(func: Callable[[], Any], show_traceback: bool = False) -> int:
     except PopPriorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, if any, says what was kept (tuning: the report)
+        print(f"error: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the top level of a CLI
         if show_traceback:

@@ -23,11 +23,15 @@ setting has its default in yaml and its check in :func:`_validate`.
 from __future__ import annotations
 
 import ast
+import contextlib
+import difflib
+import functools
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import recbole
 import yaml
@@ -50,6 +54,29 @@ def dataset_config_file(dataset: str) -> Path:
     return Path(str(resources.files("recbole_popprior.dataset_configs").joinpath(f"{dataset}.yaml")))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """RecBole's yaml rules (``1e-4`` is a float) on PyYAML's safe loader: RecBole's FullLoader
+    builds Python objects from tags (``!!python/name:os.system`` becomes the function)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                 |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a yaml error: its problem and where, without PyYAML's context lines."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
+
+
 class Config(RecBoleConfig):
     """RecBole ``Config`` for prior-separated models (see the module docstring for the precedence)."""
 
@@ -59,12 +86,60 @@ class Config(RecBoleConfig):
         except FileNotFoundError as exc:
             raise PopPriorError(f"config file not found: {exc.filename}") from None
         except yaml.YAMLError as exc:
-            raise PopPriorError(f"config file is not valid yaml: {str(exc).splitlines()[0]}") from None
+            raise PopPriorError(f"a config file is not valid yaml: {_yaml_problem(exc)}") from None
+        _resolve(self.final_config_dict)
         _validate(self.final_config_dict)
+        #: one line per unknown setting with a plugin prefix (logged by the quick start)
+        self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict)
 
     # Shim 1 (compat.numpy_aliases): RecBole's version crashes under numpy 2.
     def compatibility_settings(self):
         compat.numpy_aliases()
+
+    def _build_yaml_loader(self):
+        return _YamlLoader
+
+    # RecBole's own checks of metrics, topk, valid_metric and the sampling arguments raise
+    # ValueError, TypeError, NotImplementedError or RuntimeError: bad input, so one line each.
+    def _set_default_parameters(self):
+        with _recbole_checks():
+            super()._set_default_parameters()
+
+    def _set_train_neg_sample_args(self):
+        with _recbole_checks():
+            super()._set_train_neg_sample_args()
+
+    def _set_eval_neg_sample_args(self, phase):
+        with _recbole_checks():
+            super()._set_eval_neg_sample_args(phase)
+
+    def _load_config_files(self, file_list):
+        """RecBole's reader of ``--config_files``, with one line for a file that is not UTF-8,
+        not yaml or not a mapping of settings (RecBole raises from ``dict.update``)."""
+        merged: dict[str, Any] = {}
+        for file in file_list or []:
+            try:
+                with open(file, encoding="utf-8") as handle:
+                    loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
+            except FileNotFoundError:
+                raise PopPriorError(f"config file not found: {file}") from None
+            except IsADirectoryError:
+                raise PopPriorError(f"config file {file} is a directory") from None
+            except UnicodeDecodeError as exc:
+                raise PopPriorError(f"config file {file} is not UTF-8 text (byte {exc.start}: "
+                                    f"{exc.object[exc.start:exc.start + 1]!r})") from None
+            except yaml.YAMLError as exc:
+                raise PopPriorError(f"config file {file} is not valid yaml: {_yaml_problem(exc)}") from None
+            if loaded is None:  # an empty file sets nothing
+                continue
+            if not isinstance(loaded, dict):
+                raise PopPriorError(f"config file {file} must map settings to values (key: value lines), "
+                                    f"got a {type(loaded).__name__}")
+            bad = [key for key in loaded if not isinstance(key, str)]
+            if bad:
+                raise PopPriorError(f"config file {file}: setting names must be strings, got {bad[0]!r}")
+            merged.update(loaded)
+        return merged
 
     def _load_cmd_line(self):
         # Never parse sys.argv here (pytest's or a launcher's flags would leak into the
@@ -133,6 +208,15 @@ class Config(RecBoleConfig):
         compat.init_distributed(config)
 
 
+@contextlib.contextmanager
+def _recbole_checks() -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, AttributeError) as exc:
+        text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()  # KeyError quotes
+        raise PopPriorError(f"invalid setting: {text.splitlines()[0] if text else type(exc).__name__}") from None
+
+
 def parse_literal(text: str) -> Any:
     """A config string as RecBole means it, without ``eval``: a Python literal when it is one
     (numbers, lists, dicts, ``None``, ``True``), ``true``/``false`` in any case as booleans,
@@ -144,6 +228,62 @@ def parse_literal(text: str) -> Any:
         if lowered in ("true", "false"):
             return lowered == "true"
         return text
+
+
+# --- settings derived from others ---------------------------------------------------------
+def _resolve(config: dict[str, Any]) -> None:
+    """Fill the settings whose yaml default depends on another one.
+
+    S3Rec's pretraining runs ``pretrain_epochs`` epochs whatever ``epochs`` says (RecBole's
+    default 500), so a short run or a tuning trial would stay in it: ``~`` (the plugin's
+    default, properties/model/S3Rec.yaml) means ``epochs``. It saves every ``save_step``
+    epochs, and the fine-tune stage needs the last one: ``save_step`` is capped at it.
+    """
+    if "pretrain_epochs" in config and config["pretrain_epochs"] is None:
+        config["pretrain_epochs"] = config.get("epochs")
+    epochs, step = config.get("pretrain_epochs"), config.get("save_step")
+    if _is_int(epochs) and _is_int(step) and epochs >= 1 and step > epochs:
+        config["save_step"] = epochs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- unknown settings ------------------------------------------------------------------------
+#: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
+PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
+                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_")
+
+
+@functools.lru_cache(maxsize=1)
+def known_plugin_keys() -> frozenset[str]:
+    """Every setting the plugin ships a default for: the keys of ``properties/**/*.yaml`` and
+    ``dataset_configs/*.yaml`` (read once)."""
+    roots = [properties_file(), Path(str(resources.files("recbole_popprior.dataset_configs")))]
+    keys: set[str] = set()
+    for root in roots:
+        for path in sorted(root.rglob("*.yaml")):
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.load(handle, Loader=_YamlLoader)
+            if isinstance(loaded, dict):
+                keys.update(str(key) for key in loaded)
+    return frozenset(keys)
+
+
+def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
+    """One line per given setting that starts like a plugin setting but is none of them
+    (``prior_tua`` -> did you mean ``prior_tau``?). A warning, not an error: RecBole
+    ignores keys it does not know, and models may read keys of their own."""
+    known = known_plugin_keys()
+    lines = []
+    for key in settings:
+        if not isinstance(key, str) or key in known or not key.startswith(PLUGIN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        lines.append(f"unknown setting {key!r} has no effect{hint}")
+    return lines
 
 
 # --- checks of the plugin's settings ------------------------------------------------------
@@ -187,6 +327,7 @@ def _validate(config: dict[str, Any]) -> None:
         raise PopPriorError(f"valid_metric {config.get('valid_metric')!r} is not among metrics {config.get('metrics')}; "
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
+    _validate_running(config)
     _validate_energy(config)
     _number(config, "compare_confidence", low=0.0, strict=True)  # the t intervals' level (DESIGN §3.2)
     if config["compare_confidence"] >= 1.0:
@@ -194,6 +335,21 @@ def _validate(config: dict[str, Any]) -> None:
     _validate_tuning(config)
     if "synthetic_users" in config:
         _validate_synthetic(config)
+
+
+def _validate_running(config: dict[str, Any]) -> None:
+    """RecBole settings the pipeline uses before RecBole checks them (if it ever does)."""
+    _number(config, "seed", integer=True)
+    _number(config, "epochs", low=1, integer=True)  # 0 or less would save an untrained model
+    if "pretrain_epochs" in config:
+        _number(config, "pretrain_epochs", low=1, integer=True)
+    for key in ("train_batch_size", "eval_batch_size"):
+        _number(config, key, low=1, integer=True)
+    _number(config, "learning_rate", low=0.0, strict=True)
+    _number(config, "weight_decay", low=0.0, allow=(None,))
+    _number(config, "stopping_step", low=0, integer=True)
+    _number(config, "eval_step", integer=True)  # <= 0: no validation (RecBole)
+    _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
 
 
 def _validate_energy(config: dict[str, Any]) -> None:

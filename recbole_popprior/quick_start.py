@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from logging import getLogger
@@ -19,6 +22,7 @@ from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
+from recbole_popprior.errors import PopPriorError
 from recbole_popprior.trainer import get_trainer
 from recbole_popprior.utils import to_jsonable, write_json
 
@@ -69,36 +73,84 @@ def init_logger(config: Config, run_dir: Path | None = None) -> logging.Logger:
     return root
 
 
-def make_run_dir(config: Config) -> Path:
-    """``<output>/<model>-<dataset>-<time>[-k]``, or ``config["run_dir"]`` when given."""
+def make_folder(path: str | Path, what: str) -> list[Path]:
+    """``mkdir -p path``; returns the folders it created, outermost first. A file in the way or
+    a folder that cannot be written is one :class:`PopPriorError` line naming ``what`` it is."""
+    path = Path(path)
+    missing, probe = [], path
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PopPriorError(f"cannot create {what} {path}: {probe} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PopPriorError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    return missing[::-1]
+
+
+def _run_dir_of(config: Config) -> Path:
     if config["run_dir"] if "run_dir" in config else None:
-        run_dir = Path(config["run_dir"])
-    else:
-        stem = Path(config["output"]) / f'{config["model"]}-{config["dataset"]}-{get_local_time()}'
-        run_dir, k = stem, 1
-        while run_dir.exists():
-            k += 1
-            run_dir = stem.with_name(f"{stem.name}-{k}")
-    if config["local_rank"] == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        return Path(config["run_dir"])
+    stem = Path(config["output"]) / f'{config["model"]}-{config["dataset"]}-{get_local_time()}'
+    run_dir, k = stem, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = stem.with_name(f"{stem.name}-{k}")
     return run_dir
 
 
+def make_run_dir(config: Config) -> Path:
+    """``<output>/<model>-<dataset>-<time>[-k]``, or ``config["run_dir"]`` when given (created on rank 0)."""
+    run_dir = _run_dir_of(config)
+    if config["local_rank"] == 0:
+        make_folder(run_dir, "the run folder")
+    return run_dir
+
+
+def _undo_run_dir(run_dir: Path, created: list[Path]) -> None:
+    """After a failed start: close this run's log file and remove the folders the start created,
+    as long as they hold nothing but that log (a half-started run leaves no empty run folder)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
+            root.removeHandler(handler)
+            handler.close()
+    if not created:
+        return
+    if run_dir.is_dir() and set(os.listdir(run_dir)) <= {"run.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
 def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
-    """Seed, load and split the data, and build the model and its trainer (as RecBole's quick start)."""
-    run_dir = make_run_dir(config)
-    config["checkpoint_dir"] = str(run_dir)
-    if log:
-        init_logger(config, run_dir if config["local_rank"] == 0 else None)
-    logger = getLogger()
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = config.model_class(config, train_data._dataset).to(config["device"])
-    logger.info(model)
-    trainer = get_trainer(config)(config, model)
+    """Seed, load and split the data, and build the model and its trainer (as RecBole's quick start).
+
+    Nothing is left on disk when this fails: the run folder is removed again if it was created here.
+    """
+    run_dir = _run_dir_of(config)
+    created = make_folder(run_dir, "the run folder") if config["local_rank"] == 0 else []
+    try:
+        config["checkpoint_dir"] = str(run_dir)
+        if log:
+            init_logger(config, run_dir if config["local_rank"] == 0 else None)
+        logger = getLogger()
+        for line in getattr(config, "unknown_key_warnings", ()):
+            logger.warning(line)
+        init_seed(config["seed"], config["reproducibility"])
+        dataset = create_dataset(config)
+        logger.info(dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model = config.model_class(config, train_data._dataset).to(config["device"])
+        logger.info(model)
+        trainer = get_trainer(config)(config, model)
+    except BaseException:
+        _undo_run_dir(run_dir, created)
+        raise
     trainer.saved_model_file = str(run_dir / "model.pth")
     return Pipeline(config, dataset, train_data, valid_data, test_data, model, trainer, run_dir)
 

@@ -80,7 +80,9 @@ def assert_same_batches(lean, recbole, unread: set[str]) -> None:
 
 def assert_same_data(both: Both, unread: set[str]) -> None:
     lean, recbole = both.lean, both.recbole
-    assert type(lean.dataset) is LeanSequentialDataset and type(recbole.dataset) is SequentialDataset
+    assert type(lean.dataset) is LeanSequentialDataset
+    # RecBole's class (with the plugin's checks of malformed files around its reader)
+    assert isinstance(recbole.dataset, SequentialDataset) and not isinstance(recbole.dataset, LeanSequentialDataset)
     assert lean.dataset.user_num == recbole.dataset.user_num and lean.dataset.item_num == recbole.dataset.item_num
     assert lean.dataset.field2id_token.keys() == recbole.dataset.field2id_token.keys()
     for field, tokens in recbole.dataset.field2id_token.items():

@@ -291,3 +291,49 @@ def test_a_model_stops_after_tune_max_failures_failed_trials_in_a_row(tiny_data,
     row = summary["models"][0]
     assert (row["complete"], row["failed"], row["best_value"], row["best_trial"]) == (0, 2, None, None)
     assert summary["plots"] == []  # nothing to plot without a completed trial
+
+
+# --- bad settings found before a study starts (issue 14) -------------------------------------------
+def test_storage_folders_are_never_created(tmp_path):
+    for url in (f"sqlite:///{tmp_path}/a/b/x.db", f"journal:{tmp_path}/a/b/x.journal"):
+        with pytest.raises(PopPriorError, match="does not exist"):
+            make_storage(url)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a").mkdir()
+    assert make_storage(f"sqlite:///{tmp_path}/a/x.db", heartbeat_interval=0) is not None
+    assert (tmp_path / "a" / "x.db").is_file()
+
+
+def test_search_space_keys_some_models_lack_are_a_warning_none_know_an_error(tiny_data, out_dir, tmp_path):
+    space = _write(tmp_path / "space.yaml", "n_layers: {type: int, low: 1, high: 2}\n")
+    plan = make_plan("SASRec,GRU4Rec", "tiny", config_dict=_config(tiny_data, out_dir),
+                     options=_options(search_space=str(space)))
+    assert plan.warnings == ["search space entry 'n_layers' is not a setting of GRU4Rec; it has no effect there"]
+    typo = _write(tmp_path / "typo.yaml", "num_layres: {type: int, low: 1, high: 2}\n")
+    with pytest.raises(PopPriorError, match="'num_layres' is not a setting of SASRec, GRU4Rec.*'num_layers'"):
+        make_plan("SASRec,GRU4Rec", "tiny", config_dict=_config(tiny_data, out_dir),
+                  options=_options(search_space=str(typo)))
+
+
+def test_model_all_skips_the_models_the_dataset_cannot_feed(tiny_data, out_dir):
+    plan = make_plan("all", "tiny", config_dict=_config(tiny_data, out_dir), options=_options())
+    from recbole_popprior.model import supported_models
+
+    assert plan.models == [m for m in supported_models() if m not in ("GRU4RecKG", "KSR")]
+    assert [line.split(" is skipped")[0] for line in plan.warnings] == ["GRU4RecKG", "KSR"]
+    with pytest.raises(PopPriorError, match="KSR needs the knowledge-graph"):
+        make_plan("KSR", "tiny", config_dict=_config(tiny_data, out_dir), options=_options())
+
+
+def test_an_s3rec_trial_pretrains_for_epochs_not_500_and_completes(tmp_path_factory, out_dir):
+    """RecBole's pretrain_epochs (500) used to ignore --epochs, so a small S3Rec study never ended."""
+    from test_model_zoo import write_zoo
+
+    data = write_zoo(tmp_path_factory.mktemp("zoo"))
+    config = _config(data, out_dir, epochs=2, tune_plots=False, MAX_ITEM_LIST_LENGTH=6,
+                     load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "class"]})
+    run_tuning("S3Rec", "zoo", config_dict=config, options=_options(n_trials=1, study_name="s"))
+    (trial,) = optuna.load_study(study_name="s.S3Rec", storage=f"sqlite:///{out_dir / 'tuning' / 's.db'}").get_trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    saved = sorted(p.name for p in Path(trial.user_attrs["run_dir"]).glob("S3Rec-zoo-*.pth"))
+    assert saved == ["S3Rec-zoo-2.pth"]  # pretrained for epochs=2 epochs, the last one saved

@@ -14,10 +14,12 @@ import os
 from typing import Any
 
 from recbole.data.dataloader import TrainDataLoader
+from recbole.data.dataset import KnowledgeBasedDataset
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType
 
+from recbole_popprior.data.atomic_files import AtomicFileGuard, RecBoleReaderGuard
 from recbole_popprior.data.fast_loader import FastLoadMixin, _Unsupported
 from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsupported
 from recbole_popprior.data.loaders import LeanTrainDataLoader
@@ -35,26 +37,58 @@ _TYPE2CLASS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _fast_class(base: type) -> type:
-    return type(base.__name__, (FastLoadMixin, base), {"__module__": __name__})
+def _loader_class(base: type, fast: bool) -> type:
+    # the reader guard sits right above RecBole's reader, which the fast loader falls back to
+    bases = (AtomicFileGuard, FastLoadMixin, RecBoleReaderGuard, base) if fast else (
+        AtomicFileGuard, RecBoleReaderGuard, base)
+    return type(base.__name__, bases, {"__module__": __name__})
+
+
+def _recbole_class(config: Any) -> type:
+    module = importlib.import_module("recbole.data.dataset")
+    return getattr(module, config["model"] + "Dataset", None) or getattr(module, _TYPE2CLASS[config["MODEL_TYPE"]])
 
 
 def dataset_class(config: Any) -> type:
-    """RecBole's dataset class for the model, with the fast loader unless ``fast_loader: False``."""
-    module = importlib.import_module("recbole.data.dataset")
-    base = getattr(module, config["model"] + "Dataset", None) or getattr(module, _TYPE2CLASS[config["MODEL_TYPE"]])
-    return _fast_class(base) if config["fast_loader"] else base
+    """RecBole's dataset class for the model, with the fast loader unless ``fast_loader: False``
+    and, either way, one-line errors for malformed atomic files (:mod:`.atomic_files`)."""
+    return _loader_class(_recbole_class(config), bool(config["fast_loader"]))
 
 
 def check_dataset_files(config: Any) -> None:
-    """Stop with one line when the dataset's ``.inter`` atomic file is missing."""
+    """Stop with one line when an atomic file the dataset needs is missing: the ``.inter`` file,
+    the ``.kg`` and ``.link`` files of knowledge-graph models (KSR, GRU4RecKG), and one file per
+    ``additional_feat_suffix``."""
     if config["dataset"] == "synthetic":
         ensure_synthetic_dataset(config)
-    inter = os.path.join(config["data_path"], f'{config["dataset"]}.inter')
+    folder, name = config["data_path"], config["dataset"]
+    inter = os.path.join(folder, f"{name}.inter")
     if not os.path.isfile(inter) and not config["benchmark_filename"]:
         hint = config["dataset_hint"] if "dataset_hint" in config else None
-        raise PopPriorError(hint or f"dataset {config['dataset']!r} not found: expected the atomic file {inter} "
+        raise PopPriorError(hint or f"dataset {name!r} not found: expected the atomic file {inter} "
                             "(set --data_path=DIR, where DIR/<dataset>/<dataset>.inter exists)")
+    if issubclass(_recbole_class(config), KnowledgeBasedDataset):
+        missing = [f"{name}.{s}" for s in ("kg", "link") if not os.path.isfile(os.path.join(folder, f"{name}.{s}"))]
+        if missing:
+            raise PopPriorError(f"{config['model']} needs the knowledge-graph atomic files {name}.kg and "
+                                f"{name}.link in {folder}; missing: {', '.join(missing)}")
+        load_col = config["load_col"]
+        if isinstance(load_col, dict) and not {"kg", "link"} <= set(load_col):
+            raise PopPriorError(f"{config['model']} reads the knowledge graph: load_col needs kg and link entries, "
+                                "e.g. {inter: [user_id, item_id, timestamp], kg: [head_id, relation_id, tail_id], "
+                                "link: [item_id, entity_id]}")
+    for suffix in config["additional_feat_suffix"] or []:
+        path = os.path.join(folder, f"{name}.{suffix}")
+        if not os.path.isfile(path):
+            raise PopPriorError(f"additional_feat_suffix lists {suffix!r}, but {path} does not exist")
+
+
+def _check_time_field(config: Any, dataset) -> None:
+    """Sequential data is ordered by time: RecBole's augmentation fails on a dataset without its
+    time field much later, with an error about an interaction's fields."""
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and dataset.time_field not in dataset.field2type:
+        raise PopPriorError(f"sequential models need the time field {dataset.time_field!r}: load it from the "
+                            ".inter file (load_col: {inter: [user_id, item_id, timestamp]})")
 
 
 def create_dataset(config: Any):
@@ -73,7 +107,16 @@ def create_dataset(config: Any):
             except _Unsupported as why:
                 reason = str(why)
         logging.getLogger().info(f"sequence_data: lean is not used ({reason}); using RecBole's sequential data")
-    return dataset_class(config)(config)
+    try:
+        dataset = dataset_class(config)(config)
+    except ValueError as exc:
+        if not str(exc).startswith("Some feat is empty"):
+            raise
+        raise PopPriorError(f"dataset {config['dataset']!r}: no interaction is left after filtering "
+                            f"(user_inter_num_interval={config['user_inter_num_interval']!r}, "
+                            f"item_inter_num_interval={config['item_inter_num_interval']!r})") from None
+    _check_time_field(config, dataset)
+    return dataset
 
 
 def data_preparation(config: Any, dataset):

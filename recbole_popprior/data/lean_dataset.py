@@ -28,6 +28,8 @@ import recbole.data.dataset as recbole_datasets
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
+from recbole_popprior.data.atomic_files import (AtomicFileGuard, RecBoleReaderGuard, bad_number_message,
+                                                check_header, no_rows_message, ragged_message)
 from recbole_popprior.data.fast_loader import FastLoadMixin, _Unsupported
 from recbole_popprior.data.filtering import filter_by_inter_num
 from recbole_popprior.data.inter_codes import InterCodes, read_inter_codes
@@ -81,7 +83,7 @@ def list_fields(config: Any) -> list[str]:
     return fields
 
 
-class LeanSequentialDataset(FastLoadMixin, SequentialDataset):
+class LeanSequentialDataset(AtomicFileGuard, FastLoadMixin, RecBoleReaderGuard, SequentialDataset):
     """``SequentialDataset`` whose interactions cost O(N) memory (DESIGN.md §5.2).
 
     Before ``build()``, ``inter_feat`` is a :class:`RowsView` (one row per interaction, by user
@@ -97,7 +99,18 @@ class LeanSequentialDataset(FastLoadMixin, SequentialDataset):
         load_col, unload_col = self._get_load_and_unload_col(FeatureSource.INTERACTION)
         if load_col == set():
             raise _Unsupported("no .inter column is loaded")
-        codes = read_inter_codes(path, load_col, unload_col, self.config["field_separator"], self.config["encoding"])
+        separator, encoding = self.config["field_separator"], self.config["encoding"]
+        header = check_header(path, separator, encoding)
+        try:
+            codes = read_inter_codes(path, load_col, unload_col, separator, encoding)
+        except _Unsupported as why:  # a malformed file is an error, not a reason to try RecBole's reader
+            if str(why) == "no rows":
+                raise PopPriorError(no_rows_message(path)) from None
+            message = ragged_message(path, separator, len(header)) or (
+                bad_number_message(path, separator, encoding, header) if "conversion error" in str(why) else None)
+            if message:
+                raise PopPriorError(message) from None
+            raise
         loaded = dict(codes.fields)
         if loaded.get(self.uid_field) != FeatureType.TOKEN or loaded.get(self.iid_field) != FeatureType.TOKEN:
             raise _Unsupported("the user and item id columns are not both loaded as tokens")

@@ -85,6 +85,9 @@ class Objective:
             return self._run(trial)
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:  # Optuna records the trial as FAIL and stops the study
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", one_line(exc))
             raise

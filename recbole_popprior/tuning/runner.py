@@ -16,13 +16,25 @@ tau), ``tune_heartbeat_interval`` (seconds, RDB storages; default 60, 0 = off),
 ``tune_grace_period`` (default twice the interval), ``tune_seed`` (sampler seed; worker k of
 ``--n-workers`` uses seed + k), ``tune_max_failures`` (stop a model after that many failed
 trials in a row; default 3, 0 = never), ``tune_plots`` (default True).
+
+Checked before any study starts: the dataset's files for every model (``--model=all`` skips the
+models the dataset cannot feed, e.g. KSR without a knowledge graph, with a warning; a named model
+is an error), the folder of a ``--storage`` file (never created), and the search space: a key
+that no tuned model's settings define (RecBole's, the model yaml's, the plugin's) is an error
+with a did-you-mean, a key only some models lack is a warning. Ctrl-C stops the trials (each
+running one is recorded as FAIL, "interrupted"), writes the report of what finished
+(``summary.{csv,json,md}``, no plots) and exits with status 130.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import multiprocessing
+import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -34,13 +46,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from recbole.evaluator.register import metrics_dict
 
+from recbole_popprior.data.dataset import check_dataset_files
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_supported, supported_models
-from recbole_popprior.quick_start import build_config
+from recbole_popprior.quick_start import build_config, make_folder
 from recbole_popprior.tuning.objective import Objective
 from recbole_popprior.tuning.report import write_report
 from recbole_popprior.tuning.space import Param, load_search_space
-from recbole_popprior.tuning.storage import default_storage, make_storage, redact
+from recbole_popprior.tuning.storage import check_storage, default_storage, make_storage, redact
 
 logger = logging.getLogger("recbole_popprior.tuning")
 _HANDLER_TAG = "_recbole_popprior_tuning"
@@ -69,6 +82,7 @@ class TuningPlan:
     n_workers: int = 1
     show_progress: bool = False
     settings: dict[str, Any] = field(default_factory=dict)  # the TUNE_KEYS values
+    warnings: list[str] = field(default_factory=list)  # logged once the tuning log is open
 
     def study_of(self, model: str) -> str:
         """The Optuna study name for ``model``: ``<study-name>.<Model>``."""
@@ -110,22 +124,39 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
             raise PopPriorError("--multi-objective needs the PopEnergy metric, which is not registered")
     metrics: dict[str, tuple[str, bool]] = {}
     epochs: dict[str, int] = {}
+    known: dict[str, set[str]] = {}
+    notes: list[str] = []
     first = None
-    for name in models:
+    for name in list(models):
         overrides = dict(config_dict)
         config = build_config(name, dataset, config_file_list, overrides)
         if multi and "popenergy" not in [str(m).lower() for m in config["metrics"]]:
             config_dict["metrics"] = [*config["metrics"], "PopEnergy"]
             config = build_config(name, dataset, config_file_list, dict(config_dict))
+        try:
+            check_dataset_files(config)  # before any study starts: a missing file fails every trial
+        except PopPriorError as exc:
+            if model.strip().lower() != "all":
+                raise
+            models.remove(name)  # --model=all: tune the models this dataset can feed
+            notes.append(f"{name} is skipped: {exc}")
+            continue
         metrics[name] = (str(config["valid_metric"]).lower(), bool(config["valid_metric_bigger"]))
         epochs[name] = int(config["epochs"])
+        # what RecBole, the model and the plugin define (the user's own keys do not make a key real)
+        known[name] = set(config.internal_config_dict) | (set(config.final_config_dict) - set(config.external_config_dict))
         first = first or config
+    if first is None:
+        raise PopPriorError(f"no model can be tuned on {dataset!r}: {notes[0] if notes else 'none given'}")
     settings = {key: first[key] for key in TUNE_KEYS}
     space = load_search_space(options.get("search_space"), settings["tune_search_space"])
+    notes += first.unknown_key_warnings + _unknown_space_keys(space, known)
     study_name = options.get("study_name") or f"popprior-{dataset}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
         raise PopPriorError(f"--study-name may use letters, digits, '.', '_' and '-', got {study_name!r}")
     output = first["output"]
+    if options.get("storage"):
+        check_storage(options["storage"])  # before the tuning folder is made: nothing left behind
     storage_url = options.get("storage") or default_storage(output, study_name, n_workers)
     if n_workers > 1 and ":memory:" in storage_url:
         raise PopPriorError("--n-workers > 1 needs a storage that several processes can open, not :memory:")
@@ -134,7 +165,22 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
         space=space, study_name=study_name, storage_url=storage_url,
         folder=Path(output) / "tuning" / study_name, metrics=metrics, epochs=epochs,
         multi_objective=multi, pruner=pruner, n_workers=n_workers,
-        show_progress=bool(first["show_progress"]), settings=settings)
+        show_progress=bool(first["show_progress"]), settings=settings, warnings=notes)
+
+
+def _unknown_space_keys(space: dict[str, Param], known: dict[str, set[str]]) -> list[str]:
+    """Search-space keys no model of the plan knows are an error (a typo would waste the study:
+    every trial would train with the same settings); keys some models lack are a warning (one
+    space serves several models, e.g. ``n_layers`` of SASRec next to GRU4Rec's ``num_layers``).
+    A model knows the keys RecBole, its model yaml and the plugin's yaml define."""
+    every = set().union(*known.values())
+    for name in space:
+        if name not in every:
+            close = difflib.get_close_matches(name, sorted(every), n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PopPriorError(f"search space entry {name!r} is not a setting of {', '.join(known)}{hint}")
+    return [f"search space entry {name!r} is not a setting of {', '.join(m for m in known if name not in known[m])}; "
+            "it has no effect there" for name in space if any(name not in keys for keys in known.values())]
 
 
 # --- studies --------------------------------------------------------------------------------
@@ -203,7 +249,10 @@ def init_tuning_logger(folder: Path) -> logging.Logger:
     for handler in [h for h in logger.handlers if getattr(h, _HANDLER_TAG, False)]:
         logger.removeHandler(handler)
         handler.close()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "the tuning folder")
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietInterrupt) for f in optimize_logger.filters):
+        optimize_logger.addFilter(_QuietInterrupt())
     formatter = logging.Formatter("%(asctime)s %(processName)s %(levelname)s  %(message)s", "%d %b %H:%M:%S")
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(folder / "tuning.log")):
         handler.setFormatter(formatter)
@@ -213,6 +262,26 @@ def init_tuning_logger(folder: Path) -> logging.Logger:
     logger.propagate = False
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return logger
+
+
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's two warnings about a trial stopped by Ctrl-C (one carries a traceback): the
+    trial is recorded as FAIL with ``fail_reason`` "interrupted", and the command says so in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self._trials: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        number = message.split()[1] if message.startswith("Trial ") and len(message.split()) > 1 else None
+        if record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self._trials.add(number)
+            return False
+        if number in self._trials and "failed with value" in message:
+            self._trials.discard(number)
+            return False
+        return True
 
 
 def work(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -> None:
@@ -246,7 +315,10 @@ def _worker_main(plan: TuningPlan, worker: int, n_trials: int, deadline: float |
     """Entry point of a spawned worker process (unpickling this function imports the package,
     which applies the compat shims and registers the metrics)."""
     init_tuning_logger(plan.folder)
-    work(plan, worker, n_trials, deadline)
+    try:
+        work(plan, worker, n_trials, deadline)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent reports, quietly here
+        raise SystemExit(130) from None
 
 
 def _run_workers(plan: TuningPlan, n_trials: int, deadline: float | None) -> None:
@@ -260,7 +332,14 @@ def _run_workers(plan: TuningPlan, n_trials: int, deadline: float | None) -> Non
             proc.start()
         for proc in procs:
             proc.join()
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # pass Ctrl-C on (a terminal sends it to all):
+            for proc in procs:                   # each worker records its trial as failed and exits
+                if proc.is_alive() and proc.pid is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(proc.pid, signal.SIGINT)
+            for proc in procs:
+                proc.join(timeout=10)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -290,14 +369,21 @@ def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = No
         raise PopPriorError(f"--timeout must be positive seconds, got {timeout}")
     plan = make_plan(model, dataset, config_file_list, config_dict, options)
     init_tuning_logger(plan.folder)
+    for line in plan.warnings:
+        logger.warning(line)
     storage = plan.storage()
     studies = create_studies(plan, storage)
     deadline = None if timeout is None else time.time() + float(timeout)
-    if n_trials > 0:
-        if plan.n_workers == 1:
-            work(plan, 0, n_trials, deadline)
-        else:
-            _run_workers(plan, n_trials, deadline)
+    interrupted = False
+    try:
+        if n_trials > 0:
+            if plan.n_workers == 1:
+                work(plan, 0, n_trials, deadline)
+            else:
+                _run_workers(plan, n_trials, deadline)
+    except KeyboardInterrupt:  # Ctrl-C: report what finished, then stop with status 130
+        interrupted = True
+        logger.warning("interrupted: writing the report of the trials that finished")
     for model, study in studies.items():  # fresh views of every worker's trials
         if isinstance(storage, optuna.storages.RDBStorage) and plan.settings["tune_heartbeat_interval"]:
             with warnings.catch_warnings():
@@ -316,6 +402,9 @@ def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = No
         "beta_grid": plan.settings["tune_beta_grid"],
     }
     summary = write_report(studies, plan.folder, meta, bigger, plan.multi_objective,
-                           plots=plan.settings["tune_plots"])
+                           plots=plan.settings["tune_plots"] and not interrupted)  # stop soon after Ctrl-C
     logger.info(f"tuning report: {plan.folder / 'summary.md'}")
+    if interrupted:
+        done = sum(row.get("complete", 0) for row in summary.get("models", []))
+        raise KeyboardInterrupt(f"the report of the {done} completed trial(s) is in {plan.folder / 'summary.md'}")
     return summary

@@ -13,7 +13,9 @@ A search-space file maps config keys to one distribution each::
 
 Entries extend (or replace) the configured ``tune_search_space`` (``properties/overall.yaml``:
 ``prior_tau`` in [0, 2], ``prior_alpha`` on a log scale in [0.01, 10]); any mistake raises a one-line
-:class:`~recbole_popprior.errors.PopPriorError`.
+:class:`~recbole_popprior.errors.PopPriorError`. Whether a key is a real setting is checked
+against each tuned model's config (``runner.make_plan``): unknown to all of them is an error,
+to some a warning.
 """
 
 from __future__ import annotations

@@ -8,12 +8,16 @@
   Optuna ``RDBStorage`` with a heartbeat, so a worker that dies mid-trial has that trial
   marked FAIL by the next worker that starts a trial (``fail_stale_trials``).
 - ``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage`` on a file.
+
+The folder of a storage file must exist: the tuner creates ``<output>/tuning/`` for its
+default, never the folders of a URL given with ``--storage``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,22 +60,59 @@ def _with_driver(url: str) -> str:
     return f"postgresql://{rest}"  # SQLAlchemy no longer knows the "postgres" alias
 
 
-def make_storage(url: str, *, heartbeat_interval: int | None = 60,
-                 grace_period: int | None = None) -> optuna.storages.BaseStorage:
-    """Open (and create) the storage at ``url``; one-line :class:`PopPriorError` on failure."""
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+def check_storage_file(path: str | Path) -> None:
+    """A storage file can be created at ``path``: its folder exists (folders are never created
+    for a storage, so a typo in ``--storage`` cannot scatter databases over the disk), it is
+    writable, and ``path`` is not a folder. One :class:`PopPriorError` line otherwise."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist (create it first)"
+        raise PopPriorError(f"storage file {path}: the folder {folder} {what}")
+    if path.is_dir():
+        raise PopPriorError(f"storage file {path} is a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PopPriorError(f"storage file {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def _scheme(url: str) -> str:
     if url.startswith("journal:") or url.endswith(".journal"):
-        path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return "journal"
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
     if scheme not in _RDB_SCHEMES:
         raise PopPriorError(f"--storage must be a database URL (sqlite:///..., postgresql://...) "
                             f"or journal:PATH, got {redact(url)!r}")
+    return scheme
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a journal or SQLite storage URL names (``None`` for servers and ``:memory:``)."""
+    scheme = _scheme(url)
+    if scheme == "journal":
+        return Path(url[len("journal:"):] if url.startswith("journal:") else url)
+    path = url.split(":///", 1)[1] if scheme == "sqlite" and ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_storage(url: str) -> None:
+    """Check ``url`` without opening it: a known scheme and, for a file, :func:`check_storage_file`."""
+    path = storage_file(url)
+    if path is not None:
+        check_storage_file(path)
+
+
+def make_storage(url: str, *, heartbeat_interval: int | None = 60,
+                 grace_period: int | None = None) -> optuna.storages.BaseStorage:
+    """Open (and create) the storage at ``url``; one-line :class:`PopPriorError` on failure."""
+    check_storage(url)
+    scheme = _scheme(url)
+    if scheme == "journal":
+        return JournalStorage(JournalFileBackend(str(storage_file(url))))
     kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         # several processes may write: wait for SQLite's lock instead of failing at once
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     url = _with_driver(url)
