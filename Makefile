@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-$(VENV)/.installed: setup.cfg
+$(VENV)/.installed: setup.cfg setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel first: an unpinned torch would pull several GB of CUDA packages
@@ -25,3 +25,5 @@ bench: setup
 	$(PY) benchmarks/bench_train_overhead.py --quick
 	$(PY) benchmarks/bench_eval_overhead.py --quick
 	$(PY) benchmarks/bench_convert.py --rows=10000000
+	$(PY) benchmarks/bench_sampled_softmax.py
+	$(PY) benchmarks/bench_scale.py --rows 1000000 10000000

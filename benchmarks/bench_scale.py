@@ -1,6 +1,7 @@
-"""Scale benchmark on UserBehavior-shaped logs: time and peak memory per phase (issue 11).
+"""Scale benchmark on UserBehavior-shaped logs: time and peak memory per phase.
 
     python benchmarks/bench_scale.py --rows 1000000 10000000 [--repeats 3] [--recbole-max-rows 2000000]
+    BENCH_SCALE_BIG=1 python benchmarks/bench_scale.py --rows 100000000 --repeats 1 --eval-batches 2
 
 For each size it generates (once, cached under ``--cache``) a raw Tianchi UserBehavior-shaped
 csv: no header, ``user_id,item_id,category_id,behavior_type,timestamp``; about 100 events per
@@ -16,6 +17,13 @@ Then every phase runs in a fresh subprocess, which reports its wall time and its
   ``sequence_data: recbole`` (the plugin's previous default: RecBole's augmentation after the fast
   loader) up to ``--recbole-max-rows`` raw rows (above that it needs more memory than this
   machine shares: about 1.9 kB per interaction).
+- ``train``: the same load, then SASRec at RecBole's defaults (hidden 64, 2 layers, batch 2048)
+  trained on the first batches of an epoch with sampled softmax (``--negatives``, popularity
+  sampler) and, up to ``--full-softmax-max-rows``, with the full softmax; steady-state rows/s
+  after a warm-up, and the epoch time extrapolated from it. Its peak RSS is the whole run's
+  (load, prepare and training).
+- ``evaluate``: full-sort evaluation of the test split with Recall/NDCG@10 and PopEnergy in
+  bounded memory; ``--eval-batches N`` times the first N batches and extrapolates.
 
 Start-up is the peak RSS of the same phase on a tiny log (``--startup-rows``); "bytes per
 interaction" is ``(peak - start-up) / rows of tianchi.inter``. With two sizes or more, the
@@ -28,6 +36,7 @@ child and returns a dict, plus a line in :func:`measure`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -124,8 +133,79 @@ def phase_load_prepare(out: str, sequence_data: str, **_) -> dict:
             "train_examples": len(train.dataset), "batch": len(batch), "dataset_class": type(dataset).__name__}
 
 
+def _pipeline(out: str, threads: int, **settings):
+    """Config, data, SASRec (RecBole's defaults: hidden 64, 2 layers) and the plugin's trainer."""
+    import torch
+    from recbole.utils import init_seed
+
+    from recbole_popprior.config import Config
+    from recbole_popprior.data import create_dataset, data_preparation
+    from recbole_popprior.trainer import get_trainer
+
+    torch.set_num_threads(threads)
+    config = Config(model="SASRec", dataset="tianchi", config_dict={
+        "data_path": out, "gpu_id": "", "state": "WARNING", "show_progress": False, **settings})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    model = config.model_class(config, train._dataset)
+    return config, dataset, train, test, model, get_trainer(config)(config, model)
+
+
+def phase_train(out: str, negatives: int, steps: int, warmup: int, threads: int, **_) -> dict:
+    """Steady-state training rows/s of one epoch's batches (forward, backward, the optimiser step);
+    the epoch time is extrapolated from it (said so in the table)."""
+    config, dataset, train, _, model, trainer = _pipeline(out, threads, softmax_negatives=negatives,
+                                                          softmax_sampler="popularity")
+    model.train()
+    times, rows = [], []
+    for k, batch in enumerate(train):
+        if k >= warmup + steps:
+            break
+        start = time.perf_counter()
+        trainer.optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        trainer.optimizer.step()
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+            rows.append(len(batch))
+    rate = sum(rows) / sum(times)
+    examples = len(train.dataset)
+    return {"items": int(dataset.item_num - 1), "train_examples": examples, "steps": len(times),
+            "rows_per_s": rate, "epoch_s_extrapolated": examples / rate, "negatives": negatives}
+
+
+def phase_evaluate(out: str, max_batches: int, threads: int, **_) -> dict:
+    """Full-sort evaluation of the test split (untrained weights: the cost does not depend on them)
+    with RecBole's top-k metrics and PopEnergy, in bounded memory (``eval_score_budget_mb``); with
+    ``max_batches`` the time of the first batches is extrapolated to all of them."""
+    import torch
+
+    config, dataset, _, test, model, trainer = _pipeline(
+        out, threads, metrics=["Recall", "NDCG", "PopEnergy"], valid_metric="NDCG@10", topk=[10])
+    trainer.eval_collector.data_collect(test)
+    batches = len(test)
+    done = min(max_batches or batches, batches)
+    if done < batches:
+        # RecBole's evaluate dispatches on the loader's class and iterates it: a subclass that
+        # stops after ``done`` batches keeps everything else of the real loader
+        class FirstBatches(type(test)):
+            def __iter__(self):
+                return itertools.islice(super().__iter__(), done)
+
+        test.__class__ = FirstBatches
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = trainer.evaluate(test, load_best_model=False)
+    seconds = time.perf_counter() - start
+    return {"items": int(dataset.item_num - 1), "batches": batches, "evaluated_batches": done,
+            "eval_s": seconds, "eval_s_extrapolated": seconds * batches / done,
+            "contexts": int(result.get("pop_contexts", 0)), "budget_mb": config["eval_score_budget_mb"]}
+
+
 #: phase name -> function run in the child; it returns a dict of what it saw
-PHASES: dict[str, Callable[..., dict]] = {"convert": phase_convert, "load_prepare": phase_load_prepare}
+PHASES: dict[str, Callable[..., dict]] = {"convert": phase_convert, "load_prepare": phase_load_prepare,
+                                          "train": phase_train, "evaluate": phase_evaluate}
 
 
 def child(phase: str, options: dict) -> None:
@@ -175,6 +255,12 @@ def measure(rows: int, args, startup: dict) -> list[dict]:
                       out=str(out), sequence_data=path)
         r["bytes_per_interaction"] = (r["peak_rss"] - startup[path]) / converted["rows"]
         results.append({"phase": "load_prepare", "path": path, **r})
+    for negatives in [args.negatives] + ([0] if rows <= args.full_softmax_max_rows else []):
+        r = run_phase("train", 1, out=str(out), negatives=negatives, steps=args.train_steps,
+                      warmup=args.warmup_steps, threads=args.threads)
+        results.append({"phase": "train", "path": f"K={negatives}" if negatives else "full", **r})
+    r = run_phase("evaluate", 1, out=str(out), max_batches=args.eval_batches, threads=args.threads)
+    results.append({"phase": "evaluate", "path": "lean", **r})
     for r in results:
         r.update(raw_rows=rows, inter_rows=converted["rows"])
     return results
@@ -190,6 +276,14 @@ def main() -> None:
     parser.add_argument("--startup-rows", type=int, default=20_000)
     parser.add_argument("--zipf", type=float, default=1.1, help="item popularity exponent")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lean", "bench_scale"))
+    parser.add_argument("--negatives", type=int, default=8192, help="sampled-softmax negatives K of the train phase")
+    parser.add_argument("--full-softmax-max-rows", type=int, default=10_000_000,
+                        help="largest raw log the full-softmax train phase runs on (its logits are [2048, n_items])")
+    parser.add_argument("--train-steps", type=int, default=10, help="timed training batches (after the warm-up)")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--eval-batches", type=int, default=0,
+                        help="evaluate only the first N test batches and extrapolate (0: all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in train/evaluate")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("PHASE", "OPTIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,6 +312,21 @@ def main() -> None:
         per = f"{r['bytes_per_interaction']:7.0f}" if "bytes_per_interaction" in r else " " * 7
         print(f"| {r['raw_rows']:>11,} | {r['inter_rows']:>11,} | {r['phase']:<12} | {r['path']:<7} | "
               f"{r['seconds']:8.1f} | {r['peak_rss'] / 2**30:6.2f} GB | {per} | {r['all_seconds']}")
+    for r in results:  # what the training and evaluation phases measured, beside their wall time
+        if r["phase"] == "train":
+            print(f"train {r['path']:>6} at {r['raw_rows']:,} rows ({r['items']:,} items): {r['rows_per_s']:,.0f} rows/s "
+                  f"over {r['steps']} batches; an epoch of {r['train_examples']:,} examples extrapolates to "
+                  f"{r['epoch_s_extrapolated'] / 60:,.1f} min")
+        if r["phase"] == "evaluate":
+            part = (f"{r['evaluated_batches']} of {r['batches']} test batches in {r['eval_s']:.1f} s, "
+                    f"all extrapolated to {r['eval_s_extrapolated'] / 60:,.1f} min"
+                    if r["evaluated_batches"] < r["batches"] else f"all {r['batches']} test batches: {r['eval_s']:.1f} s")
+            print(f"evaluate at {r['raw_rows']:,} rows ({r['items']:,} items, budget {r['budget_mb']} MB): {part}")
+    for rows in sorted({r["raw_rows"] for r in results}):
+        rates = {r["path"]: r["rows_per_s"] for r in results if r["phase"] == "train" and r["raw_rows"] == rows}
+        if "full" in rates and len(rates) > 1:
+            sampled = next(v for k, v in rates.items() if k != "full")
+            print(f"sampled / full softmax training throughput at {rows:,} rows: {sampled / rates['full']:.2f}x")
     for path in ("lean", "recbole"):  # the slope between sizes: start-up of any kind cancels out
         sized = sorted((r["inter_rows"], r["peak_rss"]) for r in results
                        if r["phase"] == "load_prepare" and r["path"] == path)

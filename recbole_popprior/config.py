@@ -328,6 +328,7 @@ def _validate(config: dict[str, Any]) -> None:
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config)
+    _validate_training(config)
     _validate_energy(config)
     _number(config, "compare_confidence", low=0.0, strict=True)  # the t intervals' level (DESIGN §3.2)
     if config["compare_confidence"] >= 1.0:
@@ -352,12 +353,21 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
 
 
+def _validate_training(config: dict[str, Any]) -> None:
+    _number(config, "softmax_negatives", low=0, integer=True)
+    _choice(config, "softmax_sampler", ("uniform", "popularity"))
+    if config["softmax_negatives"] > 0 and config.get("popprior_baseline"):
+        raise PopPriorError("softmax_negatives > 0 needs the plugin's model (popprior_baseline runs RecBole's own "
+                            "full softmax); for a standard model with sampled softmax use prior_tau: 0")
+
+
 def _validate_energy(config: dict[str, Any]) -> None:
     _number(config, "energy_permutations", low=0, integer=True)
     _choice(config, "energy_permutation_stage", ("test", "valid", "always"))
     _number(config, "energy_max_contexts", low=1, integer=True, allow=(None,))
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)
     _number(config, "energy_seed", integer=True)
+    _number(config, "eval_score_budget_mb", low=0.0, strict=True)
 
 
 def _validate_tuning(config: dict[str, Any]) -> None:

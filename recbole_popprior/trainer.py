@@ -1,16 +1,19 @@
-"""The trainer mixin: RecBole's trainers with safe checkpoints and the energy collector.
+"""The trainer mixin: RecBole's trainers with safe checkpoints, the energy collector and
+full-sort evaluation in bounded memory.
 
 ``get_trainer(config)`` takes whatever trainer RecBole picks for the model (``Trainer``,
 ``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it. Under DDP the
 mixin also holds every rank after ``fit`` and keeps the energy metrics out of RecBole's
-per-rank averaging (:mod:`recbole_popprior.collective`).
+per-rank averaging (:mod:`recbole_popprior.collective`). Full-sort evaluation scores each
+batch in row chunks of at most ``eval_score_budget_mb`` of float32 scores (docs/DESIGN.md §3,
+bounded memory), for the plugin's models and RecBole's own alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from recbole.evaluator.register import metrics_dict
@@ -29,6 +32,9 @@ class PopPriorTrainerMixin:
         super().__init__(config, model)
         self.eval_collector = PopPriorCollector(config)
         self.eval_stage = "test"
+        #: bytes of float32 full-sort scores one scoring step may hold (DESIGN §3, bounded memory)
+        self.eval_score_budget = float(config["eval_score_budget_mb"]) * 2**20
+        self._warned_unbounded = False
         #: each rank's SHA-256 of the trained weights after ``fit`` (one entry without DDP)
         self.trained_weight_digests: list[str] = []
 
@@ -103,12 +109,60 @@ class PopPriorTrainerMixin:
         return collective.map_reduce(super()._map_reduce, result, num_sample, prefixes)
 
     def _full_sort_batch_eval(self, batched_data):
+        """RecBole's full-sort scoring, in row chunks when the batch's scores exceed the budget.
+
+        A chunked batch is handed to the collector chunk by chunk here, and ``scores`` is
+        returned as ``None`` (the collector then skips RecBole's own call for that batch).
+        Top-k and every per-row metric are unchanged: each row is scored and ranked alone.
+        """
+        rows = self._chunk_rows(len(batched_data[0]))
+        if rows is None:
+            return self._score_batch(batched_data)
+        for chunk in split_full_sort_batch(batched_data, rows):
+            interaction, scores, positive_u, positive_i = self._score_batch(chunk)
+            self.eval_collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+        interaction, _, positive_u, positive_i = batched_data
+        return interaction, None, positive_u, positive_i
+
+    def _score_batch(self, batched_data):
         if not self.eval_collector.wants_contexts:
             return super()._full_sort_batch_eval(batched_data)
         with reuse_forward(self.model):  # scoring and the energy metrics share one forward pass
             result = super()._full_sort_batch_eval(batched_data)
             self.eval_collector.context_collect(self.model, *result)
         return result
+
+    def _chunk_rows(self, batch_rows: int) -> int | None:
+        """Rows per scoring chunk, or ``None`` when the whole batch fits (or must stay whole)."""
+        rows = max(1, int(self.eval_score_budget // (4 * self.tot_item_num)))
+        if batch_rows <= rows:
+            return None
+        if self.eval_collector.register.need("rec.score"):
+            # such metrics keep every score of the evaluation: no chunking can bound them
+            if not self._warned_unbounded:
+                self.logger.warning("eval_score_budget_mb is not applied: a metric needs rec.score, "
+                                    "which keeps the whole [contexts, n_items] score matrix")
+                self._warned_unbounded = True
+            return None
+        return rows
+
+
+def split_full_sort_batch(batched_data: tuple, rows: int) -> Iterator[tuple]:
+    """``(interaction, history_index, positive_u, positive_i)`` in chunks of ``rows`` contexts.
+
+    ``positive_u`` and the row part of ``history_index`` index rows within the batch, so each
+    chunk's are selected and shifted to its own first row.
+    """
+    interaction, history_index, positive_u, positive_i = batched_data
+    for start in range(0, len(interaction), rows):
+        end = min(start + rows, len(interaction))
+        mine = (positive_u >= start) & (positive_u < end)
+        history = None
+        if history_index is not None:
+            row_idx, col_idx = history_index
+            keep = (row_idx >= start) & (row_idx < end)
+            history = (row_idx[keep] - start, col_idx[keep])
+        yield interaction[start:end], history, positive_u[mine] - start, positive_i[mine]
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The plugin's evaluation collector: feeds the energy metrics with the model's contexts.
 
-The trainer mixin (:mod:`recbole_popprior.trainer`) calls, per full-sort batch,
+The trainer mixin (:mod:`recbole_popprior.trainer`) calls, per full-sort batch (or per row
+chunk of one, when the batch's scores exceed ``eval_score_budget_mb``),
 ``context_collect(model, interaction, scores, positive_u, positive_i)``; RecBole itself
 calls ``data_collect(train_data)``, ``eval_batch_collect(...)``, ``model_collect(model)``
 and ``get_data_struct()``. Work happens only for the data-struct keys that the configured
@@ -173,6 +174,10 @@ class PopPriorCollector(FixedCollector):
                 alpha=alpha).log_prior
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i) -> None:
+        """RecBole's per-batch collection; ``scores_tensor=None`` means the trainer already
+        collected this batch chunk by chunk (bounded-memory evaluation), so nothing is added."""
+        if scores_tensor is None:
+            return
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
         if self._need_targets:
             self._target_rows.append(positive_u.detach().cpu().long() + self._rows_seen)

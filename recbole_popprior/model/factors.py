@@ -1,4 +1,5 @@
-"""``(H, E)`` per model, with ``H @ E.T`` equal to the learned full-sort scores (docs/DESIGN.md §3).
+"""``(H, E)`` per model, with ``H @ E.T`` equal to the learned full-sort scores (docs/DESIGN.md §3),
+and the same for training (docs/DESIGN.md §6).
 
 The energy metrics need the contexts ``H`` and the item table ``E`` of the learned dot product.
 Most RecBole sequential models compute ``H = forward(item_seq, item_seq_len)`` and score against
@@ -6,14 +7,23 @@ Most RecBole sequential models compute ``H = forward(item_seq, item_seq_len)`` a
 arguments, another output table, an output bias) and marks with ``None`` those whose learned score
 is not a plain dot product (they take the collector's streaming fallback). The table serves the
 plugin's models and RecBole's own baselines alike.
+
+:func:`training_factors` gives the same pair for a TRAINING batch (the factorised training path of
+sampled softmax): ``H`` of every training row, the table ``E`` as the loss uses it, the targets,
+and the model's loss terms other than the item softmax (its regularisers), so that
+``CE(H E^T + tau log p_hat, targets) + auxiliary`` is exactly the model's own training loss.
+:data:`NO_FACTORISED_TRAINING` lists the models whose loss cannot be written that way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from recbole_popprior.errors import PopPriorError
 
 def _seq(m, i):
     return i[m.ITEM_SEQ]
@@ -88,3 +98,107 @@ def factors(model: Any, interaction) -> tuple[torch.Tensor, torch.Tensor] | None
     if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[-1] != E.shape[-1]:
         return None
     return H, E
+
+
+# --- training (docs/DESIGN.md §6) ---------------------------------------------------------------
+#: models whose training loss is not ``CE(H E^T) + regularisers``, with the reason
+NO_FACTORISED_TRAINING: dict[str, str] = {
+    "GRU4RecCPR": "its scores are a mixture of softmaxes, not a dot product h.e",
+    "SASRecCPR": "its scores are a mixture of softmaxes, not a dot product h.e",
+    "RepeatNet": "its scores mix a repeat and an explore distribution, not a dot product h.e",
+    "FEARec": "its loss adds contrastive terms on the sequence outputs, which the factorised "
+              "training path would drop",
+}
+
+
+@dataclass
+class TrainingFactors:
+    """One training batch in factorised form (see the module docstring).
+
+    ``kept`` marks, among the rows the model's own loss would build (BERT4Rec: every masked
+    slot), those that count; ``H`` and ``targets`` hold the kept rows only. ``None`` = all.
+    """
+
+    H: torch.Tensor  # [r, d]
+    E: torch.Tensor  # [n_items, d]
+    targets: torch.Tensor  # [r]
+    kept: torch.Tensor | None = None  # [rows of the model's own loss] bool
+    auxiliary: torch.Tensor | float = 0.0  # the model's own loss terms besides the item softmax
+
+
+def _bert4rec_training(m, i) -> TrainingFactors:
+    # RecBole's BERT4Rec scores the masked slots against E[:n_items] plus an output bias and
+    # averages CE over the slots with masked_index > 0 (padding slots carry index 0)
+    masked_index = i[m.MASK_INDEX]
+    output = m.forward(i[m.MASK_ITEM_SEQ])  # [B L d]
+    H = output.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, output.shape[-1])).reshape(-1, output.shape[-1])
+    kept = (masked_index > 0).reshape(-1)
+    H = torch.cat([H[kept], H.new_ones(int(kept.sum()), 1)], dim=1)
+    E = torch.cat([m.item_embedding.weight[: m.n_items], m.output_bias.unsqueeze(1)], dim=1)
+    return TrainingFactors(H, E, i[m.POS_ITEMS].reshape(-1)[kept], kept)
+
+
+def _core_training(m, i) -> TrainingFactors:
+    # CORE drops out item-table entries before normalising, in training only (after forward,
+    # so the dropout masks are drawn in RecBole's order)
+    H = m.forward(_seq(m, i)) / m.temperature
+    E = F.normalize(m.item_dropout(m.item_embedding.weight), dim=-1)
+    return TrainingFactors(H, E, i[m.POS_ITEM_ID])
+
+
+def _shan_training(m, i) -> TrainingFactors:
+    # RecBole's SHAN trains on the inverted sequence but scores the plain one in full_sort_predict
+    H = m.forward(i[m.INVERSE_ITEM_SEQ], _user(m, i))
+    return TrainingFactors(H, m.item_embedding.weight, i[m.POS_ITEM_ID])
+
+
+_Training = Callable[[Any, Any], TrainingFactors]
+
+#: models whose training rows, inputs or table differ from their full-sort factors
+_TRAINING: dict[str, _Training] = {"BERT4Rec": _bert4rec_training, "CORE": _core_training, "SHAN": _shan_training}
+
+_Auxiliary = Callable[[Any, Any, torch.Tensor], "torch.Tensor | float"]
+
+#: the loss terms besides the item softmax, exactly as each model's calculate_loss adds them (CE)
+_AUXILIARY: dict[str, _Auxiliary] = {
+    "Caser": lambda m, i, H: m.reg_weight * m.reg_loss(
+        [m.user_embedding.weight, m.item_embedding.weight, m.conv_v.weight, m.fc1.weight, m.fc2.weight])
+    + m.reg_loss_conv_h(),
+    "NextItNet": lambda m, i, H: m.reg_weight * m.reg_loss([m.item_embedding.weight, m.final_layer.weight])
+    + m.reg_loss_rb(),
+    "GCSAN": lambda m, i, H: m.reg_weight * m.reg_loss(m.item_embedding.weight),
+    "SHAN": lambda m, i, H: m.reg_loss(m.user_embedding(_user(m, i)), m.item_embedding(i[m.POS_ITEM_ID])),
+    "FOSSIL": lambda m, i, H: m.reg_loss(m.user_lambda(_user(m, i)), m.item_embedding(i[m.POS_ITEM_ID]), H),
+    "HGN": lambda m, i, H: m.reg_loss(m.user_embedding(_user(m, i)), m.item_embedding_for_prediction(
+        i[m.POS_ITEM_ID]), m.item_embedding(_seq(m, i))),
+    "SINE": lambda m, i, H: m.calculate_reg_loss() * m.reg_loss_ratio if m.loss_type == "NLL" else 0.0,
+}
+
+
+def factorised_training_refusal(model: Any) -> str | None:
+    """Why ``model`` cannot take the factorised training path, or ``None`` when it can."""
+    name = type(model).__name__
+    if name in NO_FACTORISED_TRAINING:
+        return NO_FACTORISED_TRAINING[name]
+    if name in _FACTORS and _FACTORS[name] is None:
+        return "its score is not a dot product h.e"
+    return None
+
+
+def training_factors(model: Any, interaction) -> TrainingFactors:
+    """``(H, E, targets)`` of a training batch, plus the model's auxiliary loss terms (DESIGN §6).
+
+    Call it in training mode: ``H`` is computed by the model's ``forward`` exactly as its own
+    ``calculate_loss`` computes it (same dropout draws, in the same order).
+    """
+    name = type(model).__name__
+    if name in _TRAINING:
+        parts = _TRAINING[name](model, interaction)
+    else:
+        pair = factors(model, interaction)
+        if pair is None:
+            raise PopPriorError(f"{name} has no (H, E) factorisation of its training logits")
+        parts = TrainingFactors(pair[0], pair[1], interaction[model.POS_ITEM_ID])
+    if name in _AUXILIARY:
+        parts.auxiliary = _AUXILIARY[name](model, interaction, parts.H)
+    return parts

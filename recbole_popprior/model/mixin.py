@@ -11,6 +11,12 @@ RecBole models have no shared logits method: each builds its logits inline and c
 (BERT4Rec, S3Rec, probability models, ...) are plain subclasses in
 :mod:`recbole_popprior.model.special_cases`, the one place where models differ; they override
 the class attributes below.
+
+With ``softmax_negatives > 0`` training takes the factorised path instead (docs/DESIGN.md §6):
+``calculate_loss`` gets ``(H, E)`` of the training rows from
+:func:`~recbole_popprior.model.factors.training_factors` and the configured
+:class:`~recbole_popprior.model.objective.TrainingObjective` computes the loss, so no
+``[B, n_items]`` logits are built. :func:`training_objective` chooses the objective.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import torch
 from torch import nn
 
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.factors import factors
+from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.sampled_softmax import SampledSoftmax, sampler_distribution
 from recbole_popprior.prior import WindowedPrior, estimate_log_prior, estimate_windowed_log_prior
 
 
@@ -79,12 +87,26 @@ def _check_softmax_loss(config) -> None:
                             "with popprior_baseline: True)")
 
 
+def training_objective(config, model) -> TrainingObjective | None:
+    """The objective of the factorised training path, from the config (``None`` = the model's
+    own loss through :class:`PriorLoss`, the full softmax). The one place that chooses it."""
+    negatives = int(config["softmax_negatives"])
+    if negatives == 0:
+        return None
+    reason = factorised_training_refusal(model)
+    if reason is not None:
+        raise PopPriorError(f"{type(model).__name__} cannot train with softmax_negatives > 0: {reason}")
+    q = sampler_distribution(config["softmax_sampler"], model.log_prior)
+    return SampledSoftmax(q, negatives).to(model.log_prior.device)
+
+
 class PriorSeparatedMixin:
     """Prior separation for a RecBole sequential model; put it first in the bases.
 
     Config keys (defaults in ``properties/overall.yaml``): ``prior_tau`` (float or
     ``learned``), ``prior_beta`` (None = tau), ``prior_alpha``, ``prior_mode``,
-    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``. The training weight is the
+    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``, and for the factorised
+    training path ``softmax_negatives``, ``softmax_sampler``. The training weight is the
     model's ``prior_tau`` (a float, or a parameter when learned); a RecBole model's own
     ``self.tau`` (FEARec's and SINE's temperatures) is left alone.
     """
@@ -101,6 +123,15 @@ class PriorSeparatedMixin:
         super().__init__(config, dataset)
         self._init_prior(config, dataset)
         self._wrap_prior_losses()
+        self._init_training_objective(config)
+
+    def _init_training_objective(self, config) -> None:
+        """Set ``self.training_objective`` (``None``: the model's own full-softmax loss)."""
+        self.training_objective = training_objective(config, self) if self._trains_item_softmax() else None
+
+    def _trains_item_softmax(self) -> bool:
+        """Whether training is a softmax over the items (not S3Rec's pretraining)."""
+        return True
 
     def _wrap_prior_losses(self) -> None:
         """Put :class:`PriorLoss` around every loss in ``prior_loss_attrs`` (idempotent)."""
@@ -233,13 +264,41 @@ class PriorSeparatedMixin:
             return torch.softmax(torch.log(scores) + term, dim=-1)
         return scores + term
 
+    def prior_at_targets(self, targets: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
+        """``[r]``: ``tau * log p_hat(targets[r])``, each row's window prior when windowed (DESIGN §6)."""
+        if window_ids is not None:
+            return self.prior_tau * self.log_prior_windows[window_ids, targets]
+        return self.prior_tau * self.log_prior[targets]
+
+    def prior_at_items(self, items: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
+        """``tau * log p_hat(items)``: ``[k]`` for the static prior, ``[r, k]`` (row r's window) when windowed."""
+        if window_ids is not None:
+            return self.prior_tau * self.log_prior_windows[:, items][window_ids]
+        return self.prior_tau * self.log_prior[items]
+
     # --- RecBole's model API ------------------------------------------------------------
     def prior_window_ids(self, interaction) -> torch.Tensor:
         """Window of each training example: the window of its target's time (DESIGN §2)."""
         windows = WindowedPrior(self.log_prior_windows, self.prior_window_edges)
         return windows.window_of(interaction[self._time_field].to(self.prior_window_edges.device))
 
+    def training_window_ids(self, interaction) -> torch.Tensor:
+        """Window of each row of the model's own training loss (the examples, by default)."""
+        return self.prior_window_ids(interaction)
+
+    def factorised_loss(self, interaction) -> torch.Tensor:
+        """The configured objective over ``training_factors`` plus the model's auxiliary terms (DESIGN §6)."""
+        parts = training_factors(self, interaction)
+        window_ids = None
+        if self.prior_windowed:
+            window_ids = self.training_window_ids(interaction).to(parts.targets.device)
+            window_ids = window_ids if parts.kept is None else window_ids[parts.kept]
+        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids)
+        return self.training_objective.loss(self, batch) + parts.auxiliary
+
     def calculate_loss(self, interaction):
+        if self.training_objective is not None:
+            return self.factorised_loss(interaction)
         if self.prior_windowed:
             self._train_window_ids = self.prior_window_ids(interaction)
         try:

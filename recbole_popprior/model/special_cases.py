@@ -130,7 +130,7 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         self._list_suffix = config["LIST_SUFFIX"]
 
     def calculate_loss(self, interaction):
-        if self.loss_type != "CE":
+        if self.loss_type != "CE" or self.training_objective is not None:
             return super().calculate_loss(interaction)
         masked_item_seq = interaction[self.MASK_ITEM_SEQ]
         pos_items = interaction[self.POS_ITEMS]
@@ -162,6 +162,10 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         # the generic per-example ids are not used: calculate_loss sets per-position ids
         return None
 
+    def training_window_ids(self, interaction) -> torch.Tensor:
+        """One window per masked slot (the factorised path keeps the slots that count)."""
+        return self._masked_window_ids(interaction, interaction[self.MASK_INDEX])
+
 
 #: state-dict entries owned by the plugin (not RecBole's model)
 PRIOR_STATE_KEYS = frozenset({"log_prior", "log_prior_windows", "prior_window_edges", "prior_tau"})
@@ -183,6 +187,9 @@ class S3Rec(PriorSeparatedMixin, recbole_seq.S3Rec):
     def prior_loss_attrs(self) -> dict[str, bool]:
         return {"loss_fct": False} if self.train_stage == "finetune" else {}
 
+    def _trains_item_softmax(self) -> bool:
+        return self.train_stage == "finetune"
+
     def __init__(self, config, dataset):
         finetune = config["train_stage"] == "finetune"
         # RecBole's fine-tune __init__ loads pre_model_path with a bare torch.load, which would
@@ -199,6 +206,7 @@ class S3Rec(PriorSeparatedMixin, recbole_seq.S3Rec):
         self.train_stage = "finetune"
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
         self._wrap_prior_losses()
+        self._init_training_objective(config)
         state = checkpoint.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
         own_prior = {k: v for k, v in self.state_dict().items() if k.split(".")[0] in PRIOR_STATE_KEYS}
         state["state_dict"] = {**{k: v for k, v in state["state_dict"].items()

@@ -1,0 +1,47 @@
+"""The factorised training path: a training objective computed from ``(H, E)`` (docs/DESIGN.md §6).
+
+When an objective is configured (``softmax_negatives > 0`` today), the mixin's
+``calculate_loss`` does not run the model's own loss, which builds ``[B, n_items]`` logits.
+It asks :func:`recbole_popprior.model.factors.training_factors` for the training rows'
+contexts ``H``, the output item table ``E`` and the targets, and hands them to a
+:class:`TrainingObjective`. Sampled softmax (:mod:`~recbole_popprior.model.sampled_softmax`) is
+the first; other objectives (pairwise BPR, DirectSpec, Adap-tau, ReSN) implement the same
+``loss(model, batch)``. Which objective runs is decided in one place,
+:func:`recbole_popprior.model.mixin.training_objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainingBatch:
+    """What an objective sees of one training batch.
+
+    ``H @ E.T`` would be the model's ``[r, n_items]`` training logits without the prior
+    (one row per training target: a sequence's next item, or one of BERT4Rec's masked
+    positions); ``E``'s row ``i`` is item ``i`` (row 0 is padding and never a candidate).
+    """
+
+    H: torch.Tensor  # [r, d] contexts of the training rows
+    E: torch.Tensor  # [n_items, d] output item table
+    targets: torch.Tensor  # [r] target item ids (never 0)
+    window_ids: torch.Tensor | None = None  # [r] window of each row's target (prior_mode windowed)
+
+
+class TrainingObjective(nn.Module):
+    """A loss over :class:`TrainingBatch` rows; the model supplies the prior.
+
+    ``model.prior_at_targets(targets, window_ids)`` and ``model.prior_at_items(items,
+    window_ids)`` give ``tau * log p_hat`` (DESIGN §1, each row's own window in windowed
+    mode). An objective is a module so that its buffers follow ``model.to(device)``; its
+    buffers are not persistent (they are recomputed from the data, never checkpointed).
+    """
+
+    def loss(self, model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
+        """The mean training loss of the batch's rows (a scalar)."""
+        raise NotImplementedError
