@@ -97,6 +97,24 @@ def synthetic_settings(tmp_path, **overrides) -> dict:
     return settings
 
 
+def theory_settings(tmp_path, **overrides) -> dict:
+    """The known-truth setting of tests/test_theory.py: next item ~ softmax(PMI + log p), 30 items,
+    800 users, PMI of rank 4; SASRec with d = 32 >= rank + 2 can represent the optimum exactly."""
+    settings = {
+        "data_path": str(tmp_path / "data"),
+        "synthetic_users": 800, "synthetic_items": 30, "synthetic_seq_len": 30,
+        "synthetic_rank": 4, "synthetic_pmi_scale": 2.0, "synthetic_seed": 2024,
+        "hidden_size": 32, "inner_size": 64, "n_layers": 1, "n_heads": 1,
+        "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0,
+        "MAX_ITEM_LIST_LENGTH": 5, "train_batch_size": 512, "learning_rate": 0.005,
+        "epochs": 12, "eval_step": 5, "stopping_step": 10,
+        "show_progress": False, "state": "WARNING", "gpu_id": "", "seed": 2020,
+        "metrics": ["Recall", "MRR", "NDCG"], "valid_metric": "MRR@10",
+    }
+    settings.update(overrides)
+    return settings
+
+
 def numpy_log_prior(targets: np.ndarray, n_items: int, alpha: float = 1.0) -> np.ndarray:
     """docs/DESIGN.md §2 written out in numpy: the reference for ``estimate_log_prior``."""
     counts = np.bincount(targets, minlength=n_items).astype(np.float64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import loader_contexts, numpy_log_prior, tiny_config
+from conftest import loader_contexts, numpy_log_prior, tiny_config, theory_settings
 from test_model_zoo import N_ITEMS, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
 from recbole.utils import init_seed
@@ -311,18 +311,7 @@ def test_popularity_sampled_separated_model_tracks_pmi(tmp_path) -> None:
     """As tests/test_theory.py, with popularity-sampled softmax (about 8 of 30 items per batch):
     with q = p_hat and tau = 1 the logits are the bare dot product (plus -log c), and the dot
     product still estimates centred PMI."""
-    settings = {
-        "data_path": str(tmp_path / "data"),
-        "synthetic_users": 800, "synthetic_items": 30, "synthetic_seq_len": 30,
-        "synthetic_rank": 4, "synthetic_pmi_scale": 2.0, "synthetic_seed": 2024,
-        "hidden_size": 32, "inner_size": 64, "n_layers": 1, "n_heads": 1,
-        "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0,
-        "MAX_ITEM_LIST_LENGTH": 5, "train_batch_size": 512, "learning_rate": 0.005,
-        "epochs": 12, "eval_step": 5, "stopping_step": 10,
-        "show_progress": False, "state": "WARNING", "gpu_id": "", "seed": 2020,
-        "metrics": ["Recall", "MRR", "NDCG"], "valid_metric": "MRR@10",
-        "softmax_negatives": 8, "softmax_sampler": "popularity",
-    }
+    settings = theory_settings(tmp_path, softmax_negatives=8, softmax_sampler="popularity")
     config = arm_config("SASRec", "synthetic", None, settings, seed=None, baseline=False, run_dir=tmp_path / "sep")
     arm = train_arm("separated", config, saved=False)
     assert arm.pipe.model.training_objective is not None

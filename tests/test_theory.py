@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import loader_contexts, numpy_log_prior
+from conftest import loader_contexts, numpy_log_prior, theory_settings
 from recbole_popprior.compare import arm_config, train_arm
 from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.evaluator.energy import matched_reduction, popularity_energy
@@ -42,17 +42,7 @@ def _centred(Z: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_prior_separation_recovers_pmi_and_removes_shared_energy(tmp_path) -> None:
-    settings = {
-        "data_path": str(tmp_path / "data"),
-        "synthetic_users": 800, "synthetic_items": 30, "synthetic_seq_len": 30,
-        "synthetic_rank": 4, "synthetic_pmi_scale": 2.0, "synthetic_seed": 2024,
-        "hidden_size": 32, "inner_size": 64, "n_layers": 1, "n_heads": 1,
-        "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0,
-        "MAX_ITEM_LIST_LENGTH": 5, "train_batch_size": 512, "learning_rate": 0.005,
-        "epochs": 12, "eval_step": 5, "stopping_step": 10,
-        "show_progress": False, "state": "WARNING", "gpu_id": "", "seed": 2020,
-        "metrics": ["Recall", "MRR", "NDCG"], "valid_metric": "MRR@10",
-    }
+    settings = theory_settings(tmp_path)
     arms = {}
     for name, baseline in (("standard", True), ("separated", False)):
         config = arm_config("SASRec", "synthetic", None, settings, seed=None, baseline=baseline,
