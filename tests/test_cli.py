@@ -57,7 +57,7 @@ def test_cli_trains_and_saves_results_json(tiny_data, tmp_path):
     (["--model=SASRec", "--dataset=tiny", "--prior_mode=sometimes"], "prior_mode"),
     (["--model=SASRec", "--dataset=tiny", "--prior_tau=abc"], "prior_tau"),
     (["--model=SASRec", "--dataset=tiny", "--config_files=missing.yaml"], "config file not found"),
-    (["--model=FPMC", "--dataset=tiny"], "BPR"),
+    (["--model=CORE", "--dataset=tiny", "--loss_type=BPR"], "CORE cannot train with loss_type BPR"),
     (["--model=NoSuchNet", "--dataset=tiny"], "supported models"),
     (["--dataset=tiny"], "--model"),
 ])
