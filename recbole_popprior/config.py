@@ -235,8 +235,8 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     for key in ("directspec_shrink_norm", "ace_lambda", "resn_weight"):
         _number(config, key, low=0.0)
     base = config.get("adap_tau_base")
-    if base != "mean":
-        _number(config, "adap_tau_base", low=0.0, high=1.0)
+    if base != "mean" and (isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 <= base <= 1):
+        raise PopPriorError(f"adap_tau_base must be mean or a quantile in [0, 1], got {base!r}")
     _number(config, "adap_tau_active_quantile", low=0.0, high=1.0)
     if config["adap_tau_active_quantile"] >= 1.0:
         raise PopPriorError(f"adap_tau_active_quantile must lie in [0, 1), got {config['adap_tau_active_quantile']!r}")
@@ -246,6 +246,8 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     ace_init, remedy = config.get("ace_init"), config.get("remedy")
     if ace_init is not None and not isinstance(ace_init, str):
         raise PopPriorError(f"ace_init must be a file path, got {ace_init!r}")
+    if ace_init is not None and not os.path.isfile(ace_init):
+        raise PopPriorError(f"ace_init: no such file: {ace_init}")
     if config.get("popprior_baseline") and (remedy is not None or ace_init is not None):
         raise PopPriorError("remedy and ace_init need the plugin's model (popprior_baseline runs RecBole's own "
                             "class); for a standard model with a remedy use prior_tau: 0")

@@ -349,7 +349,8 @@ def test_ace_init_covers_every_item_table_and_leaves_extra_rows(zoo_data, s3rec_
     ("SASRec", {"remedy": "resn", "softmax_negatives": 5}, "needs resn_link: identity"),
     ("SASRec", {"remedy": "resn", "loss_type": "BPR"}, "use loss_type: CE"),
     ("SASRec", {"remedy": "resn", "popprior_baseline": True}, "need the plugin's model"),
-    ("SASRec", {"ace_init": "x.npy", "popprior_baseline": True}, "need the plugin's model"),
+    ("SASRec", {"ace_init": "x.npy", "popprior_baseline": True}, "ace_init: no such file: x.npy"),
+    ("SASRec", {"ace_init": __file__, "popprior_baseline": True}, "need the plugin's model"),
     ("SASRec", {"remedy": "dirspec"}, "remedy must be one of"),
     ("SASRec", {"resn_link": "tanh"}, "resn_link must be one of"),
     ("SASRec", {"adap_tau_base": "median"}, "adap_tau_base"),
@@ -358,8 +359,9 @@ def test_ace_init_covers_every_item_table_and_leaves_extra_rows(zoo_data, s3rec_
     ("SASRec", {"loss_type": "BPR", "train_neg_sample_args": None}, "needs a sampled negative"),
     ("FPMC", {"remedy": "resn"}, "FPMC cannot train with remedy: resn: it trains a pairwise BPR loss only"),
     ("RepeatNet", {"remedy": "adap_tau", "prior_tau": 0.0}, "RepeatNet cannot train with remedy: adap_tau"),
-    ("FPMC", {"ace_init": "t.npy"}, "FPMC cannot take ace_init"),
+    ("FPMC", {"ace_init": __file__}, "FPMC cannot take ace_init"),
     ("CORE", {"loss_type": "BPR"}, "CORE cannot train with loss_type BPR"),
+    ("SASRec", {"adap_tau_base": 1.5}, "adap_tau_base must be mean or a quantile"),
 ])
 def test_bad_combinations_are_one_line_config_errors(tiny_data, model, overrides, match):
     with pytest.raises(PopPriorError, match=match) as info:
