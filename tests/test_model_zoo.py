@@ -413,12 +413,15 @@ def test_s3rec_pretrain_then_finetune_uses_safe_checkpoints(zoo_data, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(NO_PAIRWISE))
 def test_bpr_is_refused_with_one_line_where_recbole_has_none(zoo_data, name):
-    config = Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data, loss_type="BPR"))
-    dataset = create_dataset(config)
-    train_data, _, _ = data_preparation(config, dataset)
+    """Refused by the config, before any data loads, and by the model's constructor."""
     with pytest.raises(PopPriorError, match=f"{name} cannot train with loss_type BPR") as info:
-        config.model_class(config, train_data._dataset)
+        Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data, loss_type="BPR"))
     assert "\n" not in str(info.value)
+    config = Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    config["loss_type"] = "BPR"
+    with pytest.raises(PopPriorError, match=f"{name} cannot train with loss_type BPR"):
+        config.model_class(config, train_data._dataset)
 
 
 @pytest.mark.parametrize("model,reason", [("DIN", "click-through"), ("DIEN", "click-through")])
