@@ -9,7 +9,7 @@ not implemented fails with one line before anything is trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from recbole_popprior.errors import PopPriorError
@@ -95,6 +95,17 @@ def check_arms(names: Iterable[str], table: Mapping[str, ArmSpec], defaults: Map
             raise PopPriorError(f"{key} is chosen per arm in a comparison (--arms); remove {key}={config[key]!r}")
 
 
+def resolve_arm(spec: ArmSpec, config: Mapping[str, Any]) -> ArmSpec:
+    """``spec`` under this configuration: a ``baseline`` arm (RecBole's own class) stays one only
+    while the configured training objective is RecBole's own loss. With the plugin's objective
+    (``softmax_negatives > 0``, DESIGN §6.1) it is the plugin's class at ``prior_tau: 0``, which
+    trains that objective with no prior."""
+    if spec.baseline and int(config.get("softmax_negatives") or 0) > 0:
+        return replace(spec, label=spec.label.replace("RecBole {model}", "{model}") + " (plugin's objective)",
+                       baseline=False)
+    return spec
+
+
 def arm_overrides(spec: ArmSpec, table: Mapping[str, ArmSpec], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The config overrides of one arm: its own, plus the shipped default of every key another arm
     chooses, so that e.g. ``--ace_init`` reaches the ace arm only."""
@@ -105,4 +116,4 @@ def arm_overrides(spec: ArmSpec, table: Mapping[str, ArmSpec], defaults: Mapping
     return out
 
 
-__all__ = ["ArmSpec", "ARMS", "DEFAULT_ARMS", "REFERENCE", "parse_arms", "check_arms", "arm_overrides"]
+__all__ = ["ArmSpec", "ARMS", "DEFAULT_ARMS", "REFERENCE", "parse_arms", "check_arms", "arm_overrides", "resolve_arm"]

@@ -35,7 +35,7 @@ import yaml
 from recbole.utils import get_local_time
 
 from recbole_popprior import plots
-from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms
+from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms, resolve_arm
 from recbole_popprior.compare_report import compare_csv, summarise
 from recbole_popprior.config import parse_literal, properties_file
 from recbole_popprior.errors import PopPriorError
@@ -193,7 +193,7 @@ def _plan(names: Sequence[str], table: Mapping[str, ArmSpec], probe: Any) -> lis
     check_arms(names, table, defaults, probe.final_config_dict)
     plans = []
     for name in names:
-        spec = table[name]
+        spec = resolve_arm(table[name], probe.final_config_dict)
         tau = 0.0 if spec.baseline else spec.overrides.get("prior_tau", probe["prior_tau"])
         plans.append(_Plan(spec, arm_overrides(spec, table, defaults), tau))
     return plans

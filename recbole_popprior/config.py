@@ -39,7 +39,8 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import get_model
+from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, get_model, trains_without_negatives
+from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
 
@@ -102,6 +103,11 @@ class Config(RecBoleConfig):
     # RecBole's own checks of metrics, topk, valid_metric and the sampling arguments raise
     # ValueError, TypeError, NotImplementedError or RuntimeError: bad input, so one line each.
     def _set_default_parameters(self):
+        # RecBole refuses sampled negatives for a sequential softmax, and its BPR models need
+        # them: None only where the model trains a softmax, unless the user set it (DESIGN §6.2)
+        if "train_neg_sample_args" not in self.external_config_dict and trains_without_negatives(
+                self.model_class, self.final_config_dict.get("loss_type")):
+            self.final_config_dict["train_neg_sample_args"] = None
         with _recbole_checks():
             super()._set_default_parameters()
 
@@ -329,6 +335,7 @@ def _validate(config: dict[str, Any]) -> None:
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config)
     _validate_training(config)
+    _validate_remedies(config)
     _validate_energy(config)
     _number(config, "compare_confidence", low=0.0, strict=True)  # the t intervals' level (DESIGN §3.2)
     if config["compare_confidence"] >= 1.0:
@@ -359,6 +366,63 @@ def _validate_training(config: dict[str, Any]) -> None:
     if config["softmax_negatives"] > 0 and config.get("popprior_baseline"):
         raise PopPriorError("softmax_negatives > 0 needs the plugin's model (popprior_baseline runs RecBole's own "
                             "full softmax); for a standard model with sampled softmax use prior_tau: 0")
+
+
+def _validate_remedies(config: dict[str, Any]) -> None:
+    """The losses and remedies of DESIGN §6.2 and §7, and which of them compose."""
+    loss_type, model = config.get("loss_type"), config.get("model")
+    negatives = config.get("train_neg_sample_args") or {}
+    pairwise = loss_type == "BPR" or model in PAIRWISE_ONLY
+    if loss_type == "BPR" and model in NO_PAIRWISE and not config.get("popprior_baseline"):
+        raise PopPriorError(f"{model} cannot train with loss_type BPR: {NO_PAIRWISE[model]}; use loss_type: CE")
+    if pairwise and negatives.get("distribution", "none") == "none":
+        raise PopPriorError(f"{config.get('model')} with a BPR loss needs a sampled negative per row: remove "
+                            "train_neg_sample_args: ~ (RecBole's default draws one uniform negative)")
+    if pairwise and config["softmax_negatives"] > 0:
+        raise PopPriorError("softmax_negatives > 0 is a sampled softmax; it does not apply to a BPR loss")
+    _choice(config, "remedy", (None, "directspec", "adap_tau", "resn"))
+    if not isinstance(config.get("directspec_plus"), bool):
+        raise PopPriorError(f"directspec_plus must be True or False, got {config.get('directspec_plus')!r}")
+    for key in ("directspec_alpha", "directspec_kappa", "adap_tau_rho", "adap_tau_warmup_gap"):
+        _number(config, key, low=0.0, strict=True)
+    for key in ("directspec_shrink_norm", "ace_lambda", "resn_weight"):
+        _number(config, key, low=0.0)
+    base = config.get("adap_tau_base")
+    if base != "mean" and (isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 <= base <= 1):
+        raise PopPriorError(f"adap_tau_base must be mean or a quantile in [0, 1], got {base!r}")
+    _number(config, "adap_tau_active_quantile", low=0.0, high=1.0)
+    if config["adap_tau_active_quantile"] >= 1.0:
+        raise PopPriorError(f"adap_tau_active_quantile must lie in [0, 1), got {config['adap_tau_active_quantile']!r}")
+    _number(config, "adap_tau_warmup_epochs", low=0, integer=True)
+    _choice(config, "resn_link", ("sigmoid", "softmax", "identity"))
+    _number(config, "resn_power_iter", low=1, integer=True)
+    ace_init, remedy = config.get("ace_init"), config.get("remedy")
+    if ace_init is not None and not isinstance(ace_init, str):
+        raise PopPriorError(f"ace_init must be a file path, got {ace_init!r}")
+    if ace_init is not None and not os.path.isfile(ace_init):
+        raise PopPriorError(f"ace_init: no such file: {ace_init}")
+    if config.get("popprior_baseline") and (remedy is not None or ace_init is not None):
+        raise PopPriorError("remedy and ace_init need the plugin's model (popprior_baseline runs RecBole's own "
+                            "class); for a standard model with a remedy use prior_tau: 0")
+    if ace_init is not None and model in ("FPMC", "S3Rec") and (model == "FPMC" or config.get("train_stage") == "finetune"):
+        raise PopPriorError(f"{model} cannot take ace_init: " + ("its items have three tables in different roles"
+                            if model == "FPMC" else "in the finetune stage its item table comes from the pretrained "
+                            "checkpoint (give ace_init to the pretrain stage)"))
+    if remedy is None:
+        return
+    if model in NO_FACTORISED_TRAINING:
+        raise PopPriorError(f"{model} cannot train with remedy: {remedy}: {NO_FACTORISED_TRAINING[model]}")
+    if pairwise:
+        raise PopPriorError(f"remedy: {remedy} replaces or extends a softmax loss; use loss_type: CE")
+    if remedy in ("directspec", "adap_tau"):
+        if config.get("prior_tau") != 0:
+            raise PopPriorError(f"remedy: {remedy} has its own training logits, which take no prior: set prior_tau: 0 "
+                                f"(got {config.get('prior_tau')!r})")
+        if config["softmax_negatives"] > 0:
+            raise PopPriorError(f"remedy: {remedy} has its own training loss; it does not take softmax_negatives > 0")
+    if remedy == "resn" and config["softmax_negatives"] > 0 and config["resn_link"] != "identity":
+        raise PopPriorError("remedy: resn with softmax_negatives > 0 needs resn_link: identity (the other links build "
+                            "the [B, n_items] scores that sampled softmax avoids)")
 
 
 def _validate_energy(config: dict[str, Any]) -> None:

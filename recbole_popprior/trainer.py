@@ -51,6 +51,14 @@ class PopPriorTrainerMixin:
         collective.barrier()
         return outcome
 
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        """RecBole's epoch, after ``model.on_epoch_start(epoch)`` for models with per-epoch state
+        (Adap-tau's temperatures, DESIGN §7.2); the trainer knows nothing model-specific."""
+        hook = getattr(self.model, "on_epoch_start", None)
+        if hook is not None:
+            hook(epoch_idx)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
     # --- checkpoints (compat shim 3) -----------------------------------------------------
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:

@@ -313,7 +313,8 @@ CLI_CASES = [
     # the command line itself
     Case("no --model", run()[1:], 2, ("--model is required",), cli_setup(), "console"),
     Case("an unknown model", run(model="NoSuchNet"), 2, ("unsupported model 'NoSuchNet'", "SASRec"), cli_setup(), "cli"),
-    Case("a BPR-only model", run(model="FPMC"), 2, ("FPMC", "BPR"), cli_setup(), "cli"),
+    Case("a model without a pairwise form", run("--loss_type=BPR", model="CORE"), 2,
+         ("CORE cannot train with loss_type BPR",), cli_setup(), "cli"),
     Case("a stray argument", ("stray", *run()), 2, ("unexpected argument 'stray'",), cli_setup(), "cli"),
     Case("a value given twice", run("--learning_rate=0.1", "--learning_rate=0.2"), 2, ("given twice",), cli_setup(), "cli"),
     Case("--compare=maybe", ("--compare=maybe", *run()), 2, ("--compare is a flag",), cli_setup(), "cli"),

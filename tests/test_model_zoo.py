@@ -1,10 +1,12 @@
-"""Prior separation across RecBole's sequential model zoo (DESIGN.md §1), one tiny dataset.
+"""Prior separation across RecBole's sequential model zoo (DESIGN.md §1, §6.2), one tiny dataset.
 
 For every supported model: a training step runs; the training loss equals a hand-computed
-CE/NLL over the baseline's OWN logits plus ``tau * log p_hat`` (padding excluded); full-sort
-scores move by exactly ``beta * log p_hat`` (log space for probability models); with
-``tau = beta = 0`` the model is RecBole's own class; ``popprior_factors`` reproduces the
-learned scores.
+CE/NLL over the baseline's OWN logits plus ``tau * log p_hat`` (padding excluded), or for BPR
+the baseline's own pair of scores each plus ``tau * log p_hat`` of its item; full-sort scores
+move by exactly ``beta * log p_hat`` (log space for probability models); with ``tau = beta = 0``
+the model is RecBole's own class (CE and BPR); ``popprior_factors`` reproduces the learned
+scores; ``popprior_baseline`` runs every RecBole sequential model with RecBole's own
+negative-sampling settings.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import PriorSeparatedMixin, get_model, supported_models
+from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, PriorSeparatedMixin, get_model, supported_models
 from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +170,24 @@ def zoo(request, zoo_data, s3rec_pretrained) -> Zoo:
     return _CACHE[name]
 
 
+@pytest.fixture()
+def bpr_zoo(request, zoo_data, s3rec_pretrained) -> Zoo:
+    """The model trained with ``loss_type: BPR`` (FPMC and TransRec only have BPR)."""
+    key = f"{request.param}-BPR"
+    if key not in _CACHE:
+        _CACHE[key] = Zoo(request.param, zoo_data, s3rec_pretrained, loss_type="BPR")
+    return _CACHE[key]
+
+
 MODELS = supported_models()
 by_model = pytest.mark.parametrize("zoo", MODELS, indirect=True)
+#: models whose RecBole class trains a softmax over the items (all but the BPR-only ones)
+SOFTMAX_MODELS = [m for m in MODELS if m not in PAIRWISE_ONLY]
+#: models whose RecBole class has a BPR loss (RecBole's test suite runs each with loss_type BPR)
+BPR_MODELS = [m for m in MODELS if m not in NO_PAIRWISE]
+by_bpr_model = pytest.mark.parametrize("bpr_zoo", BPR_MODELS, indirect=True)
+#: models without an (H, E) factorisation of their learned score
+NO_FACTORS = PROBABILITY_MODELS | {"TransRec"}
 
 
 # --- capturing what the baseline passes to its softmax loss ----------------------------------
@@ -244,11 +262,12 @@ def _reference_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: np.nd
 def test_supported_models_are_the_issue_list_and_each_has_a_note():
     expected = {"SASRec", "SASRecF", "GRU4Rec", "GRU4RecF", "NARM", "STAMP", "Caser", "NextItNet", "SRGNN",
                 "GCSAN", "FDSA", "FEARec", "LightSANs", "SHAN", "FOSSIL", "SINE", "HRM", "BERT4Rec", "S3Rec",
-                "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet", "GRU4RecKG", "KSR"}
+                "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet", "GRU4RecKG", "KSR", "FPMC", "TransRec"}
     assert set(MODELS) == expected
     assert set(MODEL_NOTES) == expected
     assert set(SPECIAL_CLASSES) <= expected
-    assert not set(UNSUPPORTED) & expected
+    assert set(UNSUPPORTED) == {"DIN", "DIEN"}
+    assert len(BPR_MODELS) == 25 and set(PAIRWISE_ONLY) <= set(BPR_MODELS)
 
 
 def test_model_name_resolves_to_the_prior_separated_subclass(zoo_data):
@@ -275,7 +294,7 @@ def test_one_training_step_runs(zoo):
     assert torch.isfinite(zoo.scores(model)[:, 1:]).all()
 
 
-@by_model
+@pytest.mark.parametrize("zoo", SOFTMAX_MODELS, indirect=True)
 def test_training_loss_is_ce_over_own_logits_plus_tau_log_prior(zoo, monkeypatch):
     model = zoo.plugin()
     model.train()
@@ -341,6 +360,10 @@ def test_factors_reproduce_the_learned_scores(zoo):
         assert parts is None
         assert torch.allclose(torch.softmax(learned + TAU * model.log_prior, dim=1), served, atol=1e-5)
         return
+    if zoo.name in NO_FACTORS:  # a distance score: the energy metrics stream the learned scores
+        assert parts is None
+        assert torch.allclose(served[:, 1:], learned[:, 1:] + TAU * model.log_prior[1:], atol=1e-5)
+        return
     H, E = parts
     assert E.shape[0] == N_ITEMS + 1 and H.shape == (len(learned), E.shape[1])
     assert torch.allclose(H @ E.T, learned, atol=1e-5, rtol=1e-5)
@@ -388,15 +411,20 @@ def test_s3rec_pretrain_then_finetune_uses_safe_checkpoints(zoo_data, tmp_path):
         build_pipeline(finetune, log=False)
 
 
-def test_bpr_loss_is_refused_with_one_line(zoo_data):
-    config = Config(model="SASRec", dataset="zoo", config_dict=zoo_config("SASRec", zoo_data, loss_type="BPR"))
-    dataset = create_dataset(config)
-    train_data, _, _ = data_preparation(config, dataset)
-    with pytest.raises(PopPriorError, match="loss_type"):
+@pytest.mark.parametrize("name", sorted(NO_PAIRWISE))
+def test_bpr_is_refused_with_one_line_where_recbole_has_none(zoo_data, name):
+    """Refused by the config, before any data loads, and by the model's constructor."""
+    with pytest.raises(PopPriorError, match=f"{name} cannot train with loss_type BPR") as info:
+        Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data, loss_type="BPR"))
+    assert "\n" not in str(info.value)
+    config = Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    config["loss_type"] = "BPR"
+    with pytest.raises(PopPriorError, match=f"{name} cannot train with loss_type BPR"):
         config.model_class(config, train_data._dataset)
 
 
-@pytest.mark.parametrize("model,reason", [("FPMC", "BPR"), ("DIN", "click-through")])
+@pytest.mark.parametrize("model,reason", [("DIN", "click-through"), ("DIEN", "click-through")])
 def test_unsupported_model_cli_exit_2_one_error_line(zoo_data, tmp_path, model, reason):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run_recbole_popprior.py"), f"--model={model}", "--dataset=zoo",
@@ -407,3 +435,110 @@ def test_unsupported_model_cli_exit_2_one_error_line(zoo_data, tmp_path, model, 
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert reason in lines[0] and "NARM" in lines[0] and "BERT4Rec" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# --- BPR: pairwise prior separation (DESIGN.md §6.2) ------------------------------------------
+def _bpr_loss_attr(zoo: Zoo) -> str:
+    return "bpr_loss" if zoo.name == "TransRec" else "loss_fct"
+
+
+def _bpr_reference(pos: torch.Tensor, neg: torch.Tensor, pos_items: np.ndarray, neg_items: np.ndarray,
+                   log_prior: np.ndarray, tau: float) -> torch.Tensor:
+    """RecBole's BPRLoss of the two scores each plus tau log p_hat of its item, by hand (float64)."""
+    pos, neg = pos.detach().double().numpy().reshape(-1), neg.detach().double().numpy().reshape(-1)
+    d = (pos + tau * log_prior[pos_items]) - (neg + tau * log_prior[neg_items])
+    return torch.tensor(-np.mean(np.log(1e-10 + 1.0 / (1.0 + np.exp(-d)))), dtype=torch.float32)
+
+
+@by_bpr_model
+def test_bpr_tau_and_beta_zero_is_recbole_own_model(bpr_zoo):
+    zoo = bpr_zoo
+    assert zoo.config["train_neg_sample_args"]["distribution"] == "uniform"  # RecBole's own sampler
+    model = zoo.plugin(prior_tau=0.0, prior_beta=0.0)
+    baseline = zoo.baseline()
+    mine = {k: v for k, v in model.state_dict().items() if k.split(".")[0] not in PRIOR_KEYS}
+    theirs = baseline.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    model.train()
+    baseline.train()
+    assert torch.equal(zoo.loss(model), zoo.loss(baseline))
+    assert torch.equal(zoo.scores(model), zoo.scores(baseline))
+
+
+@by_bpr_model
+def test_bpr_loss_adds_tau_log_prior_to_each_score_of_the_pair(bpr_zoo):
+    """The plugin's BPR loss = RecBole's BPR loss pipeline (regularisers included) with its pair of
+    scores replaced by ``s + tau log p_hat(item)``, computed by hand from the baseline's own scores."""
+    zoo = bpr_zoo
+    model = zoo.plugin()
+    log_prior = model.log_prior.double().numpy()
+    pos_items = zoo.train_batch[model.POS_ITEM_ID].numpy()
+    model.train()
+    loss = float(zoo.loss(model).detach())
+    baseline = zoo.baseline()
+    baseline.train()
+    if zoo.name == "BERT4Rec":  # inline BPR over the masked slots: compare in eval mode (no dropout)
+        model.eval()
+        baseline.eval()
+        with torch.no_grad():
+            loss = float(zoo.loss(model))
+            batch = zoo.train_batch
+            masked = batch[baseline.MASK_INDEX]
+            H = baseline.forward(batch[baseline.MASK_ITEM_SEQ]).double()
+            H = H.gather(1, masked.unsqueeze(-1).expand(-1, -1, H.shape[-1])).numpy()
+            E = baseline.item_embedding.weight.double().numpy()
+            bias = baseline.output_bias.double().numpy()
+        pos, neg = batch[baseline.POS_ITEMS].numpy(), batch[baseline.NEG_ITEMS].numpy()
+        keep = masked.numpy() > 0
+        s_pos = (H * E[pos]).sum(-1) + bias[pos] + TAU * np.where(keep, log_prior[np.maximum(pos, 1)], 0.0)
+        s_neg = (H * E[neg]).sum(-1) + bias[neg] + TAU * np.where(keep, log_prior[np.maximum(neg, 1)], 0.0)
+        expected = -np.sum(np.log(1e-14 + 1.0 / (1.0 + np.exp(-(s_pos - s_neg)))) * keep) / keep.sum()
+        assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        return
+    neg_items = zoo.train_batch[model.NEG_ITEM_ID].numpy()
+    attr = _bpr_loss_attr(zoo)
+    recorder = _Recorder(getattr(baseline, attr))
+    setattr(baseline, attr, recorder)
+    own = float(zoo.loss(baseline).detach())
+    assert len(recorder.calls) == 1
+    (pos, neg, _), = recorder.calls
+    reply = _bpr_reference(pos, neg, pos_items, neg_items, log_prior, TAU)
+    replay = zoo.baseline()
+    replay.train()
+    setattr(replay, attr, _Recorder(getattr(replay, attr), [reply]))
+    expected = float(zoo.loss(replay).detach())
+    assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert abs(loss - own) > 1e-4  # the prior did change the loss
+
+
+#: the sequential cases of RecBole's own test suite (tests/model/test_model_auto.py): each
+#: model with its default loss, and with loss_type BPR where RecBole has it
+_RECBOLE_CASES = [(m, {}) for m in MODELS] + [(m, {"loss_type": "BPR"}) for m in BPR_MODELS if m not in PAIRWISE_ONLY]
+
+
+@pytest.mark.parametrize("name,overrides", _RECBOLE_CASES,
+                         ids=[f"{m}{'-BPR' if o else ''}" for m, o in _RECBOLE_CASES])
+def test_popprior_baseline_trains_every_recbole_sequential_model(name, overrides, zoo_data, s3rec_pretrained):
+    """``popprior_baseline: True`` is RecBole's class on RecBole's data: no sampled negatives for a
+    softmax (RecBole's suite passes ``train_neg_sample_args: None`` there), one uniform negative
+    per row for BPR and for RepeatNet (which RecBole's suite runs with its defaults)."""
+    if name == "S3Rec":
+        overrides = {**overrides, "train_stage": "finetune", "pre_model_path": str(s3rec_pretrained)}
+    config = Config(model=name, dataset="zoo", config_dict=zoo_config(name, zoo_data, popprior_baseline=True, **overrides))
+    wants_negatives = "loss_type" in overrides or name in (*PAIRWISE_ONLY, "RepeatNet")
+    assert config["train_neg_sample_args"]["distribution"] == ("uniform" if wants_negatives else "none")
+    dataset = create_dataset(config)
+    train_data, _, _ = data_preparation(config, dataset)
+    init_seed(2020, True)
+    model = config.model_class(config, train_data._dataset)
+    assert not isinstance(model, PriorSeparatedMixin)
+    if name == "KSR":  # RecBole's own dtype bug (compat shim 7)
+        model.relation_Matrix = model.relation_Matrix.float()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = model.calculate_loss(next(iter(train_data)))
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()

@@ -229,7 +229,7 @@ def _zoo(name, data_path, pretrained, **overrides) -> Zoo:
 
 
 def test_the_models_that_take_it_are_all_but_the_refused():
-    assert sorted(NO_FACTORISED_TRAINING) == ["FEARec", "GRU4RecCPR", "RepeatNet", "SASRecCPR"]
+    assert sorted(NO_FACTORISED_TRAINING) == ["FEARec", "FPMC", "GRU4RecCPR", "RepeatNet", "SASRecCPR", "TransRec"]
     assert len(TAKES) == 23
 
 

@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import functools
 
+from recbole.utils import InputType
 from recbole.utils import get_model as recbole_get_model
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.mixin import PriorLoss, PriorSeparatedMixin, prior_term
+from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
 from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
 
-#: every CE-capable RecBole 1.2.1 sequential model the plugin supports
+#: every RecBole 1.2.1 sequential model the plugin supports: the 27 that train a softmax over
+#: the items (loss_type CE or NLL; most also take BPR) and the two BPR-only ones (FPMC, TransRec)
 SUPPORTED_MODELS: tuple[str, ...] = (
     "SASRec", "SASRecF", "GRU4Rec", "GRU4RecF", "NARM", "STAMP", "Caser", "NextItNet",
     "SRGNN", "GCSAN", "FDSA", "FEARec", "LightSANs", "SHAN", "FOSSIL", "SINE", "HRM",
     "BERT4Rec", "S3Rec", "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet",
-    "GRU4RecKG", "KSR",
+    "GRU4RecKG", "KSR", "FPMC", "TransRec",
 )
+
+
+def trains_without_negatives(model_class: type, loss_type: str | None) -> bool:
+    """Whether RecBole's training data for this model must carry no sampled negatives (DESIGN §6.2).
+
+    A softmax over the items (``loss_type`` CE or NLL) needs none, and RecBole refuses them for
+    it (configurator.py ~L345). BPR models need their negative; RepeatNet (a pointwise model,
+    whatever ``loss_type`` says) trains on RecBole's sampled rows in RecBole's own pipeline.
+    """
+    return loss_type in ("CE", "NLL") and getattr(model_class, "input_type", None) != InputType.POINTWISE
 
 
 def supported_models() -> list[str]:
@@ -42,7 +55,7 @@ def check_supported(name: str) -> str:
     """Return RecBole's spelling of ``name`` or raise a one-line :class:`PopPriorError`."""
     name = _canonical(name)
     if name in UNSUPPORTED:
-        raise PopPriorError(f"{name} cannot take a softmax prior: {UNSUPPORTED[name]}. "
+        raise PopPriorError(f"{name} cannot take a popularity prior: {UNSUPPORTED[name]}. "
                             f"Supported models: {', '.join(SUPPORTED_MODELS)}")
     if name not in SUPPORTED_MODELS:
         raise PopPriorError(f"unknown or unsupported model {name!r}; supported models: "
@@ -70,4 +83,5 @@ def _prior_separated(name: str) -> type:
 
 
 __all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
-           "prior_term", "SUPPORTED_MODELS", "MODEL_NOTES", "SPECIAL_CLASSES", "UNSUPPORTED"]
+           "PairwisePriorLoss", "prior_term", "trains_without_negatives", "SUPPORTED_MODELS", "MODEL_NOTES",
+           "SPECIAL_CLASSES", "UNSUPPORTED", "PAIRWISE_ONLY", "NO_PAIRWISE"]

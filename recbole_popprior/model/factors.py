@@ -6,7 +6,9 @@ Most RecBole sequential models compute ``H = forward(item_seq, item_seq_len)`` a
 ``item_embedding.weight``; the table below lists the models that differ (other ``forward``
 arguments, another output table, an output bias) and marks with ``None`` those whose learned score
 is not a plain dot product (they take the collector's streaming fallback). The table serves the
-plugin's models and RecBole's own baselines alike.
+plugin's models and RecBole's own baselines alike. A training objective that changes what the
+model serves (Adap-tau, DESIGN §7.2) transforms the pair, so ``factors`` always gives the served
+learned score.
 
 :func:`training_factors` gives the same pair for a TRAINING batch (the factorised training path of
 sampled softmax): ``H`` of every training row, the table ``E`` as the loss uses it, the targets,
@@ -62,6 +64,14 @@ def _ksr_table(m):
     return m.dense_layer_i(torch.cat((m.item_embedding.weight, m.entity_embedding.weight), -1))
 
 
+def _fpmc_factors(m, i):
+    # FPMC's score is MF + FMC: <UI(u), IU(i)> + <LI(last item), IL(i)>, one dot product of
+    # the concatenations [UI(u), LI(last)] and [IU(i), IL(i)]
+    last = _seq(m, i).gather(1, (_len(m, i) - 1).unsqueeze(1)).squeeze(1)
+    H = torch.cat([m.UI_emb(_user(m, i)), m.LI_emb(last)], dim=1)
+    return H, torch.cat([m.IU_emb.weight, m.IL_emb.weight], dim=1)
+
+
 _Factors = Callable[[Any, Any], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 #: per-model ``(H, E)``; models not listed use ``forward(item_seq, item_seq_len)`` and
@@ -78,15 +88,32 @@ _FACTORS: dict[str, _Factors | None] = {
     "BERT4Rec": _bert4rec_factors,
     "S3Rec": _s3rec_factors,
     "CORE": _core_factors,
+    "FPMC": _fpmc_factors,
     "GRU4RecCPR": None,
     "SASRecCPR": None,
     "RepeatNet": None,
+    # RecBole's TransRec scores b_i - ||h - e_i|| (the distance, not its square: _l2_distance
+    # takes the square root), which no finite H E^T reproduces: the streaming fallback measures it
+    "TransRec": None,
 }
 
 
 def factors(model: Any, interaction) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(H [b, d], E [n_items, d])`` such that ``H @ E.T`` equals the model's learned
-    full-sort scores (without the prior), or ``None`` when there is no such factorisation."""
+    full-sort scores (without the prior), or ``None`` when there is no such factorisation.
+
+    A training objective that changes what the model serves (Adap-tau's cosines, DESIGN §7.2)
+    transforms the pair: the factors are always those of the served, learned score.
+    """
+    pair = _model_factors(model, interaction)
+    objective = getattr(model, "training_objective", None)
+    if pair is not None and objective is not None and objective.changes_serving:
+        pair = objective.serving_factors(*pair)
+    return pair
+
+
+def _model_factors(model: Any, interaction) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's own ``(H, E)`` (the network's dot product, before any objective's transform)."""
     name = type(model).__name__
     if name in _FACTORS:
         build = _FACTORS[name]
@@ -108,6 +135,8 @@ NO_FACTORISED_TRAINING: dict[str, str] = {
     "RepeatNet": "its scores mix a repeat and an explore distribution, not a dot product h.e",
     "FEARec": "its loss adds contrastive terms on the sequence outputs, which the factorised "
               "training path would drop",
+    "FPMC": "it trains a pairwise BPR loss only (RecBole's FPMC has no softmax over the items)",
+    "TransRec": "it trains a pairwise BPR loss only, and its score is a distance, not a dot product h.e",
 }
 
 
@@ -195,7 +224,7 @@ def training_factors(model: Any, interaction) -> TrainingFactors:
     if name in _TRAINING:
         parts = _TRAINING[name](model, interaction)
     else:
-        pair = factors(model, interaction)
+        pair = _model_factors(model, interaction)
         if pair is None:
             raise PopPriorError(f"{name} has no (H, E) factorisation of its training logits")
         parts = TrainingFactors(pair[0], pair[1], interaction[model.POS_ITEM_ID])

@@ -12,11 +12,16 @@ RecBole models have no shared logits method: each builds its logits inline and c
 :mod:`recbole_popprior.model.special_cases`, the one place where models differ; they override
 the class attributes below.
 
-With ``softmax_negatives > 0`` training takes the factorised path instead (docs/DESIGN.md §6):
-``calculate_loss`` gets ``(H, E)`` of the training rows from
+With ``loss_type: BPR`` (and for the BPR-only FPMC and TransRec) the model's BPR loss is wrapped
+with :class:`~recbole_popprior.model.pairwise.PairwisePriorLoss` instead, which adds
+``tau * log p_hat`` to the positive's and the negative's scores (docs/DESIGN.md §6.2).
+
+With ``softmax_negatives > 0`` or a ``remedy`` training takes the factorised path instead
+(docs/DESIGN.md §6, §7): ``calculate_loss`` gets ``(H, E)`` of the training rows from
 :func:`~recbole_popprior.model.factors.training_factors` and the configured
-:class:`~recbole_popprior.model.objective.TrainingObjective` computes the loss, so no
-``[B, n_items]`` logits are built. :func:`training_objective` chooses the objective.
+:class:`~recbole_popprior.model.objective.TrainingObjective` computes the loss.
+:func:`training_objective` chooses the objective. ``ace_init`` replaces the initial item
+table (docs/DESIGN.md §7.3).
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ import weakref
 from typing import Any
 
 import torch
+from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
+from recbole_popprior.model.remedy_objectives import remedy_objective
 from recbole_popprior.model.sampled_softmax import SampledSoftmax, sampler_distribution
 from recbole_popprior.prior import WindowedPrior, estimate_log_prior, estimate_windowed_log_prior
+from recbole_popprior.remedies.ace import ace_init_table
 
 
 def prior_term(log_prior: torch.Tensor, weight: torch.Tensor | float, width: int | None = None) -> torch.Tensor:
@@ -77,27 +86,47 @@ class PriorLoss(nn.Module):
         return self.inner(input, target, *args, **kwargs)
 
 
-def _check_softmax_loss(config) -> None:
-    """The prior needs a softmax over items: refuse BPR (RecBole's CPR models would even
-    ``sys.exit(0)`` on it) with one clear line."""
+def _check_loss_type(config) -> None:
+    """The prior needs a softmax over items (CE, NLL) or a pairwise loss (BPR); refuse anything
+    else, and BPR where RecBole's model has none (its CPR models would even ``sys.exit(0)``)."""
+    name = config["model"]
     loss_type = config["loss_type"] if "loss_type" in config else None
-    if loss_type not in (None, "CE", "NLL"):
-        raise PopPriorError(f"{config['model']} with loss_type={loss_type!r} has no softmax over items "
-                            "to add the prior to; use loss_type: CE (or run the RecBole baseline "
-                            "with popprior_baseline: True)")
+    if name in PAIRWISE_ONLY:
+        return
+    if loss_type not in (None, "CE", "NLL", "BPR"):
+        raise PopPriorError(f"{name} with loss_type={loss_type!r} has no softmax or pairwise loss to add the "
+                            "prior to; use loss_type: CE or BPR")
+    if loss_type == "BPR" and name in NO_PAIRWISE:
+        raise PopPriorError(f"{name} cannot train with loss_type BPR: {NO_PAIRWISE[name]}; use loss_type: CE")
 
 
-def training_objective(config, model) -> TrainingObjective | None:
+def training_objective(config, model, dataset=None) -> TrainingObjective | None:
     """The objective of the factorised training path, from the config (``None`` = the model's
-    own loss through :class:`PriorLoss`, the full softmax). The one place that chooses it."""
+    own loss through :class:`PriorLoss` or :class:`PairwisePriorLoss`). The one place that
+    chooses it: ``softmax_negatives > 0`` gives sampled softmax (DESIGN §6.1), ``remedy`` one of
+    the objectives of DESIGN §7 (ReSN on top of sampled softmax when both are set)."""
     negatives = int(config["softmax_negatives"])
-    if negatives == 0:
+    remedy = config["remedy"] if "remedy" in config else None
+    if negatives == 0 and remedy is None:
         return None
     reason = factorised_training_refusal(model)
     if reason is not None:
-        raise PopPriorError(f"{type(model).__name__} cannot train with softmax_negatives > 0: {reason}")
-    q = sampler_distribution(config["softmax_sampler"], model.log_prior)
-    return SampledSoftmax(q, negatives).to(model.log_prior.device)
+        what = f"remedy: {remedy}" if remedy is not None else "softmax_negatives > 0"
+        raise PopPriorError(f"{type(model).__name__} cannot train with {what}: {reason}")
+    objective = None
+    if negatives > 0:
+        objective = SampledSoftmax(sampler_distribution(config["softmax_sampler"], model.log_prior), negatives)
+    if remedy is not None:
+        objective = remedy_objective(remedy, config, model, dataset, objective)
+    return objective.to(model.log_prior.device)
+
+
+#: the item tables ``ace_init`` initialises, per model (default ``item_embedding``), or why none
+_ACE_TABLES: dict[str, tuple[str, ...] | str] = {
+    "HGN": ("item_embedding", "item_embedding_for_prediction"),
+    "RepeatNet": ("item_matrix",),
+    "FPMC": "FPMC's items have three tables in different roles (MF and the two FMC factors); ACE gives one",
+}
 
 
 class PriorSeparatedMixin:
@@ -105,10 +134,11 @@ class PriorSeparatedMixin:
 
     Config keys (defaults in ``properties/overall.yaml``): ``prior_tau`` (float or
     ``learned``), ``prior_beta`` (None = tau), ``prior_alpha``, ``prior_mode``,
-    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``, and for the factorised
-    training path ``softmax_negatives``, ``softmax_sampler``. The training weight is the
-    model's ``prior_tau`` (a float, or a parameter when learned); a RecBole model's own
-    ``self.tau`` (FEARec's and SINE's temperatures) is left alone.
+    ``prior_windows``, ``prior_window_by``, ``prior_serve_window``; for the factorised
+    training path ``softmax_negatives``, ``softmax_sampler`` and ``remedy`` with its
+    ``directspec_*``, ``adap_tau_*`` and ``resn_*`` keys; ``ace_init`` and ``ace_lambda``.
+    The training weight is the model's ``prior_tau`` (a float, or a parameter when learned); a
+    RecBole model's own ``self.tau`` (FEARec's and SINE's temperatures) is left alone.
     """
 
     #: loss attributes to wrap with :class:`PriorLoss` -> whether they receive log-probabilities
@@ -119,26 +149,55 @@ class PriorSeparatedMixin:
     prior_scores_are_probabilities: bool = False
 
     def __init__(self, config, dataset):
-        _check_softmax_loss(config)
+        _check_loss_type(config)
         super().__init__(config, dataset)
         self._init_prior(config, dataset)
         self._wrap_prior_losses()
-        self._init_training_objective(config)
+        self._init_training_objective(config, dataset)
+        self._init_ace(config, dataset)
 
-    def _init_training_objective(self, config) -> None:
-        """Set ``self.training_objective`` (``None``: the model's own full-softmax loss)."""
-        self.training_objective = training_objective(config, self) if self._trains_item_softmax() else None
+    def _init_training_objective(self, config, dataset) -> None:
+        """Set ``self.training_objective`` (``None``: the model's own loss)."""
+        self.training_objective = training_objective(config, self, dataset) if self._trains_item_softmax() else None
 
     def _trains_item_softmax(self) -> bool:
-        """Whether training is a softmax over the items (not S3Rec's pretraining)."""
+        """Whether training scores the items (not S3Rec's pretraining)."""
         return True
 
     def _wrap_prior_losses(self) -> None:
-        """Put :class:`PriorLoss` around every loss in ``prior_loss_attrs`` (idempotent)."""
+        """Put :class:`PriorLoss` (a softmax) or :class:`PairwisePriorLoss` (RecBole's ``BPRLoss``)
+        around every loss in ``prior_loss_attrs`` (idempotent)."""
         for attr, log_space in self.prior_loss_attrs.items():
             inner = getattr(self, attr, None)
-            if inner is not None and not isinstance(inner, PriorLoss):
+            if inner is None or isinstance(inner, (PriorLoss, PairwisePriorLoss)):
+                continue
+            if isinstance(inner, BPRLoss):
+                setattr(self, attr, PairwisePriorLoss(inner, self))
+            else:
                 setattr(self, attr, PriorLoss(inner, self, log_space=log_space))
+
+    def _init_ace(self, config, dataset) -> None:
+        """``ace_init``: the ACE-reshaped table replaces the real-item rows of the model's item
+        table(s) after RecBole's own init (DESIGN §7.3); padding and extra rows keep RecBole's."""
+        path = config["ace_init"] if "ace_init" in config else None
+        if path is None:
+            return
+        name = type(self).__name__
+        attrs = _ACE_TABLES.get(name, ("item_embedding",))
+        if isinstance(attrs, str):
+            raise PopPriorError(f"{name} cannot take ace_init: {attrs}")
+        tables = [getattr(self, attr) for attr in attrs]
+        n_items = self.log_prior.shape[0]
+        tokens = dataset.field2id_token[config["ITEM_ID_FIELD"]]
+        init = ace_init_table(path, tokens, float(config["ace_lambda"]), tables[0].weight.shape[1])
+        with torch.no_grad():
+            for table in tables:
+                table.weight[1:n_items].copy_(init[1:].to(table.weight))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the trainer before each training epoch: the objective's per-epoch state."""
+        if self.training_objective is not None:
+            self.training_objective.on_epoch_start(self, epoch)
 
     # --- the prior ------------------------------------------------------------------
     def _init_prior(self, config, dataset) -> None:
@@ -151,6 +210,10 @@ class PriorSeparatedMixin:
         self.prior_beta: float | None = None if beta is None else float(beta)
         self.prior_alpha = float(config["prior_alpha"])
         self._term_cache: dict[tuple, torch.Tensor] = {}
+        loss_type = config["loss_type"] if "loss_type" in config else None
+        #: BPR training: the pairwise prior (DESIGN §6.2); the batch's item pairs while a loss runs
+        self.prior_pairwise = loss_type == "BPR" or config["model"] in PAIRWISE_ONLY
+        self._train_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
         item_field = config["ITEM_ID_FIELD"]
         n_items = dataset.num(item_field)
@@ -264,6 +327,34 @@ class PriorSeparatedMixin:
             return torch.softmax(torch.log(scores) + term, dim=-1)
         return scores + term
 
+    def add_pairwise_prior(self, pos_score: torch.Tensor, neg_score: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_pos + tau log p_hat(pos), s_neg + tau log p_hat(neg))`` for the batch's pairs (DESIGN §6.2).
+
+        Scores that do not hold one entry per pair (no RecBole model makes such a call) pass
+        through; at a fixed ``tau = 0`` nothing is added, so the loss is RecBole's bit for bit.
+        """
+        pairs = self._train_pairs
+        if pairs is None or (not self.prior_tau_learned and self.prior_tau == 0.0):
+            return pos_score, neg_score
+        pos_items, neg_items = pairs
+        if pos_score.numel() != pos_items.numel() or neg_score.numel() != neg_items.numel():
+            return pos_score, neg_score
+        window_ids = None
+        if self.prior_windowed and self._train_window_ids is not None:
+            window_ids = self._aligned_window_ids(pos_items.numel()).to(pos_items.device)
+        pos_term = self.prior_at_targets(pos_items.reshape(-1), window_ids).reshape(pos_score.shape)
+        neg_term = self.prior_at_targets(neg_items.reshape(-1), window_ids).reshape(neg_score.shape)
+        return pos_score + pos_term.to(pos_score.dtype), neg_score + neg_term.to(neg_score.dtype)
+
+    def prior_logit_term(self, window_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """``tau * log p_hat`` over the item table (``[n_items]``, or ``[r, n_items]`` per row's
+        window), padding ``-inf``; ``None`` at a fixed ``tau = 0`` (the model's own logits)."""
+        if not self.prior_tau_learned and self.prior_tau == 0.0:
+            return None
+        source = self.log_prior if window_ids is None else self.log_prior_windows[window_ids]
+        return prior_term(source, self.prior_tau)
+
     def prior_at_targets(self, targets: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
         """``[r]``: ``tau * log p_hat(targets[r])``, each row's window prior when windowed (DESIGN §6)."""
         if window_ids is not None:
@@ -293,24 +384,52 @@ class PriorSeparatedMixin:
         if self.prior_windowed:
             window_ids = self.training_window_ids(interaction).to(parts.targets.device)
             window_ids = window_ids if parts.kept is None else window_ids[parts.kept]
-        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids)
+        users = None
+        if self.training_objective.needs_users:
+            users = self._row_users(interaction, parts).to(parts.targets.device)
+        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids, users)
         return self.training_objective.loss(self, batch) + parts.auxiliary
+
+    def _row_users(self, interaction, parts) -> torch.Tensor:
+        """The user of every kept training row (BERT4Rec: each masked slot of the user's sequence)."""
+        users = interaction[self.USER_ID]
+        rows = parts.kept.numel() if parts.kept is not None else parts.targets.numel()
+        if rows != users.numel():
+            users = users.repeat_interleave(rows // users.numel())
+        return users if parts.kept is None else users[parts.kept.to(users.device)]
 
     def calculate_loss(self, interaction):
         if self.training_objective is not None:
             return self.factorised_loss(interaction)
         if self.prior_windowed:
             self._train_window_ids = self.prior_window_ids(interaction)
+        if self.prior_pairwise:
+            self._train_pairs = (interaction[self.POS_ITEM_ID], interaction[self.NEG_ITEM_ID])
         try:
             return super().calculate_loss(interaction)
         finally:
             self._train_window_ids = None
+            self._train_pairs = None
+
+    def _serves_objective_factors(self) -> bool:
+        return self.training_objective is not None and self.training_objective.changes_serving
+
+    def _learned_full_sort(self, interaction) -> torch.Tensor:
+        """The learned full-sort scores: RecBole's, or ``H E^T`` of the objective's serving factors."""
+        if self._serves_objective_factors():
+            H, E = factors(self, interaction)
+            return H @ E.T
+        return super().full_sort_predict(interaction)
 
     def full_sort_predict(self, interaction):
-        return self.add_serving_prior(super().full_sort_predict(interaction))
+        return self.add_serving_prior(self._learned_full_sort(interaction))
 
     def predict(self, interaction):
-        return self.add_serving_prior(super().predict(interaction), interaction[self.ITEM_ID])
+        items = interaction[self.ITEM_ID]
+        if self._serves_objective_factors():
+            H, E = factors(self, interaction)
+            return self.add_serving_prior((H * E[items]).sum(dim=-1), items)
+        return self.add_serving_prior(super().predict(interaction), items)
 
     # --- what the energy metrics measure (DESIGN §3: the learned dot product only) ----------
     def popprior_learned_scores(self, interaction) -> torch.Tensor:
@@ -319,7 +438,7 @@ class PriorSeparatedMixin:
         For probability models this is ``log(p(i|c) + 1e-8)``: the log space in which the
         prior enters (the same epsilon the models use in their own losses).
         """
-        scores = super().full_sort_predict(interaction)
+        scores = self._learned_full_sort(interaction)
         if self.prior_scores_are_probabilities:
             scores = torch.log(scores + 1e-8)
         return scores

@@ -1,13 +1,13 @@
 """The factorised training path: a training objective computed from ``(H, E)`` (docs/DESIGN.md §6).
 
-When an objective is configured (``softmax_negatives > 0`` today), the mixin's
+When an objective is configured (``softmax_negatives > 0`` or a ``remedy``), the mixin's
 ``calculate_loss`` does not run the model's own loss, which builds ``[B, n_items]`` logits.
 It asks :func:`recbole_popprior.model.factors.training_factors` for the training rows'
 contexts ``H``, the output item table ``E`` and the targets, and hands them to a
 :class:`TrainingObjective`. Sampled softmax (:mod:`~recbole_popprior.model.sampled_softmax`) is
-the first; other objectives (pairwise BPR, DirectSpec, Adap-tau, ReSN) implement the same
-``loss(model, batch)``. Which objective runs is decided in one place,
-:func:`recbole_popprior.model.mixin.training_objective`.
+the first; the other remedies of DESIGN §7 (DirectSpec, Adap-tau, ReSN,
+:mod:`~recbole_popprior.model.remedy_objectives`) implement the same ``loss(model, batch)``.
+Which objective runs is decided in one place, :func:`recbole_popprior.model.mixin.training_objective`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class TrainingBatch:
     E: torch.Tensor  # [n_items, d] output item table
     targets: torch.Tensor  # [r] target item ids (never 0)
     window_ids: torch.Tensor | None = None  # [r] window of each row's target (prior_mode windowed)
+    users: torch.Tensor | None = None  # [r] user id of each row (objectives with needs_users only)
 
 
 class TrainingObjective(nn.Module):
@@ -38,10 +39,23 @@ class TrainingObjective(nn.Module):
 
     ``model.prior_at_targets(targets, window_ids)`` and ``model.prior_at_items(items,
     window_ids)`` give ``tau * log p_hat`` (DESIGN §1, each row's own window in windowed
-    mode). An objective is a module so that its buffers follow ``model.to(device)``; its
-    buffers are not persistent (they are recomputed from the data, never checkpointed).
+    mode). An objective is a module so that its buffers follow ``model.to(device)``; buffers
+    recomputed from the data are not persistent, learned state that serving needs is (Adap-tau's
+    global temperature), so that it travels with the model's checkpoint.
     """
+
+    #: whether :meth:`loss` needs ``batch.users``
+    needs_users: bool = False
+    #: whether the model serves :meth:`serving_factors` instead of its own full-sort scores
+    changes_serving: bool = False
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
         """The mean training loss of the batch's rows (a scalar)."""
         raise NotImplementedError
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Per-epoch state (called by the trainer before each training epoch); none by default."""
+
+    def serving_factors(self, H: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors whose product the model serves and the energy metrics measure (DESIGN §3)."""
+        return H, E

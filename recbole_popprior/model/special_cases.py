@@ -1,11 +1,12 @@
 """Every way a RecBole sequential model differs from the generic path, and why, in one place.
 
 The generic path (:class:`~recbole_popprior.model.mixin.PriorSeparatedMixin`) wraps
-``self.loss_fct``; that covers every model that builds ``[B, n_items]`` logits and calls it,
+``self.loss_fct``; that covers every model that builds ``[B, n_items]`` logits and calls it
+(and, with ``loss_type: BPR``, every model that calls it with a positive and a negative score),
 and serving adds ``beta * log p_hat`` to ``full_sort_predict``/``predict`` (docs/DESIGN.md §1).
 Generic models are built as ``type(name, (PriorSeparatedMixin, RecBoleClass), {})``.
 
-- :data:`UNSUPPORTED`: models that cannot take a softmax prior, with the reason.
+- :data:`UNSUPPORTED`: models that cannot take a popularity prior, with the reason.
 - :data:`MODEL_NOTES`: how each supported model is handled (generic or special), one line each.
 - :data:`SPECIAL_CLASSES`: the models that differ, as plain subclasses of the mixin and RecBole's
   class (under RecBole's name, so RecBole's name-based lookups keep working).
@@ -20,22 +21,23 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_popprior import checkpoint, compat
+from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.mixin import PriorSeparatedMixin
 from recbole_popprior.prior import WindowedPrior
 
 compat.disable_anomaly_detection()  # importing RecBole's sine.py switched it on (compat shim 6)
 
-#: RecBole sequential models that cannot take a softmax prior, with the reason.
+#: RecBole sequential models that cannot take a popularity prior, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "FPMC": "FPMC is trained with a BPR loss only, so there is no softmax to add a prior to",
-    "TransRec": "TransRec is trained with a BPR loss only, so there is no softmax to add a prior to",
-    "DIN": "DIN is a click-through-rate model (pointwise BCE on labels), not a softmax over items",
-    "DIEN": "DIEN is a click-through-rate model (pointwise BCE on labels), not a softmax over items",
+    "DIN": "DIN is a click-through-rate model (pointwise BCE on labels), not a ranking over the items",
+    "DIEN": "DIEN is a click-through-rate model (pointwise BCE on labels), not a ranking over the items",
 }
 
-_GENERIC = "generic: [B, n_items] logits through self.loss_fct, H = forward(...), E = item_embedding"
+_GENERIC = ("generic: [B, n_items] logits through self.loss_fct (BPR: its two scores get the pairwise "
+            "prior), H = forward(...), E = item_embedding")
 
 #: how every supported model takes the prior; one line each (the "why" of each special case).
+#: Which models take which loss and remedy: docs/DESIGN.md §7.5.
 MODEL_NOTES: dict[str, str] = {
     "SASRec": _GENERIC,
     "SASRecF": _GENERIC + " (item features only feed H)",
@@ -50,32 +52,36 @@ MODEL_NOTES: dict[str, str] = {
     "GCSAN": _GENERIC,
     "FDSA": _GENERIC + " (item features only feed H)",
     "FEARec": _GENERIC + "; its own contrastive temperature self.tau is RecBole's (the prior's "
-                         "weight is prior_tau)",
+                         "weight is prior_tau); no factorised training (its contrastive terms)",
     "LightSANs": _GENERIC,
     "SHAN": _GENERIC + "; forward(item_seq, user)",
     "FOSSIL": _GENERIC + "; forward(item_seq, item_seq_len, user)",
-    "SINE": "generic in CE mode; NLL mode gets log-softmax outputs, so the prior is added in log "
+    "SINE": "generic in CE and BPR mode; NLL mode gets log-softmax outputs, so the prior is added in log "
             "space and renormalised (see SINE below)",
     "HRM": _GENERIC + "; forward(item_seq, user, item_seq_len)",
-    "BERT4Rec": "special: local CrossEntropyLoss in calculate_loss, output bias, mask-token row "
+    "BERT4Rec": "special: local CrossEntropyLoss and inline BPR in calculate_loss, output bias, mask-token row "
                 "(see BERT4Rec below)",
     "S3Rec": "special: n_items+1 logits (mask token masked), prior in the fine-tune stage only, "
              "pretrained weights loaded safely (see S3Rec below)",
     "CORE": "generic: the hook sees cos(h, e) / temperature, so the prior is added OUTSIDE the "
             "temperature (the Bayes-optimal logit is PMI + log p(i), and the temperature only scales "
-            "the learned similarity); H = normalised session / temperature, E = normalised table",
+            "the learned similarity); H = normalised session / temperature, E = normalised table; CE only",
     "HGN": _GENERIC + "; forward(item_seq, user), E = item_embedding_for_prediction",
     "NPE": _GENERIC + "; forward(item_seq, user), E = relu(item_embedding)",
     "KSR": _GENERIC + "; E = dense_layer_i([item_embedding, entity_embedding]); float64 "
                       "relation matrix cast to float32 (RecBole bug, compat shim 7)",
     "GRU4RecCPR": "probability model: CE on log(prob + 1e-8); prior in log space, renormalised; "
-                  "serving renormalises in log space (see _ProbabilityModel below); no factors",
+                  "serving renormalises in log space (see _ProbabilityModel below); no factors; CE only",
     "SASRecCPR": "probability model: NLL on log(prob + 1e-8); prior in log space, renormalised; "
-                 "serving renormalises in log space (see _ProbabilityModel below); no factors",
+                 "serving renormalises in log space (see _ProbabilityModel below); no factors; CE only",
     "RepeatNet": "probability model: F.nll_loss on log(prob + 1e-8); prior in log space, "
-                 "renormalised; serving renormalises in log space (see _ProbabilityModel below); no factors",
+                 "renormalised; serving renormalises in log space (see _ProbabilityModel below); no factors; "
+                 "trains on RecBole's sampled rows (its input type is pointwise), as RecBole's pipeline does",
+    "FPMC": "BPR only: generic pairwise prior on loss_fct's two scores; H = [UI(user), LI(last item)], "
+            "E = [IU, IL] (MF + FMC as one dot product)",
+    "TransRec": "BPR only: the pairwise prior on self.bpr_loss's two scores (see TransRec below); "
+                "score b_i - ||h - e_i|| is a distance, no factors (the energies stream the scores)",
 }
-
 
 class _ProbabilityModel(PriorSeparatedMixin):
     """GRU4RecCPR, SASRecCPR and RepeatNet output probabilities ``p(i|c)`` and pass
@@ -121,8 +127,9 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
     output_bias + tau log p_hat``, CE over the masked positions (``masked_index > 0``, as
     RecBole counts them). Windowed priors: each masked target uses the window of its OWN
     interaction time (``timestamp_list`` at the masked position), falling back to the
-    window of the sequence's target time when the time list is not loaded. BPR is left
-    to RecBole (no softmax). Factors: ``H' = [H, 1]``, ``E' = [E[:n], output_bias]``.
+    window of the sequence's target time when the time list is not loaded. BPR is RecBole's
+    inline loss over the masked slots with ``tau log p_hat`` added to each score (DESIGN §6.2).
+    Factors: ``H' = [H, 1]``, ``E' = [E[:n], output_bias]``.
     """
 
     def __init__(self, config, dataset):
@@ -130,8 +137,10 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         self._list_suffix = config["LIST_SUFFIX"]
 
     def calculate_loss(self, interaction):
-        if self.loss_type != "CE" or self.training_objective is not None:
+        if self.training_objective is not None:
             return super().calculate_loss(interaction)
+        if self.loss_type == "BPR":
+            return self._pairwise_loss(interaction)
         masked_item_seq = interaction[self.MASK_ITEM_SEQ]
         pos_items = interaction[self.POS_ITEMS]
         masked_index = interaction[self.MASK_INDEX]
@@ -148,6 +157,33 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
             self._train_window_ids = None
         keep = (masked_index > 0).reshape(-1)
         return F.cross_entropy(logits[keep], pos_items.reshape(-1)[keep], reduction="sum") / keep.sum()
+
+    def _pairwise_loss(self, interaction) -> torch.Tensor:
+        """RecBole's inline BPR over the masked slots (bert4rec.py ~L183), each score plus
+        ``tau log p_hat`` of its item (its slot's window when windowed; DESIGN §6.2)."""
+        masked_item_seq = interaction[self.MASK_ITEM_SEQ]
+        pos_items, neg_items = interaction[self.POS_ITEMS], interaction[self.NEG_ITEMS]
+        masked_index = interaction[self.MASK_INDEX]
+        seq_output = self.forward(masked_item_seq)
+        pred_index_map = self.multi_hot_embed(masked_index, masked_item_seq.size(-1))
+        pred_index_map = pred_index_map.view(masked_index.size(0), masked_index.size(1), -1)
+        seq_output = torch.bmm(pred_index_map, seq_output)  # [B mask_len H]
+        pos_score = torch.sum(seq_output * self.item_embedding(pos_items), dim=-1) + self.output_bias[pos_items]
+        neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1) + self.output_bias[neg_items]
+        if self.prior_tau_learned or self.prior_tau != 0.0:
+            window_ids = None
+            if self.prior_windowed:
+                window_ids = self._masked_window_ids(interaction, masked_index).to(pos_items.device)
+            pos_score = pos_score + self._slot_prior(pos_items, window_ids)
+            neg_score = neg_score + self._slot_prior(neg_items, window_ids)
+        targets = (masked_index > 0).float()
+        return -torch.sum(torch.log(1e-14 + torch.sigmoid(pos_score - neg_score)) * targets) / torch.sum(targets)
+
+    def _slot_prior(self, items: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
+        # padding slots hold item 0, whose log prior is -inf; they carry weight 0 in the loss,
+        # but -inf - -inf would make it NaN: their term is 0 instead
+        term = self.prior_at_targets(items.reshape(-1), window_ids).reshape(items.shape)
+        return torch.where(items > 0, term, torch.zeros_like(term))
 
     def _masked_window_ids(self, interaction, masked_index: torch.Tensor) -> torch.Tensor:
         time_list = self._time_field + self._list_suffix
@@ -192,6 +228,9 @@ class S3Rec(PriorSeparatedMixin, recbole_seq.S3Rec):
 
     def __init__(self, config, dataset):
         finetune = config["train_stage"] == "finetune"
+        if finetune and config["ace_init"] is not None:
+            raise PopPriorError("S3Rec cannot take ace_init in the finetune stage: its item table comes from the "
+                                "pretrained checkpoint (give ace_init to the pretrain stage)")
         # RecBole's fine-tune __init__ loads pre_model_path with a bare torch.load, which would
         # unpickle code (and fails on torch >= 2.6): build the modules as for pretraining instead
         if finetune:
@@ -206,7 +245,7 @@ class S3Rec(PriorSeparatedMixin, recbole_seq.S3Rec):
         self.train_stage = "finetune"
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
         self._wrap_prior_losses()
-        self._init_training_objective(config)
+        self._init_training_objective(config, dataset)
         state = checkpoint.load_checkpoint(self.pre_model_path or "<pre_model_path is empty>")
         own_prior = {k: v for k, v in self.state_dict().items() if k.split(".")[0] in PRIOR_STATE_KEYS}
         state["state_dict"] = {**{k: v for k, v in state["state_dict"].items()
@@ -223,6 +262,13 @@ class KSR(PriorSeparatedMixin, recbole_seq.KSR):
         compat.ksr_relation_float32(self)
 
 
+class TransRec(PriorSeparatedMixin, recbole_seq.TransRec):
+    """TransRec calls its BPR loss ``self.bpr_loss`` (not ``loss_fct``): that is the loss the
+    pairwise prior wraps. Its regularisers (``emb_loss``, ``reg_loss``) are left alone."""
+
+    prior_loss_attrs = {"bpr_loss": False}
+
+
 #: the models that differ from the generic path, by RecBole's name
 SPECIAL_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (BERT4Rec, S3Rec, SINE, KSR, GRU4RecCPR, SASRecCPR, RepeatNet)}
+    cls.__name__: cls for cls in (BERT4Rec, S3Rec, SINE, KSR, GRU4RecCPR, SASRecCPR, RepeatNet, TransRec)}

@@ -1,0 +1,174 @@
+"""The other remedies of docs/DESIGN.md §7 as training objectives of the factorised path (§6).
+
+Each objective gets what :func:`~recbole_popprior.model.factors.training_factors` gives for a
+training batch (the rows' contexts ``H``, the output table ``E``, the targets and, for Adap-tau,
+the rows' users) and calls the pure functions of :mod:`recbole_popprior.remedies`; the model's own
+regularisers are added by the mixin, as for sampled softmax.
+
+- ``remedy: directspec``: :class:`DirectSpecObjective`, the released positive-pair objective over
+  the filtered contexts and target rows (§7.1); serving is the unfiltered ``H E^T``.
+- ``remedy: adap_tau``: :class:`AdapTauObjective`, cosine scores with a global and a per-user
+  temperature, recomputed at every epoch start (§7.2); serving is ``h^ . e^ / t0``.
+- ``remedy: resn``: :class:`ReSNObjective`, the model's softmax (full, or sampled) plus the
+  spectral penalty on the learned logits ``H E^T`` (§7.4).
+
+ACE (§7.3) only changes the initial item table: :meth:`PriorSeparatedMixin._init_ace`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.remedies import (AdapTauStats, adap_tau_active_users, adap_tau_batch_stats,
+                                       adap_tau_global_temperature, adap_tau_loss, adap_tau_t0,
+                                       adap_tau_temperatures, directspec_loss, resn_penalty)
+
+REMEDIES = ("directspec", "adap_tau", "resn")
+
+
+def full_softmax_loss(model: Any, batch: TrainingBatch, logits: torch.Tensor) -> torch.Tensor:
+    """CE of ``logits + tau log p_hat`` (each row's window when windowed) against the targets.
+
+    The model's own loss, written from the factors (DESIGN §6): at ``tau = 0`` the prior is not
+    added at all, so padding stays in the softmax as in RecBole's loss; otherwise its column is
+    ``-inf``.
+    """
+    term = model.prior_logit_term(batch.window_ids)
+    if term is not None:
+        logits = logits + term.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, batch.targets)
+
+
+class DirectSpecObjective(TrainingObjective):
+    """``mean_c -log sigmoid(h''_c . e''_c)``, both sides filtered within the batch (DESIGN §7.1)."""
+
+    def __init__(self, alpha: float, kappa: float, shrink_norm: float, plus: bool):
+        super().__init__()
+        self.alpha, self.kappa, self.shrink_norm, self.plus = float(alpha), float(kappa), float(shrink_norm), bool(plus)
+
+    def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
+        return directspec_loss(batch.H, batch.E, batch.targets, self.alpha, self.kappa, self.shrink_norm, self.plus)
+
+
+class ReSNObjective(TrainingObjective):
+    """The model's softmax plus ``resn_weight * ||Y q||^2 / B`` with ``Y = link(H E[1:]^T)`` (DESIGN §7.4).
+
+    The penalty is on the learned logits, never on the prior term. Over the full softmax the
+    logits the loss builds are reused; over a sampled softmax (``base``) no ``[B, n]`` matrix
+    exists, so only ``link: identity`` (computed from the factors in ``O(n d)``) is accepted.
+    """
+
+    def __init__(self, weight: float, link: str, n_power_iter: int, base: TrainingObjective | None = None):
+        super().__init__()
+        if base is not None and link != "identity":
+            raise PopPriorError(f"remedy: resn with softmax_negatives > 0 needs resn_link: identity (link {link!r} "
+                                "builds the [B, n_items] scores that sampled softmax avoids)")
+        self.weight, self.link, self.n_power_iter, self.base = float(weight), link, int(n_power_iter), base
+
+    def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
+        H, E = batch.H, batch.E
+        if self.base is not None:
+            return self.base.loss(model, batch) + self.weight * resn_penalty(H, E, "identity", self.n_power_iter)
+        logits = H @ E.T
+        penalty = resn_penalty(H, E, self.link, self.n_power_iter, logits=logits)
+        return full_softmax_loss(model, batch, logits) + self.weight * penalty
+
+
+class AdapTauObjective(TrainingObjective):
+    """Adap-tau (DESIGN §7.2): ``-s_pos / t0 + log sum_{j != pos, 0} exp(s_j / t_u)``, ``s`` cosines.
+
+    State: the global temperature ``t0`` (a persistent buffer: serving divides by it, so it
+    travels with the checkpoint) and the per-user ``t_user``. During an epoch the objective sums
+    :func:`adap_tau_batch_stats` over the training steps (active users only) and each user's
+    plain loss; :meth:`on_epoch_start` turns the last epoch's sums into the new temperatures:
+    ``t0`` from the summed cosines and the item table of the epoch's last step (the warm-up gap
+    while ``epoch < warmup_epochs``), ``t_u`` by Lambert's W from the users' mean plain losses.
+    """
+
+    needs_users = True
+    changes_serving = True
+
+    def __init__(self, n_items: int, train_user_ids: torch.Tensor, n_users: int, rho: float, base: Any,
+                 active_quantile: float, warmup_epochs: int, warmup_gap: float):
+        super().__init__()
+        self.n_items, self.n_users = int(n_items), int(n_users)
+        self.rho, self.base = float(rho), base
+        self.warmup_epochs, self.warmup_gap = int(warmup_epochs), float(warmup_gap)
+        counts = torch.bincount(train_user_ids.long(), minlength=n_users)
+        seen = torch.nonzero(counts > 0).squeeze(1)
+        active = torch.zeros(n_users, dtype=torch.bool)
+        if len(seen):
+            active[seen] = adap_tau_active_users(counts[seen], active_quantile)
+            if not active.any():  # every user has the same count (e.g. synthetic data): keep them all
+                active[seen] = True
+        self.register_buffer("active", active, persistent=False)
+        t0 = adap_tau_t0(self.warmup_gap, 1, 1, self.n_items)
+        self.register_buffer("t0", torch.tensor(t0, dtype=torch.float64))
+        self.register_buffer("t_user", torch.full((n_users,), t0, dtype=torch.float64), persistent=False)
+        self._reset_epoch()
+
+    def _reset_epoch(self) -> None:
+        self.epoch_stats: AdapTauStats | None = None
+        self.epoch_loss_sum = torch.zeros(self.n_users, dtype=torch.float64)
+        self.epoch_loss_count = torch.zeros(self.n_users, dtype=torch.float64)
+        self.epoch_last_E: torch.Tensor | None = None
+
+    def on_epoch_start(self, model, epoch: int) -> None:
+        if epoch < self.warmup_epochs:
+            self.t0.fill_(adap_tau_t0(self.warmup_gap, 1, 1, self.n_items))
+        elif self.epoch_last_E is not None:
+            stats = self.epoch_stats if self.epoch_stats is not None else AdapTauStats.empty(self.epoch_last_E.shape[1])
+            self.t0.fill_(adap_tau_global_temperature(stats, self.epoch_last_E, warmup_gap=self.warmup_gap))
+        # else (no step since the last epoch start: a resumed run) the checkpoint's t0 stays
+        user_loss = self.epoch_loss_sum / self.epoch_loss_count  # NaN for users without a row
+        self.t_user.copy_(adap_tau_temperatures(user_loss, float(self.t0), self.rho, self.base).to(self.t_user))
+        self._reset_epoch()
+
+    def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
+        H, E, targets, users = batch.H, batch.E, batch.targets, batch.users
+        t_ctx = self.t_user[users]
+        rows, plain = adap_tau_loss(H, E, targets, float(self.t0), t_ctx)
+        if model.training:
+            self._collect(H, E, targets, users, plain)
+        return rows.mean()
+
+    @torch.no_grad()
+    def _collect(self, H, E, targets, users, plain) -> None:
+        keep = self.active[users]
+        step = adap_tau_batch_stats(H, E, targets, keep)
+        self.epoch_stats = step if self.epoch_stats is None else self.epoch_stats + step
+        users = users.cpu()
+        self.epoch_loss_sum.index_add_(0, users, plain.detach().double().cpu())
+        self.epoch_loss_count.index_add_(0, users, torch.ones(len(users), dtype=torch.float64))
+        self.epoch_last_E = E.detach().clone()
+
+    def serving_factors(self, H: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h^ / t0, e^)``: cosines on the scale of the training logits (DESIGN §7.2)."""
+        return F.normalize(H, dim=-1) / self.t0.to(H.dtype), F.normalize(E, dim=-1)
+
+
+def remedy_objective(remedy: str, config: Any, model: Any, dataset: Any,
+                     base: TrainingObjective | None) -> TrainingObjective:
+    """The objective of ``remedy`` from the config keys of ``properties/overall.yaml`` (DESIGN §7)."""
+    if remedy == "directspec":
+        return DirectSpecObjective(config["directspec_alpha"], config["directspec_kappa"],
+                                   config["directspec_shrink_norm"], config["directspec_plus"])
+    if remedy == "resn":
+        return ReSNObjective(config["resn_weight"], config["resn_link"], config["resn_power_iter"], base)
+    if remedy == "adap_tau":
+        users = dataset.inter_feat[config["USER_ID_FIELD"]]
+        return AdapTauObjective(
+            n_items=model.log_prior.shape[0] - 1, train_user_ids=torch.as_tensor(users), n_users=dataset.user_num,
+            rho=config["adap_tau_rho"], base=config["adap_tau_base"],
+            active_quantile=config["adap_tau_active_quantile"], warmup_epochs=config["adap_tau_warmup_epochs"],
+            warmup_gap=config["adap_tau_warmup_gap"])
+    raise PopPriorError(f"remedy must be one of {', '.join(REMEDIES)}, got {remedy!r}")
+
+
+__all__ = ["REMEDIES", "DirectSpecObjective", "AdapTauObjective", "ReSNObjective", "full_softmax_loss",
+           "remedy_objective"]
