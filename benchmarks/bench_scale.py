@@ -28,9 +28,9 @@ Then every phase runs in a fresh subprocess, which reports its wall time and its
 Start-up is the peak RSS of the same phase on a tiny log (``--startup-rows``); "bytes per
 interaction" is ``(peak - start-up) / rows of tianchi.inter``. With two sizes or more, the
 marginal bytes per interaction (the slope of peak RSS between the smallest and largest size)
-are printed too: fixed costs that a tiny log does not show (pyarrow's read-ahead) cancel there. More phases (one training epoch
-with sampled softmax, a full evaluation) go into :data:`PHASES`: a function that runs in the
-child and returns a dict, plus a line in :func:`measure`.
+are printed too: fixed costs that a tiny log does not show (pyarrow's read-ahead) cancel there. A new
+phase goes into :data:`PHASES`: a function that runs in the child and returns a dict, plus a
+line in :func:`measure`.
 """
 
 from __future__ import annotations

@@ -310,6 +310,13 @@ CLI_CASES = [
     Case("prior_alpha=-1", run("--prior_alpha=-1"), 2, ("prior_alpha must be > 0",), cli_setup(), "cli"),
     Case("prior_mode=sometimes", run("--prior_mode=sometimes"), 2, ("prior_mode must be one of",), cli_setup(), "cli"),
     Case("prior_tau=abc", run("--prior_tau=abc"), 2, ("prior_tau must be a number",), cli_setup(), "cli"),
+    Case("remedy=magic", run("--remedy=magic"), 2, ("remedy must be one of",), cli_setup(), "cli"),
+    Case("a missing ace_init file", run("--ace_init={tmp}/missing.npy"), 2, ("ace_init: no such file",),
+         cli_setup(), "cli"),
+    Case("adap_tau_base=2", run("--adap_tau_base=2"), 2, ("adap_tau_base must be mean or a quantile",),
+         cli_setup(), "cli"),
+    Case("a remedy with a prior", run("--remedy=directspec", "--prior_tau=1"), 2,
+         ("remedy: directspec", "prior_tau: 0"), cli_setup(), "cli"),
     # the command line itself
     Case("no --model", run()[1:], 2, ("--model is required",), cli_setup(), "console"),
     Case("an unknown model", run(model="NoSuchNet"), 2, ("unsupported model 'NoSuchNet'", "SASRec"), cli_setup(), "cli"),

@@ -122,3 +122,21 @@ def test_learned_tau_trains_and_serving_uses_its_value(tiny_data):
     assert model.effective_beta() == pytest.approx(0.37)
     assert torch.allclose(served[:, 1:] - learned[:, 1:], 0.37 * model.log_prior[1:].expand_as(learned[:, 1:]),
                           atol=1e-5)
+
+
+def test_full_softmax_warns_when_one_batch_of_logits_exceeds_the_budget(tiny_data, caplog):
+    """[train_batch_size, n_items] float32 logits against eval_score_budget_mb, computed here."""
+    s = Setup(tiny_data)
+    n_items = s.train_data._dataset.item_num
+    logits_mb = 64 * n_items * 4 / 2**20
+    for budget, sampled, warns in ((logits_mb * 0.9, 0, True), (logits_mb * 1.1, 0, False),
+                                   (logits_mb * 0.9, 4, False)):
+        config = Config(model="SASRec", dataset="tiny", config_dict=tiny_config(
+            tiny_data, fast_loader=False, eval_score_budget_mb=budget, softmax_negatives=sampled))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            config.model_class(config, s.train_data._dataset)
+        lines = [r.getMessage() for r in caplog.records if "full softmax over" in r.getMessage()]
+        assert len(lines) == warns, (budget, sampled, lines)
+        if warns:
+            assert f"{n_items:,} items" in lines[0] and "softmax_negatives" in lines[0]

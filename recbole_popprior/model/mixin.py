@@ -27,10 +27,12 @@ table (docs/DESIGN.md §7.3).
 from __future__ import annotations
 
 import weakref
+from logging import getLogger
 from typing import Any
 
 import torch
 from recbole.model.loss import BPRLoss
+from recbole.utils import set_color
 from torch import nn
 
 from recbole_popprior.errors import PopPriorError
@@ -121,6 +123,18 @@ def training_objective(config, model, dataset=None) -> TrainingObjective | None:
     return objective.to(model.log_prior.device)
 
 
+def _warn_full_softmax_size(config, n_items: int) -> None:
+    """One log line when a full-softmax training batch's ``[train_batch_size, n_items]`` float32
+    logits exceed ``eval_score_budget_mb``: on a large catalogue that is the step that runs out of
+    memory, and ``softmax_negatives`` is the way out (DESIGN §6.1)."""
+    mb = int(config["train_batch_size"]) * n_items * 4 / 2**20
+    if mb > float(config["eval_score_budget_mb"]):
+        getLogger().warning(set_color(
+            f"full softmax over {n_items:,} items: the logits of one training batch take {mb:,.0f} MB "
+            f"(and as much again for their gradient); for a large catalogue set softmax_negatives "
+            f"(e.g. 8192, README: large catalogues)", "yellow"))
+
+
 #: the item tables ``ace_init`` initialises, per model (default ``item_embedding``), or why none
 _ACE_TABLES: dict[str, tuple[str, ...] | str] = {
     "HGN": ("item_embedding", "item_embedding_for_prediction"),
@@ -159,6 +173,8 @@ class PriorSeparatedMixin:
     def _init_training_objective(self, config, dataset) -> None:
         """Set ``self.training_objective`` (``None``: the model's own loss)."""
         self.training_objective = training_objective(config, self, dataset) if self._trains_item_softmax() else None
+        if self.training_objective is None and not self.prior_pairwise and self._trains_item_softmax():
+            _warn_full_softmax_size(config, self.log_prior.shape[0])
 
     def _trains_item_softmax(self) -> bool:
         """Whether training scores the items (not S3Rec's pretraining)."""
