@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import numpy_log_prior, tiny_config, window_of
 from test_model_zoo import _Recorder
 
 from recbole.utils import init_seed
@@ -101,14 +101,36 @@ def test_windowed_pairwise_prior_uses_each_rows_window(tiny_data):
         loss = float(model.calculate_loss(batch))
         baseline.calculate_loss(batch)
     (pos, neg, _), = recorder.calls
-    windows = np.searchsorted(model.prior_window_edges.numpy(), batch["timestamp"].numpy(), side="right")
+    # the windows and their priors by hand from the training split (DESIGN §2), not from the model
+    train = train_data.dataset
+    items, times = train.inter_feat["item_id"].numpy(), train.inter_feat["timestamp"].numpy()
+    train_window = window_of(times, times, 3)
+    priors = np.stack([numpy_log_prior(items[train_window == t], train.item_num) for t in range(3)])
+    windows = window_of(batch["timestamp"].numpy(), times, 3)
     assert len(set(windows.tolist())) > 1  # the batch spans several windows
-    log_prior = model.log_prior_windows.double().numpy()
-    d = (pos.numpy() + tau * log_prior[windows, batch["item_id"].numpy()]) \
-        - (neg.detach().double().numpy() + tau * log_prior[windows, batch["neg_item_id"].numpy()])
-    expected = -np.mean(np.log(1e-10 + 1.0 / (1.0 + np.exp(-d))))
-    assert loss == pytest.approx(expected, rel=1e-5)
-    static = -np.mean(np.log(1e-10 + 1.0 / (1.0 + np.exp(-(
-        pos.numpy() + tau * model.log_prior.double().numpy()[batch["item_id"].numpy()]
-        - neg.detach().double().numpy() - tau * model.log_prior.double().numpy()[batch["neg_item_id"].numpy()])))))
-    assert abs(loss - static) > 1e-4  # the windows matter on this batch
+
+    def bpr(log_prior_pos: np.ndarray, log_prior_neg: np.ndarray) -> float:
+        d = (pos.numpy() + tau * log_prior_pos) - (neg.detach().double().numpy() + tau * log_prior_neg)
+        return float(-np.mean(np.log(1e-10 + 1.0 / (1.0 + np.exp(-d)))))
+
+    pos_items, neg_items = batch["item_id"].numpy(), batch["neg_item_id"].numpy()
+    assert loss == pytest.approx(bpr(priors[windows, pos_items], priors[windows, neg_items]), rel=1e-5)
+    static = numpy_log_prior(items, train.item_num)
+    assert abs(loss - bpr(static[pos_items], static[neg_items])) > 1e-4  # the windows matter on this batch
+
+
+def test_bert4rec_pairwise_learned_tau_has_a_finite_gradient_with_padding_slots(tiny_data):
+    """BERT4Rec's BPR scores every mask slot; padding slots (item 0, log prior -inf) must add
+    nothing to the loss nor NaN to a learned tau's gradient."""
+    config = Config(model="BERT4Rec", dataset="tiny", config_dict=tiny_config(
+        tiny_data, fast_loader=False, loss_type="BPR", prior_tau="learned", mask_ratio=0.6))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    init_seed(1, True)
+    model = config.model_class(config, train_data._dataset)
+    model.train()
+    batch = next(iter(train_data))
+    loss = model.calculate_loss(batch)
+    masked = batch[model.MASK_INDEX] if model.MASK_INDEX in batch else None
+    assert masked is not None and bool((masked == 0).any())  # the batch has padding slots
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(model.prior_tau.grad) and model.prior_tau.grad != 0

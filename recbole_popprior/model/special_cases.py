@@ -180,9 +180,10 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         return -torch.sum(torch.log(1e-14 + torch.sigmoid(pos_score - neg_score)) * targets) / torch.sum(targets)
 
     def _slot_prior(self, items: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
-        # padding slots hold item 0, whose log prior is -inf; they carry weight 0 in the loss,
-        # but -inf - -inf would make it NaN: their term is 0 instead
-        term = self.prior_at_targets(items.reshape(-1), window_ids).reshape(items.shape)
+        # padding slots hold item 0, whose log prior is -inf; they carry weight 0 in the loss, but
+        # -inf - -inf is NaN, and a masked -inf still sends 0 * -inf = NaN into a learned tau's
+        # gradient: look padding up at item 1 and zero it, so no -inf is ever computed
+        term = self.prior_at_targets(items.reshape(-1).clamp_min(1), window_ids).reshape(items.shape)
         return torch.where(items > 0, term, torch.zeros_like(term))
 
     def _masked_window_ids(self, interaction, masked_index: torch.Tensor) -> torch.Tensor:
