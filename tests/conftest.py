@@ -124,6 +124,17 @@ def numpy_log_prior(targets: np.ndarray, n_items: int, alpha: float = 1.0) -> np
     return out
 
 
+def window_of(times: np.ndarray, train_times: np.ndarray, n_windows: int, by: str = "time") -> np.ndarray:
+    """DESIGN §2 by hand: each time's window, equal time spans (or equal counts) over the training
+    targets' times; the reference for the windowed prior's edges."""
+    if by == "time":
+        edges = np.linspace(train_times.min(), train_times.max(), n_windows + 1)[1:-1]
+    else:
+        ordered = np.sort(train_times)
+        edges = ordered[[(len(ordered) * t) // n_windows for t in range(1, n_windows)]]
+    return np.searchsorted(edges, times, side="right")
+
+
 @dataclass
 class LoaderContexts:
     """A test's own pass over an evaluation loader (independent of the collector)."""

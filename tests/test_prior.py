@@ -11,7 +11,7 @@ import torch
 from recbole.utils import init_seed
 from torch import nn
 
-from conftest import tiny_config, write_inter
+from conftest import numpy_log_prior, tiny_config, window_of, write_inter
 
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
@@ -113,24 +113,6 @@ def _build(data_path: Path, name: str, model: str = "SASRec", **overrides):
     return config, train_data, valid_data, config.model_class(config, train_data._dataset)
 
 
-def _window_of(times: np.ndarray, train_times: np.ndarray, n_windows: int, by: str) -> np.ndarray:
-    """DESIGN §2 by hand: equal time spans (or equal counts) over the training targets' times."""
-    if by == "time":
-        edges = np.linspace(train_times.min(), train_times.max(), n_windows + 1)[1:-1]
-    else:
-        ordered = np.sort(train_times)
-        edges = ordered[[(len(ordered) * t) // n_windows for t in range(1, n_windows)]]
-    return np.searchsorted(edges, times, side="right")
-
-
-def _by_hand(ids: np.ndarray, n_items: int, alpha: float = 1.0) -> np.ndarray:
-    counts = np.bincount(ids, minlength=n_items).astype(float)
-    counts[0] = 0
-    out = np.log((counts + alpha) / (counts.sum() + alpha * (n_items - 1)))
-    out[0] = -np.inf
-    return out
-
-
 @pytest.fixture(scope="module")
 def drift_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("drift")
@@ -143,11 +125,11 @@ def test_window_priors_match_counts_per_window(drift_data, by):
     _, train_data, _, model = _build(drift_data, "drift", prior_mode="windowed", prior_windows=2, prior_window_by=by)
     feat = train_data._dataset.inter_feat
     ids, times = feat["item_id"].numpy(), feat["timestamp"].numpy().astype(float)
-    window = _window_of(times, times, 2, by)
+    window = window_of(times, times, 2, by)
     n_items = model.log_prior.shape[0]
     for t in range(2):
         np.testing.assert_allclose(model.log_prior_windows[t].double().numpy()[1:],
-                                   _by_hand(ids[window == t], n_items)[1:], rtol=1e-5)
+                                   numpy_log_prior(ids[window == t], n_items)[1:], rtol=1e-5)
     # the drift is real: early and late windows disagree on the popular items
     early = [train_data._dataset.token2id("item_id", str(k)) for k in range(1, 6)]
     assert model.log_prior_windows[0, early].mean() > model.log_prior_windows[1, early].mean() + 0.5
@@ -171,7 +153,7 @@ def test_each_target_gets_its_window_prior_in_the_logits(drift_data):
         H = model.forward(batch["item_id_list"], batch["item_length"])
         own = (H @ model.item_embedding.weight.T).double()
     feat_times = train_data._dataset.inter_feat["timestamp"].numpy().astype(float)
-    window = _window_of(batch["timestamp"].numpy().astype(float), feat_times, 2, "time")
+    window = window_of(batch["timestamp"].numpy().astype(float), feat_times, 2, "time")
     assert set(window) == {0, 1}, "the batch should hold targets of both windows"
     expected = own[:, 1:] + TAU * model.log_prior_windows.double()[torch.as_tensor(window)][:, 1:]
     assert torch.allclose(seen[0][:, 1:], expected, atol=1e-5)
@@ -203,7 +185,7 @@ def test_bert4rec_masked_targets_use_their_own_interaction_time(drift_data, monk
     logits = (H @ model.item_embedding.weight[: model.n_items].T + model.output_bias).double().detach().numpy()
     times = batch["timestamp_list"].gather(1, masked_index).reshape(-1).numpy().astype(float)
     train_times = train_data._dataset.inter_feat["timestamp"].numpy().astype(float)
-    window = _window_of(times, train_times, 2, "time")
+    window = window_of(times, train_times, 2, "time")
     prior = model.log_prior_windows.double().numpy()[window]
     z = (logits + TAU * np.where(np.isfinite(prior), prior, 0))[:, 1:]
     y = batch["Pos_item_id"].reshape(-1).numpy()

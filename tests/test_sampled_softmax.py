@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import loader_contexts, numpy_log_prior, tiny_config, theory_settings
+from conftest import loader_contexts, numpy_log_prior, theory_settings, tiny_config, window_of
 from test_model_zoo import N_ITEMS, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
 from recbole.utils import init_seed
@@ -143,10 +143,9 @@ def test_windowed_rows_use_their_own_window_prior(tiny_data):
     E = model.item_embedding.weight.detach().double().numpy()
     train = tiny.train_data.dataset
     items, times = train.inter_feat["item_id"].numpy(), train.inter_feat["timestamp"].numpy()
-    edges = np.linspace(times.min(), times.max(), 4)[1:-1]  # equal time spans, DESIGN §2
-    window = np.searchsorted(edges, times, side="right")
+    window = window_of(times, times, 3)
     priors = [numpy_log_prior(items[window == t], train.item_num) for t in range(3)]
-    rows = [priors[w] for w in np.searchsorted(edges, batch["timestamp"].numpy(), side="right")]
+    rows = [priors[w] for w in window_of(batch["timestamp"].numpy(), times, 3)]
     assert len({w.tobytes() for w in rows}) > 1  # the batch spans several windows
     log_pi = _log(_water_level(np.exp(numpy_log_prior(items, train.item_num)), 10))
     expected = _reference_loss(H, E, batch["item_id"].numpy(), negatives.tolist(), rows, 0.7, log_pi)

@@ -101,7 +101,8 @@ def test_planted_reduction_reaches_the_floors():
         p_iso, (x, y, rho) = _dense_iso_p(std, sep, lp)
         assert got["p_iso_shared"] == pytest.approx(p_iso, rel=1e-6)
         assert got["p_value_shared"] <= p_iso + 4 * math.sqrt(p_iso / B) + 1 / (B + 1), (got, p_iso)
-        # the small-rho form of the floor: (2/pi) sqrt(kappa rho (1 - r^2))
+        # the reference itself against the small-rho form of the floor stated in DESIGN §3.1,
+        # (2/pi) sqrt(kappa rho (1 - r^2)): this pins the documented bound, not the code
         kappa, r2 = (x @ x) / (y @ y), (x @ y) ** 2 / ((x @ x) * (y @ y))
         assert p_iso == pytest.approx(2 / np.pi * np.sqrt(kappa * rho * (1 - r2)), rel=0.05)
         assert got["p_value_shared"] < 0.05

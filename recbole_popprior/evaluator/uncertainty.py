@@ -81,11 +81,6 @@ def _check_confidence(confidence: float) -> float:
     return confidence
 
 
-def _t_half_width(sd: float, n: int, confidence: float) -> float:
-    """``t_{(1+c)/2, n-1} * sd / sqrt(n)``."""
-    return float(stats.t.ppf(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n))
-
-
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> MeanInterval:
     """Mean over seeds and its Student-t interval ``mean +- t_{(1+c)/2, n-1} sd / sqrt(n)``.
 
@@ -100,7 +95,7 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> MeanInte
         nan = math.nan
         return MeanInterval(mean, nan, 1, confidence, nan, nan, nan, False)
     sd = float(x.std(ddof=1))
-    half = _t_half_width(sd, n, confidence)
+    half = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n))
     return MeanInterval(mean, sd, n, confidence, half, mean - half, mean + half, True)
 
 
@@ -119,13 +114,11 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
         raise PopPriorError(f"paired arms need one value per seed each, got {x.size} and {y.size}")
     if alternative not in ("two-sided", "greater", "less"):
         raise PopPriorError(f"alternative must be two-sided, greater or less, got {alternative!r}")
-    confidence = _check_confidence(confidence)
-    d = x - y
-    n, mean = d.size, float(d.mean())
-    if n == 1:
+    interval = mean_interval(x - y, confidence)  # the interval of the mean difference
+    mean, sd, n, confidence = interval.mean, interval.sd, interval.n, interval.confidence
+    if not interval.defined:
         nan = math.nan
         return PairedTest(mean, nan, 1, confidence, nan, nan, nan, nan, nan, alternative, False)
-    sd = float(d.std(ddof=1))
     if sd == 0.0:  # scipy warns and returns nan for 0/0: state the limit instead
         if mean == 0.0:
             statistic, p_value = 0.0, 1.0
@@ -137,9 +130,8 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
             warnings.simplefilter("ignore", RuntimeWarning)  # near-identical arms: scipy's precision note
             result = stats.ttest_rel(x, y, alternative=alternative)
         statistic, p_value = float(result.statistic), float(result.pvalue)
-    half = _t_half_width(sd, n, confidence)
-    return PairedTest(mean, sd, n, confidence, statistic, p_value, half, mean - half, mean + half,
-                      alternative, True)
+    return PairedTest(mean, sd, n, confidence, statistic, p_value, interval.half_width, interval.low,
+                      interval.high, alternative, True)
 
 
 def combined_p_value(p_values: Sequence[float]) -> float:

@@ -172,8 +172,11 @@ class PriorSeparatedMixin:
 
     def _init_training_objective(self, config, dataset) -> None:
         """Set ``self.training_objective`` (``None``: the model's own loss)."""
-        self.training_objective = training_objective(config, self, dataset) if self._trains_item_softmax() else None
-        if self.training_objective is None and not self.prior_pairwise and self._trains_item_softmax():
+        self.training_objective = None
+        if not self._trains_item_softmax():
+            return
+        self.training_objective = training_objective(config, self, dataset)
+        if self.training_objective is None and not self.prior_pairwise:
             _warn_full_softmax_size(config, self.log_prior.shape[0])
 
     def _trains_item_softmax(self) -> bool:
