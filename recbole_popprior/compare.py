@@ -36,11 +36,11 @@ from recbole.utils import get_local_time
 
 from recbole_popprior import plots
 from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms, resolve_arm
-from recbole_popprior.compare_report import compare_csv, summarise
+from recbole_popprior.compare_report import SPECIFICITY_KEYS, compare_csv, summarise
 from recbole_popprior.config import parse_literal, properties_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
-from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_null
+from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_from_energies
 from recbole_popprior.prior import estimate_log_prior
 from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
 from recbole_popprior.serving import evaluate_at, sweep_beta
@@ -54,8 +54,6 @@ COMPARE_METRICS = ["Recall", "MRR", "NDCG", "ItemCoverage", "AveragePopularity",
 _ENERGY_METRICS = ("PopEnergy", "EmbeddingSpectrum")
 STD, SEP, SEP0 = "standard", "separated", "separated_beta0"
 _ENERGY_KEYS = ("total", "dir", "shared", "specific", "dir_frac", "shared_frac", "m")
-_SPECIFICITY_KEYS = ("p_value", "p_value_shared", "null_mean", "null_q95", "null_mean_shared", "null_q95_shared",
-                     "shared_total_frac")
 
 
 # --------------------------------------------------------------------------------------
@@ -297,12 +295,12 @@ def _run_seed(plans: Sequence[_Plan], config_of: Callable[[_Plan], Any], permuta
             _check_prior(arm, log_prior)
         _measure_arm(record, plan, arm, std.pipe.test_data)  # one loader: same contexts, same order
         if arm is not std:
-            record["reductions"][name] = _matched(std.state, arm.state, log_prior, permutations, energy_seed)
-        if figures is not None:
-            if arm.state.contexts is not None:
-                figures["spectra"][name] = score_singular_values(arm.state.contexts.G, arm.state.E)
-            if arm is not std:
-                figures["nulls"][name] = _null(std.state, arm.state, log_prior, permutations, energy_seed)
+            null: dict[str, np.ndarray] = {}
+            record["reductions"][name] = _matched(std.state, arm.state, log_prior, permutations, energy_seed, null)
+            if figures is not None:
+                figures["nulls"][name] = null or None
+        if figures is not None and arm.state.contexts is not None:
+            figures["spectra"][name] = score_singular_values(arm.state.contexts.G, arm.state.E)
     return record
 
 
@@ -318,7 +316,7 @@ def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any
     values.update(emb_r1=embedding["R1"], emb_erank=embedding["erank"])
     for row in plan.rows:  # beta changes serving only; the learned dot product is the same
         record["energy"][row] = values
-    record["specificity"][name] = {k: energy.get(k) for k in _SPECIFICITY_KEYS}
+    record["specificity"][name] = {k: energy.get(k) for k in SPECIFICITY_KEYS}
     record["energy_path"][name] = arm.state.path
     record["best_valid_score"][name] = arm.result.get("best_valid_score")
     record["run_dir"][name] = arm.result.get("run_dir")
@@ -341,26 +339,15 @@ def _check_prior(arm: Arm, log_prior: np.ndarray) -> None:
 
 
 def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
-             seed: int) -> dict[str, Any]:
-    """``matched_reduction`` on the two evaluations' statistics (docs/DESIGN.md §3)."""
+             seed: int, null_out: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``matched_reduction`` on the two evaluations' statistics (docs/DESIGN.md §3); its null
+    draws go to ``null_out`` (for the plot)."""
     if std.contexts is not None and sep.contexts is not None:
         return matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
-                                 seed=seed, log_prior=log_prior)
+                                 seed=seed, log_prior=log_prior, null_out=null_out)
     # the streaming fallback (scores that are not H E^T) keeps the energies, not their factors
     e_std, e_sep = std.energy(), sep.energy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {"R_dir": 1.0 - e_sep["dir"] / e_std["dir"], "R_shared": 1.0 - e_sep["shared"] / e_std["shared"],
-                "std_dir": e_std["dir"], "sep_dir": e_sep["dir"], "std_shared": e_std["shared"],
-                "sep_shared": e_sep["shared"]}
-
-
-def _null(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
-          seed: int) -> dict[str, np.ndarray] | None:
-    """The permutation nulls behind ``_matched``'s p-values (the same draws), for the plot."""
-    if permutations <= 0 or std.contexts is None or sep.contexts is None:
-        return None
-    return reduction_null((std.contexts, std.E), (sep.contexts, sep.E), log_prior=log_prior,
-                          permutations=permutations, seed=seed)
+    return reduction_from_energies(e_std["dir"], e_sep["dir"], e_std["shared"], e_sep["shared"])
 
 
 def _write_text(path: Path, text: str) -> Path:

@@ -22,7 +22,8 @@ ACCURACY = ("ndcg", "recall", "mrr", "headrecall", "midrecall", "tailrecall", "i
 #: per-arm columns of the energy table (``fit_ratio``: wall seconds of the arm's fit / standard's)
 ENERGY_COLUMNS = ("dir_frac", "shared_frac", "emb_r1", "emb_erank", "fit_ratio")
 #: per-arm single-model permutation test (DESIGN §3.1, "One model"), from the arm's EnergyState
-SPECIFICITY_KEYS = ("p_value", "p_value_shared", "null_mean", "null_q95", "null_mean_shared", "null_q95_shared")
+SPECIFICITY_KEYS = ("p_value", "p_value_shared", "null_mean", "null_q95", "null_mean_shared", "null_q95_shared",
+                    "shared_total_frac")
 #: matched reduction of each non-standard arm against standard (DESIGN §3.1, "Two models")
 REDUCTION_KEYS = ("R_dir", "R_shared", "p_value_dir", "p_value_shared", "p_iso_shared", "null_mean_dir",
                   "null_q95_dir", "null_mean_shared", "null_q95_shared")

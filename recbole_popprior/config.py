@@ -41,6 +41,9 @@ from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, get_model, trains_without_negatives
 from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
+from recbole_popprior.model.remedy_objectives import REMEDIES
+from recbole_popprior.model.sampled_softmax import SAMPLERS
+from recbole_popprior.remedies.resn import LINKS
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
 
@@ -294,7 +297,7 @@ def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
 
 # --- checks of the plugin's settings ------------------------------------------------------
 def _number(config: dict[str, Any], key: str, *, low: float | None = None, strict: bool = False,
-            allow: tuple = (), integer: bool = False, high: float | None = None) -> None:
+            allow: tuple = (), integer: bool = False, high: float | None = None, strict_high: bool = False) -> None:
     value = config.get(key)
     if value in allow and (value is None or isinstance(value, str)):
         return
@@ -305,8 +308,8 @@ def _number(config: dict[str, Any], key: str, *, low: float | None = None, stric
         raise PopPriorError(f"{key} must be a finite number, got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise PopPriorError(f"{key} must be {'>' if strict else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise PopPriorError(f"{key} must be <= {high}, got {value!r}")
+    if high is not None and (value >= high if strict_high else value > high):
+        raise PopPriorError(f"{key} must be {'<' if strict_high else '<='} {high}, got {value!r}")
 
 
 def _choice(config: dict[str, Any], key: str, choices: tuple) -> None:
@@ -337,9 +340,8 @@ def _validate(config: dict[str, Any]) -> None:
     _validate_training(config)
     _validate_remedies(config)
     _validate_energy(config)
-    _number(config, "compare_confidence", low=0.0, strict=True)  # the t intervals' level (DESIGN §3.2)
-    if config["compare_confidence"] >= 1.0:
-        raise PopPriorError(f"compare_confidence must lie in (0, 1), got {config['compare_confidence']!r}")
+    # the t intervals' level (DESIGN §3.2)
+    _number(config, "compare_confidence", low=0.0, strict=True, high=1.0, strict_high=True)
     _validate_tuning(config)
     if "synthetic_users" in config:
         _validate_synthetic(config)
@@ -362,7 +364,7 @@ def _validate_running(config: dict[str, Any]) -> None:
 
 def _validate_training(config: dict[str, Any]) -> None:
     _number(config, "softmax_negatives", low=0, integer=True)
-    _choice(config, "softmax_sampler", ("uniform", "popularity"))
+    _choice(config, "softmax_sampler", SAMPLERS)
     if config["softmax_negatives"] > 0 and config.get("popprior_baseline"):
         raise PopPriorError("softmax_negatives > 0 needs the plugin's model (popprior_baseline runs RecBole's own "
                             "full softmax); for a standard model with sampled softmax use prior_tau: 0")
@@ -380,7 +382,7 @@ def _validate_remedies(config: dict[str, Any]) -> None:
                             "train_neg_sample_args: ~ (RecBole's default draws one uniform negative)")
     if pairwise and config["softmax_negatives"] > 0:
         raise PopPriorError("softmax_negatives > 0 is a sampled softmax; it does not apply to a BPR loss")
-    _choice(config, "remedy", (None, "directspec", "adap_tau", "resn"))
+    _choice(config, "remedy", (None, *REMEDIES))
     if not isinstance(config.get("directspec_plus"), bool):
         raise PopPriorError(f"directspec_plus must be True or False, got {config.get('directspec_plus')!r}")
     for key in ("directspec_alpha", "directspec_kappa", "adap_tau_rho", "adap_tau_warmup_gap"):
@@ -390,11 +392,9 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     base = config.get("adap_tau_base")
     if base != "mean" and (isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 <= base <= 1):
         raise PopPriorError(f"adap_tau_base must be mean or a quantile in [0, 1], got {base!r}")
-    _number(config, "adap_tau_active_quantile", low=0.0, high=1.0)
-    if config["adap_tau_active_quantile"] >= 1.0:
-        raise PopPriorError(f"adap_tau_active_quantile must lie in [0, 1), got {config['adap_tau_active_quantile']!r}")
+    _number(config, "adap_tau_active_quantile", low=0.0, high=1.0, strict_high=True)
     _number(config, "adap_tau_warmup_epochs", low=0, integer=True)
-    _choice(config, "resn_link", ("sigmoid", "softmax", "identity"))
+    _choice(config, "resn_link", LINKS)
     _number(config, "resn_power_iter", low=1, integer=True)
     ace_init, remedy = config.get("ace_init"), config.get("remedy")
     if ace_init is not None and not isinstance(ace_init, str):

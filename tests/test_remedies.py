@@ -13,8 +13,7 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.remedies import (AdapTauStats, ace_init_table, ace_load_table, ace_reshape,
                                        adap_tau_active_users, adap_tau_batch_stats, adap_tau_global_temperature,
                                        adap_tau_loss, adap_tau_t0, adap_tau_temperatures, adap_tau_user_mean_loss,
-                                       directspec_filter, directspec_logits, directspec_loss, resn_penalty,
-                                       resn_penalty_from_scores)
+                                       directspec_filter, directspec_logits, directspec_loss, resn_penalty)
 
 # ----------------------------------------------------------------------------- helpers
 

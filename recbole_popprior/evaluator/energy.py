@@ -507,8 +507,16 @@ def _isotropic_shared_p(models: list, l: np.ndarray, a: tuple[float, float]) -> 
     return (math.atan((root - mu) / gamma) + math.atan((root + mu) / gamma)) / math.pi
 
 
+def reduction_from_energies(std_dir: float, sep_dir: float, std_shared: float, sep_shared: float) -> dict[str, float]:
+    """``R = 1 - E(sep) / E(std)`` for ``E_dir`` and ``E_shared``, with the four energies (DESIGN §3.1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_dir, r_shared = 1.0 - np.float64(sep_dir) / std_dir, 1.0 - np.float64(sep_shared) / std_shared
+    return {"R_dir": float(r_dir), "R_shared": float(r_shared), "std_dir": float(std_dir), "sep_dir": float(sep_dir),
+            "std_shared": float(std_shared), "sep_shared": float(sep_shared)}
+
+
 def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int = 0,
-                      log_prior: Any) -> dict[str, Any]:
+                      log_prior: Any, null_out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """``R = 1 - E(sep) / E(std)`` for ``E_dir`` and ``E_shared`` and their tests (DESIGN §3.1).
 
     ``std`` and ``sep`` are ``(H, E)`` pairs (or ``(ContextStats, E)``) of the standard and
@@ -521,23 +529,22 @@ def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int
     ``std_shared``, ``sep_shared``), ``p_iso_shared`` (the ``R_shared`` test's exact p under
     isotropic directions, without the ``1/(B+1)`` resolution of a Monte Carlo null) and, with
     permutations, ``p_value_dir``, ``null_mean_dir``, ``null_q95_dir``, the same three for
-    ``shared`` and ``permutations``.
+    ``shared`` and ``permutations``. ``null_out``: filled with the null draws
+    (:func:`reduction_null`'s ``dir`` and ``shared``), e.g. for a plot, without drawing them twice.
     """
     l = popularity_direction(log_prior)
     models = _reduction_models(std, sep, l)
     obs = [_direction_energies((_project(E1.T, l) - ebar * l.sum())[None, :], stats)
            for stats, E1, ebar in models]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        R_dir = float(1.0 - obs[1][0][0] / obs[0][0][0])
-        R_shared = float(1.0 - obs[1][1][0] / obs[0][1][0])
-    out: dict[str, Any] = {"R_dir": R_dir, "R_shared": R_shared,
-                           "std_dir": float(obs[0][0][0]), "sep_dir": float(obs[1][0][0]),
-                           "std_shared": float(obs[0][1][0]), "sep_shared": float(obs[1][1][0])}
+    out: dict[str, Any] = reduction_from_energies(obs[0][0][0], obs[1][0][0], obs[0][1][0], obs[1][1][0])
+    R_dir, R_shared = out["R_dir"], out["R_shared"]
     # the signed shared projections a = mean_c (Zc l) of each model: E_shared = m a^2
     a = tuple(float(stats.hsum @ (_project(E1.T, l) - ebar * l.sum())) / stats.m for stats, E1, ebar in models)
     out["p_iso_shared"] = _isotropic_shared_p(models, l, a)
     if permutations > 0:
         null = _reduction_null(models, l, permutations, seed)
+        if null_out is not None:
+            null_out.update(null)
         for name, obs_R in (("dir", R_dir), ("shared", R_shared)):
             out.update(_null_summary(null[name], obs_R, f"_{name}"))
         out["permutations"] = int(permutations)
