@@ -135,6 +135,9 @@ class PopPriorTrainerMixin:
     def _score_batch(self, batched_data):
         if not self.eval_collector.wants_contexts:
             return super()._full_sort_batch_eval(batched_data)
+        # move the batch first: RecBole scores a moved copy but returns the host batch, on which
+        # the collector's forward would miss the cache (and meet the weights on another device)
+        batched_data = (batched_data[0].to(self.device), *batched_data[1:])
         with reuse_forward(self.model):  # scoring and the energy metrics share one forward pass
             result = super()._full_sort_batch_eval(batched_data)
             self.eval_collector.context_collect(self.model, *result)

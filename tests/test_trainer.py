@@ -25,8 +25,20 @@ def _pipeline(tiny_data, tmp_path, metrics, baseline=False):
     return build_pipeline(config, log=False)
 
 
+@pytest.mark.parametrize("transfer", [False, True], ids=["same-device", "copying-transfer"])
 @pytest.mark.parametrize("baseline", [False, True], ids=["prior-separated", "recbole-own"])
-def test_energy_metrics_reuse_the_scoring_forward_pass(tiny_data, tmp_path, monkeypatch, baseline):
+def test_energy_metrics_reuse_the_scoring_forward_pass(tiny_data, tmp_path, monkeypatch, baseline, transfer):
+    """One forward per batch with the energy metrics on. ``copying-transfer``: ``Interaction.to``
+    returns new tensors, as a host-to-GPU move does, so the cache must see the moved batch."""
+    if transfer:
+        def to(self, device, selected_field=None):  # a copy the first time, then already there
+            if getattr(self, "moved", False):
+                return self
+            moved = Interaction({k: v.clone() for k, v in self.interaction.items()})
+            moved.moved = True
+            return moved
+
+        monkeypatch.setattr(Interaction, "to", to)
     results = {}
     for name, metrics in {"plain": ["MRR"], "energy": ["MRR", "PopEnergy", "EmbeddingSpectrum"]}.items():
         pipe = _pipeline(tiny_data, tmp_path / name, metrics, baseline)
