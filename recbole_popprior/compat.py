@@ -22,6 +22,17 @@ Nothing else in the plugin patches RecBole.
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
    -> :func:`ksr_relation_float32`.
+
+Three more fixes of RecBole behaviour live next to the code they belong to, listed here so
+that this list stays complete:
+
+8. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
+   ``other_parameter()``, which RecBole pickles into checkpoints.
+   -> ``checkpoint._other_parameters`` keeps plain values only.
+9. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
+   is written (trainer.py ~L296). -> the barrier in ``PopPriorTrainerMixin.fit``.
+10. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
+    "Some feat is empty" error. -> ``data.dataset.create_dataset`` turns it into one line.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class PopPriorTrainerMixin:
         #: bytes of float32 full-sort scores one scoring step may hold (DESIGN §3, bounded memory)
         self.eval_score_budget = float(config["eval_score_budget_mb"]) * 2**20
         self._warned_unbounded = False
-        #: each rank's SHA-256 of the trained weights after ``fit`` (one entry without DDP)
+        #: each rank's SHA-256 of the trained weights after ``fit`` under DDP (empty without it)
         self.trained_weight_digests: list[str] = []
 
     def fit(self, *args, **kwargs):
@@ -47,7 +47,8 @@ class PopPriorTrainerMixin:
         trained weights is gathered on the way: they are equal when DDP kept the replicas in step.
         """
         outcome = super().fit(*args, **kwargs)
-        self.trained_weight_digests = collective.all_gather(collective.state_digest(self.model))
+        if collective.is_distributed():  # a hash of every weight is only worth it to compare ranks
+            self.trained_weight_digests = collective.all_gather(collective.state_digest(self.model))
         collective.barrier()
         return outcome
 
