@@ -39,7 +39,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, get_model, trains_without_negatives
+from recbole_popprior.model import PAIRWISE_ONLY, check_loss_type, get_model, trains_without_negatives
 from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
@@ -375,8 +375,8 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     loss_type, model = config.get("loss_type"), config.get("model")
     negatives = config.get("train_neg_sample_args") or {}
     pairwise = loss_type == "BPR" or model in PAIRWISE_ONLY
-    if loss_type == "BPR" and model in NO_PAIRWISE and not config.get("popprior_baseline"):
-        raise PopPriorError(f"{model} cannot train with loss_type BPR: {NO_PAIRWISE[model]}; use loss_type: CE")
+    if not config.get("popprior_baseline"):  # the plugin's model: the mixin's own check, before any data loads
+        check_loss_type(config)
     if pairwise and negatives.get("distribution", "none") == "none":
         raise PopPriorError(f"{config.get('model')} with a BPR loss needs a sampled negative per row: remove "
                             "train_neg_sample_args: ~ (RecBole's default draws one uniform negative)")

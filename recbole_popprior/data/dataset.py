@@ -21,7 +21,7 @@ from recbole.utils import ModelType
 
 from recbole_popprior.data.atomic_files import AtomicFileGuard, RecBoleReaderGuard
 from recbole_popprior.data.fast_loader import FastLoadMixin, _Unsupported
-from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsupported
+from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsupported, missing_time_field
 from recbole_popprior.data.loaders import LeanTrainDataLoader
 from recbole_popprior.data.synthetic import ensure_synthetic_dataset
 from recbole_popprior.errors import PopPriorError
@@ -87,8 +87,7 @@ def _check_time_field(config: Any, dataset) -> None:
     """Sequential data is ordered by time: RecBole's augmentation fails on a dataset without its
     time field much later, with an error about an interaction's fields."""
     if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and dataset.time_field not in dataset.field2type:
-        raise PopPriorError(f"sequential models need the time field {dataset.time_field!r}: load it from the "
-                            ".inter file (load_col: {inter: [user_id, item_id, timestamp]})")
+        raise missing_time_field(dataset.time_field)
 
 
 def create_dataset(config: Any):

@@ -83,6 +83,12 @@ def list_fields(config: Any) -> list[str]:
     return fields
 
 
+def missing_time_field(field: str | None) -> PopPriorError:
+    """The one-line error for sequential data without its time field (every path says the same)."""
+    return PopPriorError(f"sequential models need the time field {field!r}: load it from the .inter file "
+                         "(load_col: {inter: [user_id, item_id, timestamp]})")
+
+
 class LeanSequentialDataset(AtomicFileGuard, FastLoadMixin, RecBoleReaderGuard, SequentialDataset):
     """``SequentialDataset`` whose interactions cost O(N) memory (DESIGN.md §5.2).
 
@@ -115,8 +121,7 @@ class LeanSequentialDataset(AtomicFileGuard, FastLoadMixin, RecBoleReaderGuard, 
         if loaded.get(self.uid_field) != FeatureType.TOKEN or loaded.get(self.iid_field) != FeatureType.TOKEN:
             raise _Unsupported("the user and item id columns are not both loaded as tokens")
         if self.time_field is None or self.time_field not in loaded:
-            raise PopPriorError(f"sequential models need the time field {self.time_field!r}: load it "
-                                "from the .inter file (load_col: {inter: [user_id, item_id, timestamp]})")
+            raise missing_time_field(self.time_field)
         if loaded[self.time_field] != FeatureType.FLOAT:
             raise _Unsupported(f"time field {self.time_field} is not a float column")
         for field, ftype in codes.fields:  # the bookkeeping RecBole's _load_feat does

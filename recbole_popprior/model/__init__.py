@@ -15,7 +15,7 @@ from recbole.utils import get_model as recbole_get_model
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.mixin import PriorLoss, PriorSeparatedMixin, prior_term
+from recbole_popprior.model.mixin import PriorLoss, PriorSeparatedMixin, check_loss_type, prior_term
 from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
 from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
 
@@ -84,4 +84,4 @@ def _prior_separated(name: str) -> type:
 
 __all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
            "PairwisePriorLoss", "prior_term", "trains_without_negatives", "SUPPORTED_MODELS", "MODEL_NOTES",
-           "SPECIAL_CLASSES", "UNSUPPORTED", "PAIRWISE_ONLY", "NO_PAIRWISE"]
+           "SPECIAL_CLASSES", "UNSUPPORTED", "PAIRWISE_ONLY", "NO_PAIRWISE", "check_loss_type"]

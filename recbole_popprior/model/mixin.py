@@ -88,7 +88,7 @@ class PriorLoss(nn.Module):
         return self.inner(input, target, *args, **kwargs)
 
 
-def _check_loss_type(config) -> None:
+def check_loss_type(config) -> None:
     """The prior needs a softmax over items (CE, NLL) or a pairwise loss (BPR); refuse anything
     else, and BPR where RecBole's model has none (its CPR models would even ``sys.exit(0)``)."""
     name = config["model"]
@@ -163,7 +163,7 @@ class PriorSeparatedMixin:
     prior_scores_are_probabilities: bool = False
 
     def __init__(self, config, dataset):
-        _check_loss_type(config)
+        check_loss_type(config)
         super().__init__(config, dataset)
         self._init_prior(config, dataset)
         self._wrap_prior_losses()
