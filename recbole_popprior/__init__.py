@@ -1,11 +1,16 @@
 """recbole-popprior: separate the popularity prior from RecBole's softmax recommenders, and measure it.
 
-Importing the package applies RecBole 1.2.1's compatibility shims (:mod:`recbole_popprior.compat`)
+Importing the package sets OpenMP's wait policy when torch is not loaded yet
+(:mod:`recbole_popprior.openmp`), applies RecBole 1.2.1's compatibility shims (:mod:`recbole_popprior.compat`)
 and registers the energy metrics in RecBole's metric registry, so ``metrics: [..., PopEnergy]``
 works in any config built afterwards (also in spawned workers, which import the plugin).
 """
 
-from recbole_popprior import compat as _compat
+from recbole_popprior.openmp import set_wait_policy as _set_wait_policy
+
+_set_wait_policy()  # before torch is imported: libgomp reads it once (recbole_popprior/openmp.py)
+
+from recbole_popprior import compat as _compat  # noqa: E402
 
 _compat.apply()
 

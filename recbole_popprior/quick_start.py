@@ -23,6 +23,8 @@ from recbole.utils.logger import RemoveColorFilter, log_colors_config
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.fast_kernels import apply_fast_kernels
+from recbole_popprior.runtime import apply_runtime
 from recbole_popprior.trainer import get_trainer
 from recbole_popprior.utils import to_jsonable, write_json
 
@@ -140,12 +142,14 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
         logger = getLogger()
         for line in getattr(config, "unknown_key_warnings", ()):
             logger.warning(line)
+        apply_runtime(config)  # allocator and threads (DESIGN §8.1)
         init_seed(config["seed"], config["reproducibility"])
         dataset = create_dataset(config)
         logger.info(dataset)
         train_data, valid_data, test_data = data_preparation(config, dataset)
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model = config.model_class(config, train_data._dataset).to(config["device"])
+        apply_fast_kernels(model, config)  # RecBole's own classes too (popprior_baseline); once per model
         logger.info(model)
         trainer = get_trainer(config)(config, model)
     except BaseException:
