@@ -21,6 +21,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_popprior import checkpoint, collective
 from recbole_popprior.evaluator.collector import PopPriorCollector
+from recbole_popprior.optim import build_optimizer
 
 
 class PopPriorTrainerMixin:
@@ -37,6 +38,11 @@ class PopPriorTrainerMixin:
         self._warned_unbounded = False
         #: each rank's SHA-256 of the trained weights after ``fit`` under DDP (empty without it)
         self.trained_weight_digests: list[str] = []
+
+    def _build_optimizer(self, **kwargs):
+        """``fast_adam`` / ``fast_sparse_items`` (:mod:`recbole_popprior.optim`), else RecBole's own."""
+        optimizer = build_optimizer(self.config, self.model, **kwargs)
+        return optimizer if optimizer is not None else super()._build_optimizer(**kwargs)
 
     def fit(self, *args, **kwargs):
         """RecBole's ``fit``, then (under DDP) wait until rank 0 has written the best checkpoint.

@@ -37,6 +37,8 @@ from torch import nn
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
+from recbole_popprior.model.fast_kernels import apply_fast_kernels
+from recbole_popprior.model.negatives import logits_mb, resolve_negatives
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
 from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
 from recbole_popprior.model.remedy_objectives import remedy_objective
@@ -107,11 +109,11 @@ def training_objective(config, model, dataset=None) -> TrainingObjective | None:
     own loss through :class:`PriorLoss` or :class:`PairwisePriorLoss`). The one place that
     chooses it: ``softmax_negatives > 0`` gives sampled softmax (DESIGN §6.1), ``remedy`` one of
     the objectives of DESIGN §7 (ReSN on top of sampled softmax when both are set)."""
-    negatives = int(config["softmax_negatives"])
+    reason = factorised_training_refusal(model)
+    negatives = resolve_negatives(config, model.log_prior.shape[0], reason)  # ``auto``: full or K = 8192
     remedy = config["remedy"] if "remedy" in config else None
     if negatives == 0 and remedy is None:
         return None
-    reason = factorised_training_refusal(model)
     if reason is not None:
         what = f"remedy: {remedy}" if remedy is not None else "softmax_negatives > 0"
         raise PopPriorError(f"{type(model).__name__} cannot train with {what}: {reason}")
@@ -127,7 +129,7 @@ def _warn_full_softmax_size(config, n_items: int) -> None:
     """One log line when a full-softmax training batch's ``[train_batch_size, n_items]`` float32
     logits exceed ``eval_score_budget_mb``: on a large catalogue that is the step that runs out of
     memory, and ``softmax_negatives`` is the way out (DESIGN §6.1)."""
-    mb = int(config["train_batch_size"]) * n_items * 4 / 2**20
+    mb = logits_mb(config, n_items)
     if mb > float(config["eval_score_budget_mb"]):
         getLogger().warning(set_color(
             f"full softmax over {n_items:,} items: the logits of one training batch take {mb:,.0f} MB "
@@ -169,6 +171,7 @@ class PriorSeparatedMixin:
         self._wrap_prior_losses()
         self._init_training_objective(config, dataset)
         self._init_ace(config, dataset)
+        apply_fast_kernels(self, config)  # fast_* keys (DESIGN §8.3)
 
     def _init_training_objective(self, config, dataset) -> None:
         """Set ``self.training_objective`` (``None``: the model's own loss)."""

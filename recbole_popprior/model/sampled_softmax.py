@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.fast_kernels import item_rows
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
 
 SAMPLERS = ("uniform", "popularity")
@@ -63,6 +64,8 @@ def sampler_distribution(sampler: str, log_prior: torch.Tensor) -> torch.Tensor:
 class SampledSoftmax(TrainingObjective):
     """Sampled softmax over each row's target and ``K`` shared negatives (DESIGN §6)."""
 
+    uses_few_item_rows = True
+
     def __init__(self, q: torch.Tensor, negatives: int):
         super().__init__()
         if negatives < 1:
@@ -81,9 +84,9 @@ class SampledSoftmax(TrainingObjective):
         """``[r, 1 + |N|]``: column 0 each row's target, then the shared negatives (hits at -inf)."""
         H, E, targets = batch.H, batch.E, batch.targets
         log_pi = self.log_inclusion
-        positive = ((H * E[targets]).sum(-1) + model.prior_at_targets(targets, batch.window_ids)
+        positive = ((H * item_rows(E, targets)).sum(-1) + model.prior_at_targets(targets, batch.window_ids)
                     - log_pi[targets].to(H.dtype))
-        negative = (H @ E[negatives].T + model.prior_at_items(negatives, batch.window_ids)
+        negative = (H @ item_rows(E, negatives).T + model.prior_at_items(negatives, batch.window_ids)
                     - log_pi[negatives].to(H.dtype))
         negative = negative.masked_fill(negatives[None, :] == targets[:, None], -math.inf)
         return torch.cat([positive[:, None], negative], dim=1)
