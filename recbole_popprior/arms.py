@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.negatives import may_sample
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,10 @@ def resolve_arm(spec: ArmSpec, config: Mapping[str, Any]) -> ArmSpec:
     """``spec`` under this configuration: a ``baseline`` arm (RecBole's own class) stays one only
     while the configured training objective is RecBole's own loss. With the plugin's objective
     (``softmax_negatives > 0``, DESIGN §6.1) it is the plugin's class at ``prior_tau: 0``, which
-    trains that objective with no prior."""
-    if spec.baseline and int(config.get("softmax_negatives") or 0) > 0:
+    trains that objective with no prior. So is it with ``auto``, which every arm resolves alike
+    once the item count is known: to sampled softmax, or to the full softmax, where the plugin's
+    class at ``prior_tau: 0`` is RecBole's model exactly."""
+    if spec.baseline and may_sample(config):
         return replace(spec, label=spec.label.replace("RecBole {model}", "{model}") + " (plugin's objective)",
                        baseline=False)
     return spec

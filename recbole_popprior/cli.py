@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from recbole_popprior.arms import parse_arms
 from recbole_popprior.compare import run_beta_sweep, run_compare
+from recbole_popprior.config import config_file
 from recbole_popprior.distributed import run_distributed
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.quick_start import run_recbole_popprior
@@ -85,7 +86,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not 0 < options["timeout"] < float("inf"):
             raise PopPriorError(f"--timeout must be a positive number of seconds, got {options['timeout']!r}")
     if options["config_files"]:
-        options["config_files"] = options["config_files"].split()
+        options["config_files"] = [config_file(path) for path in options["config_files"].split()]
         for path in options["config_files"]:
             if not os.path.isfile(path):
                 raise PopPriorError(f"config file not found: {path}")

@@ -41,8 +41,11 @@ from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import PAIRWISE_ONLY, check_loss_type, get_model, trains_without_negatives
 from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
+from recbole_popprior.model.fast_kernels import FAST_KERNEL_KEYS
+from recbole_popprior.model.negatives import AUTO
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
+from recbole_popprior.optim import FUSED_LEARNERS
 from recbole_popprior.remedies.resn import LINKS
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
@@ -51,6 +54,20 @@ _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset"
 def properties_file(*parts: str) -> Path:
     """A file of the plugin's ``properties/`` folder (it may not exist)."""
     return Path(str(resources.files("recbole_popprior.properties").joinpath(*parts)))
+
+
+def config_file(path: str) -> str:
+    """A ``--config_files`` entry as a path: the file itself when it exists, else a preset shipped in
+    ``properties/`` named by its stem, file name or ``properties/<name>.yaml`` (``fast``, ``demo``), so
+    the README's ``--config_files=properties/fast.yaml`` works from an installed copy too."""
+    if os.path.exists(path):
+        return path
+    candidate = Path(path)
+    if candidate.parent in (Path("."), Path("properties")) and candidate.stem != "overall":
+        shipped = properties_file(candidate.stem + ".yaml")
+        if candidate.suffix in ("", ".yaml") and shipped.is_file():
+            return str(shipped)
+    return path
 
 
 def dataset_config_file(dataset: str) -> Path:
@@ -126,7 +143,7 @@ class Config(RecBoleConfig):
         """RecBole's reader of ``--config_files``, with one line for a file that is not UTF-8,
         not yaml or not a mapping of settings (RecBole raises from ``dict.update``)."""
         merged: dict[str, Any] = {}
-        for file in file_list or []:
+        for file in map(config_file, file_list or []):
             try:
                 with open(file, encoding="utf-8") as handle:
                     loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
@@ -262,7 +279,8 @@ def _is_int(value: Any) -> bool:
 # --- unknown settings ------------------------------------------------------------------------
 #: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
 PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_")
+                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "fast_", "malloc_",
+                   "torch_")
 
 
 @functools.lru_cache(maxsize=1)
@@ -338,6 +356,7 @@ def _validate(config: dict[str, Any]) -> None:
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config)
     _validate_training(config)
+    _validate_speed(config)
     _validate_remedies(config)
     _validate_energy(config)
     # the t intervals' level (DESIGN §3.2)
@@ -362,10 +381,33 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
 
 
+def _sampled(config: dict[str, Any]) -> bool:
+    """An explicit sampled softmax (``softmax_negatives`` K > 0; ``auto`` decides per model, DESIGN §6.1)."""
+    return config["softmax_negatives"] != AUTO and config["softmax_negatives"] > 0
+
+
+def _validate_speed(config: dict[str, Any]) -> None:
+    """The runtime and fast-kernel keys (DESIGN §8)."""
+    for key in ("malloc_tuning", *FAST_KERNEL_KEYS, "fast_adam"):
+        if not isinstance(config.get(key), bool):
+            raise PopPriorError(f"{key} must be True or False, got {config.get(key)!r}")
+    _number(config, "torch_threads", low=1, integer=True, allow=(None,))
+    if config["fast_sparse_items"]:
+        learner = str(config.get("learner", "adam")).lower()
+        if learner not in FUSED_LEARNERS:
+            raise PopPriorError(f"fast_sparse_items updates the item table with lazy Adam: it needs learner adam, "
+                                f"got {config.get('learner')!r}")
+        if config.get("weight_decay"):
+            raise PopPriorError("fast_sparse_items: SparseAdam has no weight decay; set weight_decay: 0")
+        if config.get("clip_grad_norm"):
+            raise PopPriorError("fast_sparse_items: clip_grad_norm does not take the item table's sparse gradient; "
+                                "remove clip_grad_norm or set fast_sparse_items: False")
+
+
 def _validate_training(config: dict[str, Any]) -> None:
-    _number(config, "softmax_negatives", low=0, integer=True)
+    _number(config, "softmax_negatives", low=0, integer=True, allow=(AUTO,))
     _choice(config, "softmax_sampler", SAMPLERS)
-    if config["softmax_negatives"] > 0 and config.get("popprior_baseline"):
+    if _sampled(config) and config.get("popprior_baseline"):
         raise PopPriorError("softmax_negatives > 0 needs the plugin's model (popprior_baseline runs RecBole's own "
                             "full softmax); for a standard model with sampled softmax use prior_tau: 0")
 
@@ -380,7 +422,7 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     if pairwise and negatives.get("distribution", "none") == "none":
         raise PopPriorError(f"{config.get('model')} with a BPR loss needs a sampled negative per row: remove "
                             "train_neg_sample_args: ~ (RecBole's default draws one uniform negative)")
-    if pairwise and config["softmax_negatives"] > 0:
+    if pairwise and _sampled(config):
         raise PopPriorError("softmax_negatives > 0 is a sampled softmax; it does not apply to a BPR loss")
     _choice(config, "remedy", (None, *REMEDIES))
     if not isinstance(config.get("directspec_plus"), bool):
@@ -418,9 +460,9 @@ def _validate_remedies(config: dict[str, Any]) -> None:
         if config.get("prior_tau") != 0:
             raise PopPriorError(f"remedy: {remedy} has its own training logits, which take no prior: set prior_tau: 0 "
                                 f"(got {config.get('prior_tau')!r})")
-        if config["softmax_negatives"] > 0:
+        if _sampled(config):
             raise PopPriorError(f"remedy: {remedy} has its own training loss; it does not take softmax_negatives > 0")
-    if remedy == "resn" and config["softmax_negatives"] > 0 and config["resn_link"] != "identity":
+    if remedy == "resn" and _sampled(config) and config["resn_link"] != "identity":
         raise PopPriorError("remedy: resn with softmax_negatives > 0 needs resn_link: identity (the other links build "
                             "the [B, n_items] scores that sampled softmax avoids)")
 
