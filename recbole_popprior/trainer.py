@@ -21,6 +21,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_popprior import checkpoint, collective
 from recbole_popprior.evaluator.collector import PopPriorCollector
+from recbole_popprior.model.registry import recbole_model_name
 
 
 class PopPriorTrainerMixin:
@@ -216,5 +217,6 @@ def _trainer_class(base: type) -> type:
 
 
 def get_trainer(config: Any) -> type:
-    """RecBole's trainer class for ``config["model"]``, with :class:`PopPriorTrainerMixin`."""
-    return _trainer_class(recbole_get_trainer(config["MODEL_TYPE"], config["model"]))
+    """RecBole's trainer class for the model (by its record's name: ``MySASRec(S3Rec)`` trains with
+    ``S3RecTrainer``), with :class:`PopPriorTrainerMixin`."""
+    return _trainer_class(recbole_get_trainer(config["MODEL_TYPE"], recbole_model_name(config)))
