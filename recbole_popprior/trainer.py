@@ -187,7 +187,10 @@ def reuse_forward(model: torch.nn.Module):
     energy metrics need that forward's context vectors ``H``; no model exposes them, so the
     second call (from :mod:`recbole_popprior.model.factors`) is answered from this cache.
     RecBole models call ``self.forward(...)``, so an instance attribute shadows the class's
-    method for the block (any model: the plugin's or RecBole's own). Only identity of the
+    method for the block (any model: the plugin's or RecBole's own); patching the class
+    instead would answer any other model of the class, run on the same batch within the block
+    (a second arm or seed), from this one's cache (tests/test_dispatch.py pins it; DESIGN §1.1).
+    Only identity of the
     inputs counts, which is sound inside one ``no_grad`` evaluation batch (no weights change
     and the same tensors mean the same batch); the wrapper and its cache go on exit.
     """

@@ -1,3 +1,4 @@
+# Over 500 lines: one cache of the whole zoo (29 models, each built once) serves every per-model check.
 """Prior separation across RecBole's sequential model zoo (DESIGN.md §1, §6.2), one tiny dataset.
 
 For every supported model: a training step runs; the training loss equals a hand-computed

@@ -66,9 +66,12 @@ def prior_term(log_prior: torch.Tensor, weight: torch.Tensor | float, width: int
 class PriorLoss(nn.Module):
     """Wraps a model's loss: adds ``tau * log p_hat`` to logits whose last dim is the item table.
 
-    Why the width decides: RecBole models call the same ``self.loss_fct`` for their main
-    softmax over items and for auxiliary losses (contrastive terms over a batch, for example);
-    only the call whose classes are the item table may receive the prior.
+    Why the width decides (an implicit dispatch, DESIGN §1.1): a model may call the same
+    ``self.loss_fct`` for its softmax over items and for an auxiliary loss (an in-batch
+    contrastive term, say); adding the prior to every call would break (or, at a width that
+    matches by chance, corrupt) the auxiliary one, and the loss cannot tell the calls apart
+    otherwise (tests/test_dispatch.py pins it). A ``[B, B]`` auxiliary call with ``B`` equal to
+    the item count would be taken for the item softmax: no registered model makes one.
 
     ``log_space=True`` is for NLL-style losses that receive log-probabilities: the prior is
     added in log space and the result renormalised with ``log_softmax`` (DESIGN §1 applied
@@ -411,6 +414,15 @@ class PriorSeparatedMixin:
         return users if parts.kept is None else users[parts.kept.to(users.device)]
 
     def calculate_loss(self, interaction):
+        """The factorised objective's loss, or the model's own loss with the prior (DESIGN §1, §6.2).
+
+        The batch's window ids and BPR pairs are side-channel state, set only around
+        ``super().calculate_loss`` (an implicit dispatch, DESIGN §1.1): RecBole's models call
+        ``self.loss_fct(logits, targets)`` without the interaction, so the loss wrappers cannot
+        be handed them, and rewriting 29 models' losses to pass them would copy RecBole. The
+        ``finally`` matters: state left behind would be read by the next call to the loss
+        (another batch's windows or pairs; tests/test_dispatch.py pins it).
+        """
         if self.training_objective is not None:
             return self.factorised_loss(interaction)
         if self.prior_windowed:
