@@ -272,6 +272,7 @@ def test_supported_models_are_the_issue_list_and_each_has_a_note():
     assert {r.name for r in records()} == expected | {"DIN", "DIEN"}
     assert set(PAIRWISE_ONLY) == {"FPMC", "TransRec"}
     assert set(NO_PAIRWISE) == {"CORE", "GRU4RecCPR", "SASRecCPR", "RepeatNet"}
+    assert {r.name for r in records() if r.supported and r.factors is None} == NO_FACTORS
     assert len(BPR_MODELS) == 25 and set(PAIRWISE_ONLY) <= set(BPR_MODELS)
 
 
