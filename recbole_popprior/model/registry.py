@@ -123,8 +123,11 @@ def register_model(model_class: type, *, note: str = GENERIC_NOTE, factors: Fact
     if not isinstance(ace_tables, str) and not (
             isinstance(ace_tables, tuple) and ace_tables and all(isinstance(t, str) for t in ace_tables)):
         raise PopPriorError(f"ace_tables must be a tuple of attribute names or a reason, got {ace_tables!r}")
-    if special_class is not None and not (isinstance(special_class, type) and issubclass(special_class, model_class)):
-        raise PopPriorError(f"special_class must be a subclass of {model_class.__name__}, got {special_class!r}")
+    # the mixin imports this module, so "a subclass of the mixin" is checked by its method
+    if special_class is not None and not (isinstance(special_class, type) and issubclass(special_class, model_class)
+                                          and hasattr(special_class, "add_training_prior")):
+        raise PopPriorError(f"special_class must be a subclass of PriorSeparatedMixin and {model_class.__name__}, "
+                            f"got {special_class!r}")
     record = ModelRecord(model_class, note, factors, training, auxiliary, no_factorised_training, pairwise,
                          no_pairwise, ace_tables, special_class, refused)
     _RECORDS[model_class] = record
