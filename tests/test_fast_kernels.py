@@ -7,6 +7,8 @@ docs/DESIGN.md §8.3), each against the exact path it replaces:
 * ``fast_gelu``: ``F.gelu`` is RecBole's erf formula within float32 rounding, and one batch's loss
   and gradients stay within 1e-5 (relative) of RecBole's;
 * ``fast_adam``: fused Adam's parameters after several steps are within 1e-6 of the for-loop Adam's;
+* ``fast_last_position``: the served contexts, one batch's loss and gradients of SASRec, SASRecF, GCSAN
+  and FDSA within float rounding of RecBole's encoder (no dropout), the mean loss with dropout;
 * ``fast_sparse_items``: the sparse gradient is the dense one; lazy Adam equals Adam on the first
   step and then leaves absent rows alone, where Adam moves them (lazy Adam is not Adam);
 * ``enable_amp`` (RecBole's key): one batch's loss within 2% and each gradient within 10% (relative
@@ -38,11 +40,12 @@ from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import supported_models
-from recbole_popprior.model.fast_kernels import FastDropout, erf_gelu_layers, keep_mask
+from recbole_popprior.model.fast_kernels import FastDropout, erf_gelu_layers, keep_mask, last_position_encoders
 from recbole_popprior.optim import SplitOptimizer
 from recbole_popprior.quick_start import build_config, build_pipeline
 
-PRESET = {"fast_gelu": True, "fast_dropout": True, "fast_adam": True, "fast_sparse_items": True, "enable_amp": True}
+PRESET = {"fast_gelu": True, "fast_dropout": True, "fast_last_position": True, "fast_adam": True,
+          "fast_sparse_items": True, "enable_amp": True}
 
 
 # --- the dropout mask ------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def test_sampled_training_is_reproducible_with_two_threads(tiny_data, keys):
 @pytest.mark.parametrize("name", supported_models())
 def test_every_model_trains_a_step_with_the_fast_kernels(name, zoo_data, s3rec_pretrained):  # noqa: F811
     zoo = Zoo(name, zoo_data, s3rec_pretrained)
-    model = zoo.plugin(fast_gelu=True, fast_dropout=True)
+    model = zoo.plugin(fast_gelu=True, fast_dropout=True, fast_last_position=True)
     assert not any(type(m) is nn.Dropout for m in model.modules())
     assert not erf_gelu_layers(model)
     if "hidden_act" in zoo.config and zoo.config["hidden_act"] == "gelu":
@@ -344,3 +347,37 @@ def test_the_preset_still_recovers_pmi_on_known_truth(tmp_path, negatives):
     assert rho >= 0.90, rho
     rho_pop = stats.spearmanr(centred(Z).ravel(), centred(pmi + truth["log_p"][1:]).ravel())[0]
     assert rho_pop < rho, (rho_pop, rho)
+
+
+# --- the last layer at the last position only -------------------------------------------------------
+@pytest.mark.parametrize("name", ["SASRec", "SASRecF", "GCSAN", "FDSA"])
+def test_last_position_encoder_gives_the_models_own_output_and_gradients(name, zoo_data, s3rec_pretrained):  # noqa: F811
+    """Without dropout (so that both paths draw nothing), the served contexts, one batch's loss and its
+    gradients match RecBole's full encoder within float rounding."""
+    zoo = Zoo(name, zoo_data, s3rec_pretrained, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, n_layers=2)
+    exact, fast = zoo.plugin(), zoo.plugin(fast_last_position=True)
+    assert last_position_encoders(fast) and all(e.forward is not type(e).forward for e in last_position_encoders(fast))
+    batch = zoo.eval_batch
+    exact.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.full_sort_predict(batch), exact.full_sort_predict(batch), rtol=1e-5, atol=1e-5)
+    loss_a, grads_a = _loss_and_grads(exact, zoo.train_batch)
+    loss_b, grads_b = _loss_and_grads(fast, zoo.train_batch)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    _assert_close_grads(grads_b, grads_a, 1e-4)
+
+
+def test_last_position_keeps_the_loss_distribution_with_dropout(tiny_data):
+    _, exact, batch = _sasrec(tiny_data)
+    _, fast, _ = _sasrec(tiny_data, fast_last_position=True)
+    a = np.array([_loss_and_grads(exact, batch, seed)[0] for seed in range(60)])
+    b = np.array([_loss_and_grads(fast, batch, seed + 1000)[0] for seed in range(60)])
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    assert abs(a.mean() - b.mean()) <= 4 * se, (a.mean(), b.mean(), se)
+
+
+def test_last_position_has_no_effect_on_other_models(zoo_data, s3rec_pretrained, caplog):  # noqa: F811
+    model = Zoo("BERT4Rec", zoo_data, s3rec_pretrained).plugin(fast_last_position=True)
+    assert not last_position_encoders(model)
+    assert type(model.trm_encoder).forward is model.trm_encoder.forward.__func__
+    assert any("fast_last_position has no effect" in r.getMessage() for r in caplog.records)

@@ -12,6 +12,10 @@ Each is a config key, off by default because it changes the numbers (a little):
   element is still kept independently with probability ``1 - p`` (exactly when ``p`` is a
   multiple of 2^-16, as RecBole's default 0.5; any other ``p`` is rounded to a multiple of
   2^-32), but the draws differ from torch's: a run is reproducible with itself, not with RecBole's.
+- ``fast_last_position``: SASRec, SASRecF, GCSAN and FDSA read their transformer's last layer at
+  the last real position only, yet RecBole runs that layer at all 50; the swapped encoder runs it
+  for that one query per sequence (the keys and values still see every position). The output is
+  the same up to float rounding; the last layer's dropout draws fewer elements, so the draws differ.
 - ``fast_sparse_items`` (with sampled softmax only): the item table's lookups (the input
   sequence, the targets, the negatives) give a sparse gradient, so the backward pass and the
   optimiser touch only the rows of the batch (:mod:`recbole_popprior.optim`: lazy Adam, which is
@@ -30,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recbole_popprior.model.registry import record_of
 
 #: config keys of this module (defaults in properties/overall.yaml, all False)
 FAST_KERNEL_KEYS = ("fast_gelu", "fast_dropout", "fast_last_position", "fast_sparse_items")
@@ -130,14 +136,6 @@ def swap_dropout(model: nn.Module) -> int:
 
 
 # --- the last layer at the last position only ----------------------------------------------------
-#: models whose output is their transformer encoder's last layer at the last real position only
-#: (``gather_indexes(output, item_seq_len - 1)``, causal mask), and the encoder attribute(s)
-LAST_POSITION_ENCODERS: dict[str, tuple[str, ...]] = {
-    "SASRec": ("trm_encoder",), "SASRecF": ("trm_encoder",), "GCSAN": ("self_attention",),
-    "FDSA": ("item_trm_encoder", "feature_trm_encoder"),
-}
-
-
 def _last_query_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                       last: torch.Tensor) -> torch.Tensor:
     """RecBole's ``TransformerLayer`` (multi-head attention, then the feed-forward block) for one query
@@ -165,7 +163,7 @@ def last_position_forward(encoder: nn.Module) -> Any:
     """A ``forward`` for RecBole's ``TransformerEncoder`` whose last layer runs at each sequence's last
     real position only; its last output holds that row at every position (an ``expand``, no copy).
 
-    Why it may: the models of :data:`LAST_POSITION_ENCODERS` read the last layer at
+    Why it may: the models whose record names their encoders (SASRec, SASRecF, GCSAN, FDSA) read it at
     ``item_seq_len - 1`` only, and under their causal, right-padded mask that position is the number of
     keys the last query row may see, minus one, so the encoder finds it without being told.
     """
@@ -185,11 +183,9 @@ def last_position_forward(encoder: nn.Module) -> Any:
 
 
 def last_position_encoders(model: nn.Module) -> list[nn.Module]:
-    """The encoders :func:`swap_last_position` may change in this model (none for other models)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in LAST_POSITION_ENCODERS:
-            return [getattr(model, attr) for attr in LAST_POSITION_ENCODERS[cls.__name__]]
-    return []
+    """The encoders the model's record names (``last_position_encoders``, :mod:`.registry`)."""
+    record = record_of(model)
+    return [getattr(model, attr) for attr in (record.last_position_encoders if record is not None else ())]
 
 
 def swap_last_position(model: nn.Module) -> int:
@@ -259,8 +255,8 @@ def apply_fast_kernels(model: nn.Module, config: Any) -> list[str]:
         if count:
             done.append(f"the last layer at the last position in {count} encoder(s)")
         else:
-            getLogger().warning(f"fast_last_position has no effect for {type(model).__name__}: it applies to "
-                                f"{', '.join(LAST_POSITION_ENCODERS)}")
+            getLogger().warning(f"fast_last_position has no effect for {type(model).__name__}: its record names "
+                                "no encoder read at the last position only (last_position_encoders)")
     if on("fast_sparse_items"):
         reason = sparse_items_refusal(model)
         if reason is None:
@@ -273,6 +269,6 @@ def apply_fast_kernels(model: nn.Module, config: Any) -> list[str]:
     return done
 
 
-__all__ = ["apply_fast_kernels", "FastDropout", "keep_mask", "swap_gelu", "swap_dropout", "erf_gelu_layers",
+__all__ = ["apply_fast_kernels", "swap_last_position", "last_position_encoders", "last_position_forward", "FastDropout", "keep_mask", "swap_gelu", "swap_dropout", "erf_gelu_layers",
            "item_rows", "mark_sparse_items", "sparse_item_parameters", "sparse_items_refusal",
            "FAST_KERNEL_KEYS", "SPARSE_MARK"]
