@@ -45,7 +45,7 @@ from recbole_popprior.model.negatives import AUTO
 from recbole_popprior.model.registry import ModelRecord, record_of, require_record
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
-from recbole_popprior.optim import FUSED_LEARNERS
+from recbole_popprior.optim import check_optimizer_settings
 from recbole_popprior.remedies.resn import LINKS
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
@@ -57,17 +57,14 @@ def properties_file(*parts: str) -> Path:
 
 
 def config_file(path: str) -> str:
-    """A ``--config_files`` entry as a path: the file itself when it exists, else a preset shipped in
-    ``properties/`` named by its stem, file name or ``properties/<name>.yaml`` (``fast``, ``demo``), so
-    the README's ``--config_files=properties/fast.yaml`` works from an installed copy too."""
-    if os.path.exists(path):
-        return path
+    """A ``--config_files`` entry: the file when it exists, else a preset of ``properties/`` named ``fast``,
+    ``fast.yaml`` or ``properties/fast.yaml`` (so the README's command works from an installed copy too)."""
     candidate = Path(path)
-    if candidate.parent in (Path("."), Path("properties")) and candidate.stem != "overall":
-        shipped = properties_file(candidate.stem + ".yaml")
-        if candidate.suffix in ("", ".yaml") and shipped.is_file():
-            return str(shipped)
-    return path
+    if os.path.exists(path) or candidate.parent not in (Path("."), Path("properties")) \
+            or candidate.stem == "overall" or candidate.suffix not in ("", ".yaml"):
+        return path
+    shipped = properties_file(candidate.stem + ".yaml")
+    return str(shipped) if shipped.is_file() else path
 
 
 def dataset_config_file(dataset: str) -> Path:
@@ -387,27 +384,17 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
 
 
-def _sampled(config: dict[str, Any]) -> bool:
-    """An explicit sampled softmax (``softmax_negatives`` K > 0; ``auto`` decides per model, DESIGN §6.1)."""
+def _sampled(config: dict[str, Any]) -> bool:  # an explicit K > 0 (``auto`` is decided per model, DESIGN §6.1)
     return config["softmax_negatives"] != AUTO and config["softmax_negatives"] > 0
 
 
 def _validate_speed(config: dict[str, Any]) -> None:
-    """The runtime and fast-kernel keys (DESIGN §8)."""
+    """The runtime and fast-kernel keys (DESIGN §9); the optimiser's conditions are :mod:`.optim`'s."""
     for key in ("malloc_tuning", *FAST_KERNEL_KEYS, "fast_adam"):
         if not isinstance(config.get(key), bool):
             raise PopPriorError(f"{key} must be True or False, got {config.get(key)!r}")
     _number(config, "torch_threads", low=1, integer=True, allow=(None,))
-    if config["fast_sparse_items"]:
-        learner = str(config.get("learner", "adam")).lower()
-        if learner not in FUSED_LEARNERS:
-            raise PopPriorError(f"fast_sparse_items updates the item table with lazy Adam: it needs learner adam, "
-                                f"got {config.get('learner')!r}")
-        if config.get("weight_decay"):
-            raise PopPriorError("fast_sparse_items: SparseAdam has no weight decay; set weight_decay: 0")
-        if config.get("clip_grad_norm"):
-            raise PopPriorError("fast_sparse_items: clip_grad_norm does not take the item table's sparse gradient; "
-                                "remove clip_grad_norm or set fast_sparse_items: False")
+    check_optimizer_settings(config)
 
 
 def _validate_training(config: dict[str, Any]) -> None:

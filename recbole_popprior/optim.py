@@ -1,4 +1,4 @@
-"""The optimiser the trainer builds for ``fast_adam`` and ``fast_sparse_items`` (docs/DESIGN.md §8.3).
+"""The optimiser the trainer builds for ``fast_adam`` and ``fast_sparse_items`` (docs/DESIGN.md §9.3).
 
 RecBole builds ``optim.Adam(params, lr, weight_decay)`` in ``Trainer._build_optimizer``; on a CPU
 that is torch's for-loop Adam, about ten element-wise passes over each parameter. The trainer
@@ -96,6 +96,21 @@ def _params(params: Iterable) -> Iterator[nn.Parameter]:
             yield entry
 
 
+def check_optimizer_settings(config: Any) -> None:
+    """One :class:`PopPriorError` line for settings lazy Adam cannot follow (``config._validate`` calls it)."""
+    if not config.get("fast_sparse_items"):
+        return
+    learner = str(config.get("learner", "adam")).lower()
+    if learner not in FUSED_LEARNERS:
+        raise PopPriorError(f"fast_sparse_items updates the item table with lazy Adam: it needs learner adam, "
+                            f"got {config.get('learner')!r}")
+    if config.get("weight_decay"):
+        raise PopPriorError("fast_sparse_items: SparseAdam has no weight decay; set weight_decay: 0")
+    if config.get("clip_grad_norm"):
+        raise PopPriorError("fast_sparse_items: clip_grad_norm does not take the item table's sparse gradient; "
+                            "remove clip_grad_norm or set fast_sparse_items: False")
+
+
 def build_optimizer(config, model: nn.Module, params: Iterable | None = None, learner: str | None = None,
                     learning_rate: float | None = None, weight_decay: float | None = None):
     """The optimiser for ``fast_adam`` / ``fast_sparse_items``, or ``None`` for RecBole's own.
@@ -128,4 +143,4 @@ def build_optimizer(config, model: nn.Module, params: Iterable | None = None, le
     return SplitOptimizer(parts)
 
 
-__all__ = ["build_optimizer", "SplitOptimizer", "FUSED_LEARNERS"]
+__all__ = ["build_optimizer", "check_optimizer_settings", "SplitOptimizer", "FUSED_LEARNERS"]

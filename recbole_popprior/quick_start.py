@@ -142,7 +142,7 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
         logger = getLogger()
         for line in getattr(config, "unknown_key_warnings", ()):
             logger.warning(line)
-        apply_runtime(config)  # allocator and threads (DESIGN §8.1)
+        apply_runtime(config)  # allocator and threads (DESIGN §9.1)
         init_seed(config["seed"], config["reproducibility"])
         dataset = create_dataset(config)
         logger.info(dataset)

@@ -1,14 +1,15 @@
-"""Process settings that make training faster without changing a single number (docs/DESIGN.md §8.1).
+"""Process settings that make training faster without changing a single number (docs/DESIGN.md §9.1).
 
 Two things, applied by :func:`apply_runtime` when a run starts (``build_pipeline``):
 
 - **The allocator.** glibc's ``malloc`` serves every block above ``M_MMAP_THRESHOLD`` (dynamic,
   at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``. A SASRec step at the headline
   shape allocates and frees dozens of 26-105 MB activations, so each one is faulted in again, page
-  by page (a quarter of the step was system time). :func:`tune_allocator` raises the mmap and trim
-  thresholds with ``mallopt`` (through ``ctypes``; glibc only, a no-op elsewhere), so freed blocks
-  stay in the heap and are reused. Memory is then returned to the system less eagerly; the peak RSS
-  is measured beside the speed in ``benchmarks/bench_step.py``. A user's own glibc tunables
+  by page (a quarter of the step was system time). :func:`tune_allocator` raises the mmap threshold
+  to 256 MB and the trim threshold to 2 GB with ``mallopt`` (through ``ctypes``; glibc only, a no-op
+  elsewhere), so freed blocks stay in the heap and are reused. Memory is then returned to the system less eagerly: the trainer
+  gives it back between training and evaluation (:func:`release_free_memory`), and the peak RSS is
+  measured beside the speed (``benchmarks/bench_epoch.py``). A user's own glibc tunables
   (``GLIBC_TUNABLES``, ``MALLOC_*_`` variables) or a preloaded allocator are left alone.
 - **Threads.** :func:`configure_threads`: ``torch_threads`` when set. Otherwise torch keeps what
   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` asked for, or what the program itself set with
@@ -32,8 +33,10 @@ import torch
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: blocks up to this size come from the heap and are reused (the largest value mallopt takes: an int)
-MMAP_THRESHOLD = 2**31 - 1
+#: blocks below this size come from the heap and are reused: every activation of the headline training
+#: step (the largest, 105 MB) and the dense item-table gradient; not evaluation's score chunks (up to
+#: eval_score_budget_mb, 1 GB), which the heap would keep resident through training (measured: +1 GB peak)
+MMAP_THRESHOLD = 256 * 2**20
 #: free memory at the top of the heap is given back to the system only beyond this
 TRIM_THRESHOLD = 2**31 - 1
 
@@ -91,6 +94,14 @@ def _setting(config: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return config[key] if key in config else default
 
 
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the system (``malloc_trim``), when :func:`tune_allocator` raised
+    the thresholds. The trainer calls it between training and evaluation: each phase reuses its own freed
+    blocks, but the blocks one phase freed would otherwise stay resident through the next one's peak."""
+    if _state["allocator"]:
+        _glibc().malloc_trim(0)
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), at least 1."""
     try:
@@ -135,5 +146,5 @@ def apply_runtime(config: Mapping[str, Any]) -> None:
                       f"inter-op threads={torch.get_num_interop_threads()}")
 
 
-__all__ = ["apply_runtime", "tune_allocator", "configure_threads", "intra_op_threads", "usable_cpus",
+__all__ = ["apply_runtime", "tune_allocator", "release_free_memory", "configure_threads", "intra_op_threads", "usable_cpus",
            "allocator_skip_reason"]

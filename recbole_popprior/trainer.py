@@ -19,7 +19,7 @@ import torch
 from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_popprior import checkpoint, collective
+from recbole_popprior import checkpoint, collective, runtime
 from recbole_popprior.evaluator.collector import PopPriorCollector
 from recbole_popprior.model.registry import recbole_model_name
 from recbole_popprior.optim import build_optimizer
@@ -65,6 +65,7 @@ class PopPriorTrainerMixin:
         hook = getattr(self.model, "on_epoch_start", None)
         if hook is not None:
             hook(epoch_idx)
+        runtime.release_free_memory()  # what the evaluation freed (DESIGN §9.1)
         return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
     # --- checkpoints (compat shim 3) -----------------------------------------------------
@@ -116,6 +117,7 @@ class PopPriorTrainerMixin:
         if load_best_model:
             self.load_model_file(model_file)
         self.eval_collector.stage = self.eval_stage
+        runtime.release_free_memory()  # what training freed (DESIGN §9.1)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     def _map_reduce(self, result, num_sample):

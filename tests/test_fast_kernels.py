@@ -1,5 +1,5 @@
 """The speed keys that change the numbers (recbole_popprior/model/fast_kernels.py, recbole_popprior/optim.py,
-docs/DESIGN.md §8.3), each against the exact path it replaces:
+docs/DESIGN.md §9.3), each against the exact path it replaces:
 
 * ``fast_dropout``: the keep mask is Bernoulli(1 - p) per element (binomial bounds, neighbours and
   bytes of one random word independent), the output and gradient are torch's dropout formula for
@@ -35,7 +35,8 @@ from test_model_zoo import Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtu
 
 from recbole_popprior import checkpoint
 from recbole_popprior.compare import arm_config, train_arm
-from recbole_popprior.config import Config
+from recbole_popprior.cli import parse_args
+from recbole_popprior.config import Config, properties_file
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.errors import PopPriorError
@@ -381,3 +382,14 @@ def test_last_position_has_no_effect_on_other_models(zoo_data, s3rec_pretrained,
     assert not last_position_encoders(model)
     assert type(model.trm_encoder).forward is model.trm_encoder.forward.__func__
     assert any("fast_last_position has no effect" in r.getMessage() for r in caplog.records)
+
+
+def test_the_preset_is_found_by_its_short_name_and_its_readme_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no properties/ folder here: the shipped preset is found
+    for name in ("fast", "fast.yaml", "properties/fast.yaml"):
+        options, _ = parse_args(["--model=SASRec", "--dataset=ml-100k", f"--config_files={name}"])
+        assert options["config_files"] == [str(properties_file("fast.yaml"))]
+    with pytest.raises(PopPriorError, match="config file not found"):
+        parse_args(["--model=SASRec", "--dataset=ml-100k", "--config_files=fastest"])
+    config = Config(model="SASRec", dataset="tianchi", config_file_list=["fast"], config_dict={"gpu_id": ""})
+    assert all(config[key] is True for key in PRESET) and config["softmax_negatives"] == "auto"

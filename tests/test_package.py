@@ -142,6 +142,7 @@ def test_an_installed_copy_carries_its_yaml_and_runs_from_anywhere(tmp_path):
     assert (installed / "properties" / "overall.yaml").is_file()
     assert (installed / "properties" / "model" / "KSR.yaml").is_file()
     assert (installed / "dataset_configs" / "tianchi.yaml").is_file()
+    assert (installed / "properties" / "fast.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = textwrap.dedent(f"""
@@ -150,12 +151,13 @@ def test_an_installed_copy_carries_its_yaml_and_runs_from_anywhere(tmp_path):
         assert recbole_popprior.__file__.startswith({str(target)!r}), recbole_popprior.__file__
         assert str(properties_file("overall.yaml")).startswith({str(target)!r})
         config = Config("SASRec", "synthetic", config_dict={{"data_path": "data"}})
-        print(config["prior_tau"], config["synthetic_items"], config["tune_max_failures"])
+        fast = Config("SASRec", "synthetic", config_file_list=["properties/fast.yaml"], config_dict={{"data_path": "data"}})
+        print(config["prior_tau"], config["synthetic_items"], config["tune_max_failures"], fast["fast_gelu"])
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(target)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-3:] == ["1.0", "50", "3"]
+    assert proc.stdout.split()[-4:] == ["1.0", "50", "3", "True"]  # the preset, by its README path, from elsewhere
 
 
 def test_the_wheel_lists_the_console_command(tmp_path):

@@ -1,5 +1,5 @@
 """Start-up settings that change no number (recbole_popprior/runtime.py, recbole_popprior/openmp.py,
-docs/DESIGN.md §8.1): glibc's thresholds make freed large blocks reusable (measured as page faults in a
+docs/DESIGN.md §9.1): glibc's thresholds make freed large blocks reusable (measured as page faults in a
 fresh process, against an untuned one), the thread rules, OpenMP's wait policy, and the pipeline
 applying them without changing RecBole's model."""
 

@@ -1,4 +1,4 @@
-"""Faster kernels swapped onto a built RecBole model, without forking RecBole (docs/DESIGN.md §8.3).
+"""Faster kernels swapped onto a built RecBole model, without forking RecBole (docs/DESIGN.md §9.3).
 
 Each is a config key, off by default because it changes the numbers (a little):
 
@@ -118,9 +118,7 @@ class FastDropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0
-        # the scale as torch's dropout computes it: 1 / (1 - p) in the input's precision
-        scale = float(torch.tensor(1.0, dtype=x.dtype) / torch.tensor(1.0 - self.p, dtype=x.dtype))
-        return _KeepScale.apply(x, keep_mask(x, self.p), scale)
+        return _KeepScale.apply(x, keep_mask(x, self.p), 1.0 / (1.0 - self.p))
 
 
 def swap_dropout(model: nn.Module) -> int:
