@@ -27,3 +27,4 @@ bench: setup
 	$(PY) benchmarks/bench_convert.py --rows=10000000
 	$(PY) benchmarks/bench_sampled_softmax.py
 	$(PY) benchmarks/bench_scale.py --rows 1000000 10000000
+	$(PY) benchmarks/bench_step.py --quick --eval

@@ -102,6 +102,15 @@ def test_fast_dropout_is_torch_dropout_for_its_own_mask():
     assert isinstance(layer, nn.Dropout) and layer.p == 0.3
 
 
+def test_fast_dropout_stays_on_its_device():
+    """Device-clean (no GPU here): every tensor it makes follows the input's device, checked on ``meta``."""
+    x = torch.empty(8, 50, 64, device="meta", requires_grad=True)
+    assert keep_mask(x, 0.2).device.type == "meta"
+    y = FastDropout(0.5)(x)
+    y.sum().backward()
+    assert y.device.type == "meta" and x.grad.device.type == "meta" and y.shape == x.shape
+
+
 def _sasrec(data_path, **keys):
     keys = {"hidden_dropout_prob": 0.3, "attn_dropout_prob": 0.3, **keys}
     settings = tiny_config(data_path, fast_loader=False, hidden_size=16, inner_size=32, n_layers=2, n_heads=2, **keys)
