@@ -21,9 +21,10 @@ metrics' collection for Recall/NDCG/MRR/Hit/Precision/MAP (``rec.topk``) and Ite
 
 Each part is timed in both paths, the two paths interleaved (ABBA), medians over ``--repeats``;
 the collector line is the real method call, its top-k / hits split beside it. Each part is shown
-beside a floor from this machine's measured rates: matmul GFLOP/s on the same K = 64 product with an
-output that stays in cache, and the memory bandwidth of a read pass, a write pass and a copy over
-a ``[rows, items]`` float32 matrix. ``peak`` is the exact count of tensor bytes one chunk holds at
+beside a floor from this machine's measured rates: matmul GFLOP/s of a compute-bound 2048^3 float32
+GEMM (the matmul's floor is the larger of its FLOPs at that rate and its output at the write
+bandwidth), and the memory bandwidth of a read pass, a write pass and a copy over a
+``[rows, items]`` float32 matrix (history masking: one cache line per masked entry). ``peak`` is the exact count of tensor bytes one chunk holds at
 once (:class:`recbole_popprior.memory.TensorPeak`), plus torch.topk's per-thread work vector
 (16 bytes per item, which no tensor shows). ``--sweep`` times the plugin's chunk per context over
 chunk sizes, and ``exact_topk`` over block sizes.
@@ -56,7 +57,8 @@ from recbole.evaluator.collector import Collector  # noqa: E402
 from recbole_popprior.compat import FixedCollector  # noqa: E402
 from recbole_popprior.evaluator import topk as topk_module  # noqa: E402
 from recbole_popprior.evaluator.collector import PopPriorCollector  # noqa: E402
-from recbole_popprior.evaluator.topk import exact_topk, topk_hits  # noqa: E402
+from recbole_popprior.evaluator.full_sort import mask_scores  # noqa: E402
+from recbole_popprior.evaluator.topk import candidate_topk, exact_topk, topk_hits  # noqa: E402
 from recbole_popprior.memory import TensorPeak  # noqa: E402
 from recbole_popprior.model.mixin import prior_term  # noqa: E402
 from recbole_popprior.prior import estimate_log_prior  # noqa: E402
@@ -78,17 +80,17 @@ def _median(fn: Callable[[], object], repeats: int) -> float:
 
 
 def machine_rates(rows: int, items: int, repeats: int) -> dict[str, float]:
-    """Matmul GFLOP/s (K = 64, output in cache) and read / write / copy GB/s over a chunk-sized matrix."""
-    H = torch.randn(rows, D)
-    W = torch.randn(D, 4096)
-    out = torch.empty(rows, 4096)
-    t = _median(lambda: torch.matmul(H, W, out=out), repeats * 5)
+    """Matmul GFLOP/s (a 2048^3 float32 GEMM: compute-bound) and read / write / copy GB/s over a
+    chunk-sized matrix."""
+    A = torch.randn(2048, 2048)
+    out = torch.empty(2048, 2048)
+    t = _median(lambda: torch.matmul(A, A, out=out), repeats + 2)
     big, other = torch.randn(rows, items), torch.empty(rows, items)
     nbytes = big.numel() * 4
     read = _median(lambda: big.sum(), repeats)
     write = _median(lambda: other.fill_(1.0), repeats)
     copy = _median(lambda: other.copy_(big), repeats)
-    return {"gflops": 2 * rows * 4096 * D / t / 1e9, "read_gbs": nbytes / read / 1e9,
+    return {"gflops": 2 * 2048**3 / t / 1e9, "read_gbs": nbytes / read / 1e9,
             "write_gbs": nbytes / write / 1e9, "copy_gbs": 2 * nbytes / copy / 1e9}
 
 
@@ -97,7 +99,7 @@ def floors(rows: int, items: int, rates: dict[str, float], history: int) -> dict
     nbytes = rows * items * 4
     return {"matmul": max(2 * rows * items * D / rates["gflops"] / 1e9, nbytes / rates["write_gbs"] / 1e9),
             "prior add": 2 * nbytes / rates["copy_gbs"] / 1e9,
-            "history mask": (rows + history) * 4 / rates["write_gbs"] / 1e9,
+            "history mask": (rows + history) * 64 / rates["write_gbs"] / 1e9,  # a cache line per entry
             "top-k": nbytes / rates["read_gbs"] / 1e9,
             "hits / metrics": 0.0}
 
@@ -129,7 +131,7 @@ class Chunk:
                   "energy_max_contexts": None, "energy_subspace": 0.95, "energy_seed": 0}
         self.recbole, self.plugin = FixedCollector(config), PopPriorCollector(config)
 
-    def mask(self, scores: torch.Tensor) -> None:
+    def mask(self, scores: torch.Tensor) -> None:  # RecBole's masks
         scores[:, 0] = -torch.inf
         scores[self.history] = -torch.inf
 
@@ -161,11 +163,36 @@ class Chunk:
         scores = self.buffer
         t["matmul"] = _timed(lambda: torch.matmul(self.H, self.E.T, out=scores))
         t["prior add"] = _timed(lambda: scores.add_(self.term))
-        t["history mask"] = _timed(lambda: self.mask(scores))
+        t["history mask"] = _timed(lambda: mask_scores(scores, self.history))
         t["top-k"] = _timed(lambda: out.setdefault("top", exact_topk(scores, K)))
         t["hits / metrics"] = _timed(lambda: out.setdefault(
             "hits", topk_hits(out["top"], self.positive_u, self.positive_i, self.items)))
         return t, out["hits"]
+
+    def low_parts(self, dtype: torch.dtype) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """``eval_score_dtype``'s chunk (FullSortScorer.score_topk's steps): the matmul, prior and
+        masks in ``dtype``, 4k + 32 candidates, their float32 re-scoring; and the coarse top-k."""
+        t, out = {}, {}
+        if not hasattr(self, "low"):
+            self.low = {}
+        if dtype not in self.low:
+            self.low[dtype] = (torch.empty(self.rows, self.items, dtype=dtype), self.E.to(dtype),
+                               self.term.to(dtype))
+        scores, E_low, term_low = self.low[dtype]
+        t["matmul"] = _timed(lambda: torch.matmul(self.H.to(dtype), E_low.T, out=scores))
+        t["prior add"] = _timed(lambda: scores.add_(term_low))
+        t["history mask"] = _timed(lambda: mask_scores(scores, self.history))
+
+        def rerank():
+            candidates = candidate_topk(scores, 4 * K + 32)
+            exact = torch.bmm(self.E[candidates], self.H.unsqueeze(-1)).squeeze(-1).add_(self.term[candidates])
+            exact.masked_fill_(scores.gather(1, candidates) == -torch.inf, -torch.inf)
+            out["top"] = candidates.gather(1, torch.topk(exact, K, dim=-1).indices)
+
+        t["top-k"] = _timed(rerank)
+        t["hits / metrics"] = _timed(lambda: topk_hits(out["top"], self.positive_u, self.positive_i, self.items))
+        coarse = candidate_topk(scores, K)
+        return t, out["top"], coarse
 
     def recbole_chunk(self) -> None:
         scores = self.H @ self.E.T + self.term
@@ -175,7 +202,7 @@ class Chunk:
 
     def plugin_chunk(self, buffer: torch.Tensor | None = None) -> None:
         scores = torch.matmul(self.H, self.E.T, out=self.buffer if buffer is None else buffer).add_(self.term)
-        self.mask(scores)
+        mask_scores(scores, self.history)
         self.plugin.eval_batch_collect(scores, None, self.positive_u, self.positive_i)
         self.plugin._parts.clear()
 
@@ -257,11 +284,13 @@ def headline_trainers(items: int, workdir: str, threads: int) -> tuple:
     model._term_cache.clear()
     torch.set_num_threads(threads)
     trainer_class = type(pipe.trainer)
-    plugin, previous = pipe.trainer, trainer_class(config, model)
-    previous_evaluation(previous)
-    for trainer in (plugin, previous):
+    trainers = {"previous": trainer_class(config, model), "plugin": pipe.trainer,
+                "plugin bfloat16": trainer_class(config, model)}
+    previous_evaluation(trainers["previous"])
+    trainers["plugin bfloat16"].eval_score_dtype = torch.bfloat16
+    for trainer in trainers.values():
         trainer.tot_item_num = items
-    return model, plugin, previous
+    return model, trainers
 
 
 def headline_batch(model, rows: int, items: int, seed: int = 0) -> tuple:
@@ -278,50 +307,61 @@ def headline_batch(model, rows: int, items: int, seed: int = 0) -> tuple:
     return interaction, None, torch.arange(rows), targets
 
 
+def _topk_of(trainer) -> torch.Tensor:
+    """The rec.topk rows the trainer's collector holds (and clear them)."""
+    collector = trainer.eval_collector
+    if "rec.topk" in collector.data_struct:  # RecBole's collector (the previous path)
+        rows = collector.data_struct["rec.topk"]
+    else:
+        rows = torch.cat(collector._parts["rec.topk"])
+    collector._parts.clear()
+    collector.data_struct._data_dict.clear()
+    return rows
+
+
 def run_batches(items: int, rows: int, repeats: int, threads: int) -> None:
-    """One evaluation batch through the trainer, forward included: the plugin's path against the
-    previous one, interleaved, medians; the collected rec.topk must agree."""
+    """One evaluation batch through the trainer, forward included: the previous path, the plugin's and
+    the plugin's with ``eval_score_dtype: bfloat16``, interleaved, medians; the collected rec.topk of
+    the previous and the plugin's paths must be equal."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
-        model, plugin, previous = headline_trainers(items, workdir, threads)
+        model, trainers = headline_trainers(items, workdir, threads)
         batch = headline_batch(model, rows, items)
-        times: dict[str, list[float]] = {"plugin": [], "previous": []}
-        forward = []
-        peaks = {}
+        names = list(trainers)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        forward, peaks, agreement = [], {}, None
         for i in range(repeats + 1):
-            for name in (("plugin", "previous") if i % 2 == 0 else ("previous", "plugin")):
-                trainer = plugin if name == "plugin" else previous
+            hits = {}
+            for name in names if i % 2 == 0 else names[::-1]:
+                trainer = trainers[name]
                 if i == 0:  # warm-up; the plugin measures its first chunks (once per evaluation)
-                    plugin._full_sort = None
+                    trainer._full_sort = None
                     with TensorPeak() as peak:
                         trainer._full_sort_batch_eval(batch)
                     peaks[name] = peak.peak
                 else:
                     times[name].append(_timed(lambda: trainer._full_sort_batch_eval(batch)))
-            ours, ref = plugin.eval_collector, previous.eval_collector
-            ref_topk = ref.data_struct["rec.topk"]
-            got_topk = torch.cat(ours._parts["rec.topk"])
-            if not torch.equal(ref_topk, got_topk):
+                hits[name] = _topk_of(trainer)
+            if not torch.equal(hits["plugin"], hits["previous"]):
                 raise SystemExit("the plugin's evaluation disagrees with the previous one on rec.topk")
-            ours._parts.clear()
-            ref.data_struct._data_dict.clear()
+            agreement = float((hits["plugin bfloat16"] == hits["plugin"]).all(dim=1).double().mean())
             forward.append(_timed(lambda: model.forward(batch[0][model.ITEM_SEQ], batch[0][model.ITEM_SEQ_LEN])))
-        tp, tr, tf = (statistics.median(times["plugin"]), statistics.median(times["previous"]),
-                      statistics.median(forward))
-        plan = plugin._full_sort[1]
+        med = {name: statistics.median(times[name]) for name in names}
+        plan = trainers["plugin"]._full_sort[1]
         print(f"\none evaluation batch through the trainer, forward included: {rows} contexts x {items:,} items, "
-              f"SASRec (hidden 64, 2 layers, length 50), medians of {repeats}, interleaved")
-        print(f"| path | s per batch | contexts/s | {USERS:,} contexts | peak (exact tensor count) |")
-        print("|---|---:|---:|---:|---:|")
-        for name, t in (("previous (RecBole's scoring + collector)", tr), ("plugin", tp)):
-            key = "plugin" if name == "plugin" else "previous"
-            print(f"| {name} | {t:,.1f} | {rows / t:,.0f} | {USERS / rows * t / 60:,.0f} min | "
-                  f"{peaks[key] / 2**20:,.0f} MB |")
-        print(f"speed-up: {tr / tp:.2f}x (the encoder forward alone: {tf:,.1f} s of each batch); "
-              f"the plugin's chunks: {plan.rows} contexts (budget {plugin.eval_score_budget / 2**20:.0f} MB, "
-              f"measured {plan.per_row / 2**20:.2f} MB per context + {plan.fixed / 2**20:.0f} MB), "
-              f"the previous path's: {int(previous.eval_score_budget // (4 * items))} contexts")
+              f"SASRec (hidden 64, 2 layers, length 50), Recall/NDCG/MRR/Hit/Precision/MAP/ItemCoverage@{K}; "
+              f"medians of {repeats}, interleaved")
+        print(f"| path | s per batch | contexts/s | {USERS:,} contexts | speed-up | peak (exact tensor count) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name in names:
+            print(f"| {name} | {med[name]:,.1f} | {rows / med[name]:,.0f} | {USERS / rows * med[name] / 60:,.0f} min | "
+                  f"{med['previous'] / med[name]:.2f}x | {peaks[name] / 2**20:,.0f} MB |")
+        print(f"the encoder forward alone: {statistics.median(forward):,.1f} s of each batch; the plugin's chunks: "
+              f"{plan.rows} contexts (budget {trainers['plugin'].eval_score_budget / 2**20:.0f} MB, measured "
+              f"{plan.per_row / 2**20:.2f} MB per context + {plan.fixed / 2**20:.0f} MB), the previous path's: "
+              f"{int(trainers['previous'].eval_score_budget // (4 * items))} contexts; bfloat16 hit rows equal to "
+              f"float32's: {100 * agreement:.2f}%")
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:
@@ -354,6 +394,51 @@ def run_table(chunk: Chunk, repeats: int, rates: dict[str, float]) -> dict[str, 
     med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
     return {"recbole": med(recbole_t), "plugin": med(plugin_t), "collect": med(collect),
             "floor": floors(chunk.rows, chunk.items, rates, len(chunk.history[0]))}
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(share of top-k items in common, share of (row, rank) entries equal)."""
+    common = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / a.numel()
+    return common, float((a == b).double().mean())
+
+
+def run_low(chunk: Chunk, repeats: int, dtypes: list[torch.dtype]) -> None:
+    """eval_score_dtype against the exact float32 path on the same chunk: time and top-10 agreement."""
+    exact = exact_topk(mask_scores(torch.matmul(chunk.H, chunk.E.T, out=chunk.buffer).add_(chunk.term),
+                                   chunk.history), K)
+    times: dict[str, list[float]] = {"float32": []}
+    parts: dict[str, dict[str, list[float]]] = {}
+    agreement = {}
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        times[name], parts[name] = [], {p: [] for p in PARTS}
+        _, top, coarse = chunk.low_parts(dtype)
+        agreement[name] = (_agreement(top, exact), _agreement(coarse, exact))
+    chunk.plugin_parts()
+    for i in range(repeats):
+        order = [None, *dtypes]
+        for dtype in order if i % 2 == 0 else order[::-1]:
+            if dtype is None:
+                times["float32"].append(sum(chunk.plugin_parts()[0].values()))
+                continue
+            name = str(dtype).replace("torch.", "")
+            t = chunk.low_parts(dtype)[0]
+            times[name].append(sum(t.values()))
+            for part, value in t.items():
+                parts[name][part].append(value)
+    base = statistics.median(times["float32"])
+    print(f"\neval_score_dtype on the same chunk ({chunk.rows} x {chunk.items:,}); medians in ms; agreement with "
+          f"the exact float32 top-{K}: items in common / (context, rank) entries equal")
+    print("| scoring dtype | matmul | prior add | mask | top-k (+ re-rank) | chunk | vs float32 | agreement "
+          "| without the re-rank |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| float32 (exact) | | | | | {base * 1e3:,.0f} | 1.00x | 100% | |")
+    for name, (with_rerank, coarse) in agreement.items():
+        p = {k: statistics.median(v) * 1e3 for k, v in parts[name].items()}
+        total = statistics.median(times[name])
+        print(f"| {name} | {p['matmul']:,.0f} | {p['prior add']:,.0f} | {p['history mask']:,.0f} | "
+              f"{p['top-k']:,.0f} | {total * 1e3:,.0f} | {base / total:.2f}x | {100 * with_rerank[0]:.2f}% / "
+              f"{100 * with_rerank[1]:.2f}% | {100 * coarse[0]:.2f}% / {100 * coarse[1]:.2f}% |")
 
 
 def print_table(result: dict, rows: int, items: int) -> None:
@@ -438,7 +523,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {args.threads} torch threads, load average {os.getloadavg()[0]:.1f}, "
           f"malloc {'tuned' if args.mallopt else 'default'}")
     rates = machine_rates(args.rows, args.items, repeats)
-    print(f"measured: matmul {rates['gflops']:.0f} GFLOP/s (K=64, output in cache); memory: read "
+    print(f"measured: matmul {rates['gflops']:.0f} GFLOP/s (2048^3 float32 GEMM); memory: read "
           f"{rates['read_gbs']:.1f} GB/s, write {rates['write_gbs']:.1f} GB/s, copy {rates['copy_gbs']:.1f} GB/s "
           f"(bytes moved) over {args.rows * args.items * 4 / 2**20:,.0f} MB")
     chunk = Chunk(args.rows, args.items)
@@ -454,6 +539,7 @@ def main() -> None:
               f"RecBole's path {(rb_peak + scratch) / 2**20:,.0f} MB = {(rb_peak + scratch) / 2**20 / scores_mb:.2f} "
               f"score matrices, plugin {(pl_peak + scratch) / 2**20:,.0f} MB = "
               f"{(pl_peak + scratch) / 2**20 / scores_mb:.2f} score matrices ({scores_mb:,.0f} MB each)")
+        run_low(chunk, repeats, [torch.bfloat16, torch.float16])
         del chunk
         if args.batch:
             run_batches(args.items, args.batch, max(1, repeats // 2) if not args.quick else 1, args.threads)

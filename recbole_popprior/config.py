@@ -432,6 +432,7 @@ def _validate_energy(config: dict[str, Any]) -> None:
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)
     _number(config, "energy_seed", integer=True)
     _number(config, "eval_score_budget_mb", low=0.0, strict=True)
+    _choice(config, "eval_score_dtype", ("float32", "bfloat16", "float16"))
 
 
 def _validate_tuning(config: dict[str, Any]) -> None:

@@ -38,7 +38,11 @@ class PopPriorTrainerMixin:
         self._full_sort: tuple[FullSortScorer, ChunkPlan] | None = None
         #: how the latest full-sort evaluation scored (``FullSortScorer.path``)
         self.last_full_sort_path: str | None = None
-        self._warned_unbounded = False
+        #: ``eval_score_dtype`` below float32 (DESIGN §3.2), else ``None`` (exact float32 scores)
+        self.eval_score_dtype = {"float32": None, "bfloat16": torch.bfloat16,
+                                 "float16": torch.float16}[config["eval_score_dtype"]]
+        self._warned: set[str] = set()
+        self._last_low_precision = False
         #: each rank's SHA-256 of the trained weights after ``fit`` under DDP (empty without it)
         self.trained_weight_digests: list[str] = []
 
@@ -119,6 +123,7 @@ class PopPriorTrainerMixin:
         finally:
             if self._full_sort is not None:
                 self.last_full_sort_path = self._full_sort[0].path
+                self._last_low_precision = self._full_sort[0].low_precision
             self._full_sort = None
 
     def _map_reduce(self, result, num_sample):
@@ -139,11 +144,9 @@ class PopPriorTrainerMixin:
         """
         scorer, plan = self._full_sort_state()
         interaction, _, positive_u, positive_i = batched_data
-        if plan.budget is None and len(interaction) * self.tot_item_num * 4 > self.eval_score_budget \
-                and not self._warned_unbounded:
-            self.logger.warning("eval_score_budget_mb is not applied: a metric needs rec.score, "
-                                "which keeps the whole [contexts, n_items] score matrix")
-            self._warned_unbounded = True
+        if plan.budget is None and len(interaction) * self.tot_item_num * 4 > self.eval_score_budget:
+            self._warn_once("eval_score_budget_mb is not applied: a metric needs rec.score, "
+                            "which keeps the whole [contexts, n_items] score matrix")
         scorer.choose_path(interaction.to(self.device))
         total, start = len(interaction), 0
         while start < total:
@@ -159,15 +162,21 @@ class PopPriorTrainerMixin:
         interaction = interaction.to(self.device)
         collector = self.eval_collector
         with reuse_forward(self.model) if collector.wants_contexts else contextlib.nullcontext():
+            top = None
             if scorer.path == "recbole":  # no full_sort_predict: RecBole's pointwise fallback
                 scores = super()._full_sort_batch_eval((interaction, history_index, positive_u, positive_i))[1]
+            elif scorer.low_precision:  # eval_score_dtype: the top-k comes re-scored from the scorer
+                top, scores = scorer.score_topk(interaction, history_index, max(collector.topk))
             else:
                 scores = scorer.score(interaction)
                 mask_scores(scores, history_index)
             # scoring and the energy metrics share one forward pass (the energy statistics come
             # from the collector's own float64 view of H and E, whatever the scores' dtype)
             collector.context_collect(self.model, interaction, scores, positive_u, positive_i)
-        collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+        if top is None:
+            collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+        else:
+            collector.topk_collect(top, positive_u, positive_i, self.tot_item_num, rows=len(interaction))
 
     def _full_sort_state(self) -> tuple[FullSortScorer, ChunkPlan]:
         """This evaluation's scorer and chunk plan (made on its first batch)."""
@@ -175,10 +184,20 @@ class PopPriorTrainerMixin:
         if state is None:
             # metrics that read rec.score keep every score of the evaluation: no chunking bounds them
             budget = None if self.eval_collector.register.need("rec.score") else self.eval_score_budget
-            state = (FullSortScorer(self.model, self.tot_item_num, self.logger),
-                     ChunkPlan(budget, self.tot_item_num, self.logger))
+            dtype = self.eval_score_dtype
+            if dtype is not None and self.eval_collector.needs_scores:
+                self._warn_once(f"eval_score_dtype={self.config['eval_score_dtype']} is not applied: a metric "
+                                "reads the scores beyond their top-k (GAUC, rec.score); scoring in float32")
+                dtype = None
+            scorer = FullSortScorer(self.model, self.tot_item_num, self.logger, score_dtype=dtype)
+            state = (scorer, ChunkPlan(budget, self.tot_item_num, self.logger, held=scorer.held_bytes))
             self._full_sort = state
         return state
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self.logger.warning(message)
 
 
 def full_sort_slice(batched_data: tuple, start: int, end: int) -> tuple:

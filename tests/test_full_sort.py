@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from recbole_popprior.compat import FixedCollector
 from recbole_popprior.evaluator import topk as topk_module
 from recbole_popprior.evaluator.collector import PopPriorCollector
-from recbole_popprior.evaluator.full_sort import ChunkPlan
+from recbole_popprior.evaluator.full_sort import ChunkPlan, mask_scores
 from recbole_popprior.evaluator.topk import exact_topk, topk_hits
 from recbole_popprior.memory import TensorPeak
 from recbole_popprior.quick_start import build_config, build_pipeline
@@ -114,6 +114,18 @@ def test_topk_hits_is_recboles_pos_matrix():
     assert ours.dtype == ref.dtype and torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_mask_scores_sets_recboles_entries(contiguous):
+    """RecBole's masks (trainer.py: scores[:, 0] = -inf; scores[history_index] = -inf), repeats included."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(7, 50, generator=g) if contiguous else torch.randn(50, 7, generator=g).T
+    history = (torch.tensor([0, 0, 3, 3, 3, 6]), torch.tensor([4, 4, 0, 49, 10, 2]))
+    ref = scores.clone()
+    ref[:, 0] = -torch.inf
+    ref[history] = -torch.inf
+    assert torch.equal(mask_scores(scores, history), ref) and torch.equal(mask_scores(ref.clone(), None), ref)
+
+
 # --- the collector against RecBole's -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def wide_data(tmp_path_factory):
@@ -182,7 +194,7 @@ def _evaluate(trainer, pipe):
     evaluate = trainer.evaluator.evaluate
 
     def keep(struct):
-        structs.update({key: struct[key] for key in ("rec.items", "rec.topk", "rec.meanrank")})
+        structs.update({key: struct[key] for key in ("rec.items", "rec.topk", "rec.meanrank") if key in struct})
         return evaluate(struct)
 
     trainer.evaluator.evaluate = keep
@@ -327,3 +339,44 @@ def test_tensor_peak_counts_what_the_allocator_holds(wide_data, tmp_path):
             top = max(top, live)
     assert peak.peak == pytest.approx(top, rel=0.02)
     assert peak.peak > 16 * N_WIDE * 4  # the scores, and the forward pass
+
+
+# --- low-precision scoring (eval_score_dtype, DESIGN §3.2) -------------------------------------------
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_scoring_stays_within_tolerance(wide_data, tmp_path, dtype):
+    """Against the exact float32 path on the same model: the top-10 lists agree on at least 99% of
+    their (context, rank) entries and every top-k metric within 0.01; the energy statistics come
+    from H and E in float64, so they are the same numbers whatever the scoring dtype."""
+    metrics = ["Recall", "MRR", "NDCG", "Hit", "Precision", "MAP", "ItemCoverage", "PopEnergy"]
+    runs = {}
+    for name, score_dtype in (("exact", "float32"), ("low", dtype)):
+        config = _config(wide_data, tmp_path / name, eval_score_budget_mb=0.05, metrics=metrics,
+                         eval_score_dtype=score_dtype, energy_permutations=0)
+        runs[name] = build_pipeline(config, log=False)
+    with torch.no_grad():  # learned scores spread over several units: they, not the prior, rank
+        runs["exact"].model.item_embedding.weight.mul_(40)
+    runs["low"].model.load_state_dict(runs["exact"].model.state_dict())
+    results = {}
+    for name, pipe in runs.items():
+        pipe.model.eval()
+        results[name] = _evaluate(pipe.trainer, pipe)
+    (exact, exact_structs), (low, low_structs) = results["exact"], results["low"]
+    assert runs["low"].trainer._last_low_precision and not runs["exact"].trainer._last_low_precision
+    agree = (low_structs["rec.items"] == exact_structs["rec.items"]).double().mean()
+    assert agree >= 0.99
+    for key, value in exact.items():
+        if key.startswith("pop_"):
+            assert low[key] == value, key
+        else:
+            assert low[key] == pytest.approx(value, abs=0.01), key
+
+
+def test_low_precision_is_refused_for_metrics_reading_the_scores(wide_data, tmp_path, caplog):
+    config = _config(wide_data, tmp_path, eval_score_dtype="bfloat16", metrics=["MRR", "GAUC"])
+    pipe = build_pipeline(config, log=False)
+    reference = _recbole_evaluation(pipe, config)[0]
+    with caplog.at_level("WARNING"):
+        ours = _evaluate(pipe.trainer, pipe)[0]
+    assert ours == reference and not pipe.trainer._last_low_precision
+    assert any("eval_score_dtype=bfloat16 is not applied" in r.getMessage() for r in caplog.records)

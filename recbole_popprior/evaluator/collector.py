@@ -197,23 +197,35 @@ class PopPriorCollector(FixedCollector):
         if scores_tensor is None:
             return
         need = self.register.need
-        if need("rec.items") or need("rec.topk"):
-            top = exact_topk(scores_tensor, max(self.topk))
-            if need("rec.items"):
-                self._parts.setdefault("rec.items", []).append(top)
-            if need("rec.topk"):
-                hits = topk_hits(top, positive_u, positive_i, scores_tensor.shape[1])
-                self._parts.setdefault("rec.topk", []).append(hits)
-        if any(need(key) for key in _RECBOLE_KEYS):
+        top = exact_topk(scores_tensor, max(self.topk)) if need("rec.items") or need("rec.topk") else None
+        self.topk_collect(top, positive_u, positive_i, scores_tensor.shape[1], rows=scores_tensor.shape[0])
+        if self.needs_scores:
             register, self.register = self.register, _Only(self.register, _RECBOLE_KEYS)
             try:  # RecBole's method reads self.register.need; the two keys above are done already
                 super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
             finally:
                 self.register = register
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether a metric reads more of the scores than their top-k (``rec.meanrank``,
+        ``rec.score``, ``data.label``: RecBole's own collection)."""
+        return any(self.register.need(key) for key in _RECBOLE_KEYS)
+
+    def topk_collect(self, top: torch.Tensor | None, positive_u: torch.Tensor, positive_i: torch.Tensor,
+                     n_items: int, rows: int | None = None) -> None:
+        """``rec.items`` and ``rec.topk`` of a chunk from its top-k indices ``[rows, max(topk)]``
+        (what :meth:`eval_batch_collect` computes from the scores; the trainer's low-precision
+        scoring computes it itself, DESIGN §3.2)."""
+        need = self.register.need
+        if top is not None and need("rec.items"):
+            self._parts.setdefault("rec.items", []).append(top)
+        if top is not None and need("rec.topk"):
+            self._parts.setdefault("rec.topk", []).append(topk_hits(top, positive_u, positive_i, n_items))
         if self._need_targets:
             self._target_rows.append(positive_u.detach().cpu().long() + self._rows_seen)
             self._target_items.append(positive_i.detach().cpu().long())
-            self._rows_seen += int(scores_tensor.shape[0])
+            self._rows_seen += int(rows if rows is not None else top.shape[0])
 
     @property
     def wants_contexts(self) -> bool:

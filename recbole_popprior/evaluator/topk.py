@@ -54,6 +54,27 @@ def exact_topk(scores: torch.Tensor, k: int, block: int | None = None) -> torch.
     return top
 
 
+def candidate_topk(scores: torch.Tensor, m: int, block: int | None = None) -> torch.Tensor:
+    """``[rows, m]`` column indices of the ``m`` best scores of each row, ties broken anyway: the
+    first stage of the low-precision scoring, whose candidates are re-scored in float32."""
+    block = block or BLOCK
+    rows, n = scores.shape
+    full = n // block
+    if scores.device.type != "cpu" or scores.stride(1) != 1 or full < 4 * m or rows == 0:
+        return torch.topk(scores, min(m, n), dim=-1).indices
+    body = scores[:, : full * block].view(rows, full, block)
+    best_blocks = torch.topk(body.amax(dim=-1), m, dim=-1).indices
+    row_ids = torch.arange(rows, device=scores.device).unsqueeze(1)
+    candidates = body[row_ids, best_blocks].reshape(rows, m * block)
+    tail = scores[:, full * block:]
+    if tail.shape[1]:
+        candidates = torch.cat([candidates, tail], dim=1)
+    where = torch.topk(candidates, m, dim=-1).indices
+    in_body = where < m * block
+    block_of = best_blocks.gather(1, torch.where(in_body, where // block, 0))
+    return torch.where(in_body, block_of * block + where % block, full * block + where - m * block)
+
+
 def topk_hits(top: torch.Tensor, positive_u: torch.Tensor, positive_i: torch.Tensor,
               n_items: int) -> torch.Tensor:
     """RecBole's ``rec.topk`` rows for one score matrix: ``[rows, k + 1]`` int64.
@@ -73,4 +94,4 @@ def topk_hits(top: torch.Tensor, positive_u: torch.Tensor, positive_i: torch.Ten
     return torch.cat((hits.to(torch.int64), pos_len.unsqueeze(1)), dim=1)
 
 
-__all__ = ["BLOCK", "exact_topk", "topk_hits"]
+__all__ = ["BLOCK", "candidate_topk", "exact_topk", "topk_hits"]
