@@ -96,7 +96,7 @@ class ChunkPlan:
         return self.fixed + self.scratch + rows * self.per_row
 
 
-def model_factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def scoring_factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The model's ``(H, E)`` (the plugin's ``popprior_factors``, else the factor table), or ``None``."""
     method = getattr(model, "popprior_factors", None)
     try:
@@ -133,7 +133,7 @@ class FullSortScorer:
             self.path = "recbole"
             return self.path
         reference = reference.reshape(len(probe), -1)
-        pair = model_factors(self.model, probe)
+        pair = scoring_factors(self.model, probe)
         same = False
         if pair is not None and reference.shape[1] == self.n_items:
             self._dtype, self._device = pair[0].dtype, pair[0].device
@@ -150,7 +150,7 @@ class FullSortScorer:
         if self.choose_path(interaction) == "factors":
             # the buffer first: it is held while the forward runs, in every chunk after the first
             out = self._rows(len(interaction))
-            pair = model_factors(self.model, interaction)
+            pair = scoring_factors(self.model, interaction)
             if pair is not None and pair[0].shape[0] == out.shape[0] and pair[0].dtype == out.dtype:
                 return self._factor_scores(*pair, out=out)
         return self.model.full_sort_predict(interaction).reshape(len(interaction), self.n_items)
@@ -165,7 +165,7 @@ class FullSortScorer:
         low-precision scores)``. The matmul, the prior and the masks run in ``score_dtype`` over the
         catalogue; its best ``4 k + 32`` items per row are re-scored in the factors' own dtype
         (``h . e_i + beta log p_hat(i)``, masked items kept at ``-inf``) and ranked exactly."""
-        pair = model_factors(self.model, interaction)
+        pair = scoring_factors(self.model, interaction)
         H, E = pair
         low = self._rows(len(interaction))
         torch.matmul(H.to(self.score_dtype), self._low_table(E).T, out=low)
@@ -232,4 +232,4 @@ def mask_scores(scores: torch.Tensor, history_index: Any) -> torch.Tensor:
     return scores
 
 
-__all__ = ["ChunkPlan", "FullSortScorer", "PROBE_ROWS", "mask_scores", "model_factors"]
+__all__ = ["ChunkPlan", "FullSortScorer", "PROBE_ROWS", "mask_scores", "scoring_factors"]
