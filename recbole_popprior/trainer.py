@@ -39,7 +39,7 @@ class PopPriorTrainerMixin:
         self._full_sort: tuple[FullSortScorer, ChunkPlan] | None = None
         #: how the latest full-sort evaluation scored (``FullSortScorer.path``)
         self.last_full_sort_path: str | None = None
-        #: ``eval_score_dtype`` below float32 (DESIGN §3.2), else ``None`` (exact float32 scores)
+        #: ``eval_score_dtype`` below float32 (DESIGN §3.3), else ``None`` (exact float32 scores)
         self.eval_score_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                                  "float16": torch.float16}[config["eval_score_dtype"]]
         self._warned: set[str] = set()

@@ -1,4 +1,4 @@
-"""Full-sort evaluation's fast path (docs/DESIGN.md §3, §3.2) against RecBole's own path.
+"""Full-sort evaluation's fast path (docs/DESIGN.md §3, §3.3) against RecBole's own path.
 
 - ``exact_topk`` is ``torch.topk``, indices and tie order included, on adversarial scores (ties,
   ``-inf`` rows, NaN, signed zeros), and numpy's stable argsort where the top-k is unique;
@@ -341,7 +341,7 @@ def test_tensor_peak_counts_what_the_allocator_holds(wide_data, tmp_path):
     assert peak.peak > 16 * N_WIDE * 4  # the scores, and the forward pass
 
 
-# --- low-precision scoring (eval_score_dtype, DESIGN §3.2) -------------------------------------------
+# --- low-precision scoring (eval_score_dtype, DESIGN §3.3) -------------------------------------------
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_scoring_stays_within_tolerance(wide_data, tmp_path, dtype):

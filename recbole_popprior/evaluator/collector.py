@@ -190,7 +190,7 @@ class PopPriorCollector(FixedCollector):
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i) -> None:
         """RecBole's per-batch collection, with ``rec.items`` and ``rec.topk`` computed without a
-        ``[rows, n_items]`` temporary (:mod:`~recbole_popprior.evaluator.topk`, DESIGN §3.2): one
+        ``[rows, n_items]`` temporary (:mod:`~recbole_popprior.evaluator.topk`, DESIGN §3.3): one
         exact top-k for both, the hits read at the top-k indices. ``rec.meanrank``, ``rec.score``
         and ``data.label`` are RecBole's own code. ``scores_tensor=None`` means the trainer
         already collected this batch chunk by chunk, so nothing is added."""
@@ -216,7 +216,7 @@ class PopPriorCollector(FixedCollector):
                      n_items: int, rows: int | None = None) -> None:
         """``rec.items`` and ``rec.topk`` of a chunk from its top-k indices ``[rows, max(topk)]``
         (what :meth:`eval_batch_collect` computes from the scores; the trainer's low-precision
-        scoring computes it itself, DESIGN §3.2)."""
+        scoring computes it itself, DESIGN §3.3)."""
         need = self.register.need
         if top is not None and need("rec.items"):
             self._parts.setdefault("rec.items", []).append(top)

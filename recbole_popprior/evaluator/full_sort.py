@@ -1,5 +1,5 @@
 """Full-sort evaluation chunks: RecBole's scores in one reusable buffer, and chunks sized by a
-measured peak (docs/DESIGN.md §3, bounded memory and §3.2, speed).
+measured peak (docs/DESIGN.md §3, bounded memory and §3.3, speed).
 
 :class:`FullSortScorer` gives each chunk's ``[rows, n_items]`` scores. On its first call it
 compares, on two contexts, the model's own ``full_sort_predict`` with ``H @ E.T`` (plus the
@@ -161,7 +161,7 @@ class FullSortScorer:
         return self.path == "factors" and self.score_dtype not in (None, self._dtype)
 
     def score_topk(self, interaction: Any, history_index: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-precision scoring (``eval_score_dtype``, DESIGN §3.2): ``(top [rows, k], masked
+        """Low-precision scoring (``eval_score_dtype``, DESIGN §3.3): ``(top [rows, k], masked
         low-precision scores)``. The matmul, the prior and the masks run in ``score_dtype`` over the
         catalogue; its best ``4 k + 32`` items per row are re-scored in the factors' own dtype
         (``h . e_i + beta log p_hat(i)``, masked items kept at ``-inf``) and ranked exactly."""

@@ -1,4 +1,4 @@
-"""Full-sort top-k and RecBole's hit rows without a ``[rows, n_items]`` temporary (docs/DESIGN.md §3.2).
+"""Full-sort top-k and RecBole's hit rows without a ``[rows, n_items]`` temporary (docs/DESIGN.md §3.3).
 
 RecBole's collector runs ``torch.topk`` over every score row (twice when both ``rec.items`` and
 ``rec.topk`` are needed) and builds an int ``pos_matrix`` of ``[rows, n_items]`` to read the
@@ -9,7 +9,7 @@ hits and count the positives. Here:
   best blocks, and ``torch.topk`` over their columns. When the ``k + 1`` best values of a row are
   strictly decreasing the top-k of the row is unique, so any exact method returns it; a row with
   a tie (or a NaN) among them is handed to ``torch.topk`` itself, which then decides the ties as
-  RecBole's call does. The proof is in DESIGN §3.2.
+  RecBole's call does. The proof is in DESIGN §3.3.
 - :func:`topk_hits` builds RecBole's ``rec.topk`` rows (hit flags at the top-k positions, then the
   number of distinct positives of the row) from the top-k indices and the positive pairs.
 """
