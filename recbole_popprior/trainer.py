@@ -5,8 +5,9 @@ full-sort evaluation in bounded memory.
 ``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it. Under DDP the
 mixin also holds every rank after ``fit`` and keeps the energy metrics out of RecBole's
 per-rank averaging (:mod:`recbole_popprior.collective`). Full-sort evaluation scores each
-batch in row chunks of at most ``eval_score_budget_mb`` of float32 scores (docs/DESIGN.md §3,
-bounded memory), for the plugin's models and RecBole's own alike.
+batch in row chunks whose measured peak stays under ``eval_score_budget_mb`` (docs/DESIGN.md §3,
+bounded memory), into one reused score buffer and with RecBole's results computed without
+``[rows, n_items]`` temporaries (DESIGN §3.3), for the plugin's models and RecBole's own alike.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class PopPriorTrainerMixin:
         if plan.budget is None and len(interaction) * self.tot_item_num * 4 > self.eval_score_budget:
             self._warn_once("eval_score_budget_mb is not applied: a metric needs rec.score, "
                             "which keeps the whole [contexts, n_items] score matrix")
-        scorer.choose_path(interaction.to(self.device))
+        if scorer.path is None:
+            scorer.choose_path(interaction.to(self.device))
         total, start = len(interaction), 0
         while start < total:
             rows = plan.next_rows(total - start)
