@@ -509,14 +509,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=4096, help="contexts of the trainer batch (0: skip it)")
     parser.add_argument("--quick", action="store_true",
-                        help="2 repeats, 128-context chunk, 512-context batch (under 2 minutes on an idle machine)")
+                        help="2 repeats, 128-context chunk, 256-context batch (under 2 minutes on an idle machine)")
     parser.add_argument("--mallopt", action="store_true", help="tune glibc malloc first (no mmap, no trim)")
     parser.add_argument("--sweep", action="store_true", help="also sweep chunk and block sizes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
     if args.quick:
-        args.rows, args.batch = min(args.rows, 128), min(args.batch, 512)
+        args.rows, args.batch = min(args.rows, 128), min(args.batch, 256)
     if args.mallopt:
         apply_mallopt()
     torch.set_num_threads(args.threads)

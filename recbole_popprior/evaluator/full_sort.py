@@ -165,9 +165,8 @@ class FullSortScorer:
         low-precision scores)``. The matmul, the prior and the masks run in ``score_dtype`` over the
         catalogue; its best ``4 k + 32`` items per row are re-scored in the factors' own dtype
         (``h . e_i + beta log p_hat(i)``, masked items kept at ``-inf``) and ranked exactly."""
-        pair = scoring_factors(self.model, interaction)
-        H, E = pair
-        low = self._rows(len(interaction))
+        low = self._rows(len(interaction))  # before the forward, as in score()
+        H, E = scoring_factors(self.model, interaction)
         torch.matmul(H.to(self.score_dtype), self._low_table(E).T, out=low)
         term_of = getattr(self.model, "serving_prior_term", None)
         term_low = term_of(self.n_items, low) if term_of is not None else None
