@@ -7,8 +7,9 @@ model's serving prior term) from the model's factors: when the two are bit for b
 scores every chunk that way, with the matmul writing into one buffer kept for the evaluation and
 the prior added in place (``torch.matmul(H, E.T, out=buffer).add_(term)`` are the same kernels as
 ``H @ E.T + term``, so the floats are the same). Otherwise it calls ``full_sort_predict``.
-Why not always the model's call: a fresh 1 GB output per chunk costs page faults that take
-longer than the matmul itself on a CPU (benchmarks/bench_eval_step.py).
+Why not always the model's call: glibc maps a fresh 1 GB output per chunk and faults it in page
+by page, which made the same matmul 1.7x slower than into a kept buffer on this project's CPU
+(benchmarks/bench_eval_step.py, "matmul").
 
 :class:`ChunkPlan` sizes the chunks so that the peak of one chunk, everything counted, stays
 under ``eval_score_budget_mb``: the first chunks of an evaluation (1, 2 and 4 contexts) are
@@ -79,7 +80,6 @@ class ChunkPlan:
 
     def _fit(self) -> None:
         (r1, p1), (r2, p2) = self.samples[-2:]
-        # the rows' own memory is at least their scores; the fit only adds what was measured
         self.per_row = max((p2 - p1) / (r2 - r1), 0.0)
         self.fixed = max(p1 - r1 * self.per_row, p2 - r2 * self.per_row, 0.0) + self.held()
         room = self.budget - self.fixed - self.scratch
@@ -90,10 +90,6 @@ class ChunkPlan:
                 f"({(self.fixed + self.scratch + self.per_row) / 2**20:,.3g} MB measured): "
                 "scoring one context at a time")
         self.rows = max(rows, 1)
-
-    def peak_bound(self, rows: int) -> float:
-        """The planned peak bytes of a chunk of ``rows`` contexts (after the fit)."""
-        return self.fixed + self.scratch + rows * self.per_row
 
 
 def scoring_factors(model: torch.nn.Module, interaction: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -139,7 +135,10 @@ class FullSortScorer:
             self._dtype, self._device = pair[0].dtype, pair[0].device
             out = torch.empty(pair[0].shape[0], self.n_items, dtype=self._dtype, device=self._device)
             ours = self._factor_scores(*pair, out=out)
-            same = ours.shape == reference.shape and ours.dtype == reference.dtype and torch.equal(ours, reference)
+            try:
+                same = ours.shape == reference.shape and ours.dtype == reference.dtype and torch.equal(ours, reference)
+            except NotImplementedError:  # a device without comparisons (``meta``): the model's own call
+                same = False
         self.path = "factors" if same else "model"
         self.logger.debug(f"full-sort scoring of {type(self.model).__name__}: "
                           f"{'H E^T into one buffer' if same else 'its own full_sort_predict'}")
