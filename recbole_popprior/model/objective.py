@@ -18,6 +18,16 @@ import torch
 from torch import nn
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is a half type (an autocast matmul's bf16/fp16 output), else as it is.
+
+    Where a loss adds the prior or the logQ term to logits, it adds them to this: ``log p_hat``
+    near -17 keeps 3 significant digits in bf16 (-17.322 becomes -17.375), so the sum must be
+    formed in float32 whatever the autocast dtype (docs/DESIGN.md §8.2). float64 stays float64.
+    """
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @dataclass
 class TrainingBatch:
     """What an objective sees of one training batch.

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
 from recbole_popprior.remedies import (AdapTauStats, adap_tau_active_users, adap_tau_batch_stats,
@@ -85,8 +86,9 @@ class AdapTauObjective(TrainingObjective):
     State: the global temperature ``t0`` (a persistent buffer: serving divides by it, so it
     travels with the checkpoint) and the per-user ``t_user``. During an epoch the objective sums
     :func:`adap_tau_batch_stats` over the training steps (active users only) and each user's
-    plain loss; :meth:`on_epoch_start` turns the last epoch's sums into the new temperatures:
-    ``t0`` from the summed cosines and the item table of the epoch's last step (the warm-up gap
+    plain loss, all on the device (a step never waits for it, DESIGN §8.1); :meth:`on_epoch_start`
+    sums them over the DDP ranks (DESIGN §8.3) and turns them into the new temperatures: ``t0``
+    from the summed cosines and the item table as the epoch's last step left it (the warm-up gap
     while ``epoch < warmup_epochs``), ``t_u`` by Lambert's W from the users' mean plain losses.
     """
 
@@ -110,29 +112,55 @@ class AdapTauObjective(TrainingObjective):
         t0 = adap_tau_t0(self.warmup_gap, 1, 1, self.n_items)
         self.register_buffer("t0", torch.tensor(t0, dtype=torch.float64))
         self.register_buffer("t_user", torch.full((n_users,), t0, dtype=torch.float64), persistent=False)
+        # the epoch's sums (buffers, so they live on the model's device)
+        self.register_buffer("epoch_loss_sum", torch.zeros(n_users, dtype=torch.float64), persistent=False)
+        self.register_buffer("epoch_loss_count", torch.zeros(n_users, dtype=torch.float64), persistent=False)
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
         self.epoch_stats: AdapTauStats | None = None
-        self.epoch_loss_sum = torch.zeros(self.n_users, dtype=torch.float64)
-        self.epoch_loss_count = torch.zeros(self.n_users, dtype=torch.float64)
+        self.epoch_loss_sum.zero_()
+        self.epoch_loss_count.zero_()
+        #: the item table of the epoch's last step, by reference (no copy per step): where the table
+        #: is the embedding weight itself, it holds the values after that step's update
         self.epoch_last_E: torch.Tensor | None = None
 
     def on_epoch_start(self, model, epoch: int) -> None:
+        self._sum_over_ranks()
         if epoch < self.warmup_epochs:
             self.t0.fill_(adap_tau_t0(self.warmup_gap, 1, 1, self.n_items))
         elif self.epoch_last_E is not None:
-            stats = self.epoch_stats if self.epoch_stats is not None else AdapTauStats.empty(self.epoch_last_E.shape[1])
-            self.t0.fill_(adap_tau_global_temperature(stats, self.epoch_last_E, warmup_gap=self.warmup_gap))
+            E = self.epoch_last_E
+            stats = self.epoch_stats if self.epoch_stats is not None else AdapTauStats.empty(E.shape[1], E.device)
+            self.t0.fill_(adap_tau_global_temperature(stats, E, warmup_gap=self.warmup_gap))
         # else (no step since the last epoch start: a resumed run) the checkpoint's t0 stays
         user_loss = self.epoch_loss_sum / self.epoch_loss_count  # NaN for users without a row
         self.t_user.copy_(adap_tau_temperatures(user_loss, float(self.t0), self.rho, self.base).to(self.t_user))
         self._reset_epoch()
 
+    def _sum_over_ranks(self) -> None:
+        """Under DDP: every rank's epoch sums become their sum over the ranks (DESIGN §8.3), so
+        that each rank computes the temperatures of the whole epoch, the same on every rank.
+        A no-op in one process."""
+        if not collective.is_distributed():
+            return
+        has = collective.all_reduce_tensor(torch.tensor([float(self.epoch_stats is not None)]))
+        if float(has) not in (0.0, float(collective.world_size())):
+            raise RuntimeError("Adap-tau: some DDP ranks ran training steps this epoch and others did not")
+        parts = [self.epoch_loss_sum, self.epoch_loss_count]
+        if self.epoch_stats is not None:
+            parts.append(self.epoch_stats.packed())
+        summed = collective.all_reduce_tensor(torch.cat(parts))
+        n = self.n_users
+        self.epoch_loss_sum.copy_(summed[:n])
+        self.epoch_loss_count.copy_(summed[n:2 * n])
+        if self.epoch_stats is not None:
+            self.epoch_stats = AdapTauStats.unpacked(summed[2 * n:])
+
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
         H, E, targets, users = batch.H, batch.E, batch.targets, batch.users
         t_ctx = self.t_user[users]
-        rows, plain = adap_tau_loss(H, E, targets, float(self.t0), t_ctx)
+        rows, plain = adap_tau_loss(H, E, targets, self.t0, t_ctx)
         if model.training:
             self._collect(H, E, targets, users, plain)
         return rows.mean()
@@ -142,10 +170,10 @@ class AdapTauObjective(TrainingObjective):
         keep = self.active[users]
         step = adap_tau_batch_stats(H, E, targets, keep)
         self.epoch_stats = step if self.epoch_stats is None else self.epoch_stats + step
-        users = users.cpu()
-        self.epoch_loss_sum.index_add_(0, users, plain.detach().double().cpu())
-        self.epoch_loss_count.index_add_(0, users, torch.ones(len(users), dtype=torch.float64))
-        self.epoch_last_E = E.detach().clone()
+        plain = plain.detach().double()
+        self.epoch_loss_sum.index_add_(0, users, plain)
+        self.epoch_loss_count.index_add_(0, users, torch.ones_like(plain))
+        self.epoch_last_E = E.detach()
 
     def serving_factors(self, H: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h^ / t0, e^)``: cosines on the scale of the training logits (DESIGN §7.2)."""
