@@ -17,7 +17,9 @@ Nothing else in the plugin patches RecBole.
 4. pandas 3 copy-on-write turns RecBole's ``fillna(..., inplace=True)`` into a no-op:
    handled by pinning ``pandas<3`` in setup.cfg and checked by :func:`check_pandas`.
 5. ``Config._init_device`` hard-codes the NCCL backend and asserts one GPU per
-   process, so distributed runs cannot use gloo on CPU.  -> :func:`init_distributed`.
+   process, so distributed runs cannot use gloo on CPU; and the trainer's
+   ``DistributedDataParallel`` broadcasts every buffer from rank 0 on every step.
+   -> :func:`init_distributed`, :func:`_ddp_any_device`.
 6. RecBole's ``sine.py`` turns on torch anomaly detection for the whole process at
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
@@ -175,13 +177,22 @@ def _int_setting(config_dict: dict[str, Any], key: str, default: int) -> int:
 
 def _ddp_any_device(module: torch.nn.Module, device_ids: list[int] | None = None,
                     **kwargs: Any) -> torch.nn.parallel.DistributedDataParallel:
-    """``DistributedDataParallel`` that passes ``device_ids`` only for a CUDA module.
+    """``DistributedDataParallel`` that passes ``device_ids`` only for a CUDA module, and that
+    does not broadcast the buffers (docs/DESIGN.md §8.3).
 
-    torch raises for ``device_ids`` with a CPU module, which RecBole always passes.
+    torch raises for ``device_ids`` with a CPU module, which RecBole always passes. RecBole keeps
+    torch's default ``broadcast_buffers=True``, and its ``set_reduce_hook`` runs the DDP forward
+    once per step: every buffer was re-sent from rank 0 on every step (the log priors, the
+    sampled-softmax tables, Adap-tau's per-user temperatures: about 83 MB per step at 4M items),
+    and each rank's own Adap-tau state was overwritten with rank 0's. No buffer needs it: the
+    priors are checked identical on every rank at start (``distributed.check_prior_across_ranks``),
+    the sampler tables derive from them, and Adap-tau sums its statistics over the ranks itself,
+    once an epoch. Parameters stay in step through DDP's gradient all-reduce, as before.
     """
     param = next(module.parameters(), None)
     if param is None or param.device.type != "cuda":
         device_ids = None
+    kwargs.setdefault("broadcast_buffers", False)
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
 

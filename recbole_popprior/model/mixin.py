@@ -37,7 +37,7 @@ from torch import nn
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32
 from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
 from recbole_popprior.model.remedy_objectives import remedy_objective
 from recbole_popprior.model.sampled_softmax import SampledSoftmax, sampler_distribution
@@ -309,6 +309,7 @@ class PriorSeparatedMixin:
         tau = self.prior_tau
         if not self.prior_tau_learned and tau == 0.0:
             return logits
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §8.2)
         if self.prior_windowed and self._train_window_ids is not None:
             rows = logits.numel() // width
             if self.prior_tau_learned:
@@ -338,6 +339,7 @@ class PriorSeparatedMixin:
         if beta == 0.0:
             return scores
         log_prior = self.serving_log_prior()
+        scores = at_least_float32(scores)
         if items is not None:
             term = prior_term(log_prior, beta)[items]
             return scores * torch.exp(term) if self.prior_scores_are_probabilities else scores + term
@@ -364,6 +366,7 @@ class PriorSeparatedMixin:
             window_ids = self._aligned_window_ids(pos_items.numel()).to(pos_items.device)
         pos_term = self.prior_at_targets(pos_items.reshape(-1), window_ids).reshape(pos_score.shape)
         neg_term = self.prior_at_targets(neg_items.reshape(-1), window_ids).reshape(neg_score.shape)
+        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §8.2
         return pos_score + pos_term.to(pos_score.dtype), neg_score + neg_term.to(neg_score.dtype)
 
     def prior_logit_term(self, window_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32
 from recbole_popprior.remedies import (AdapTauStats, adap_tau_active_users, adap_tau_batch_stats,
                                        adap_tau_global_temperature, adap_tau_loss, adap_tau_t0,
                                        adap_tau_temperatures, directspec_loss, resn_penalty)
@@ -41,6 +41,7 @@ def full_softmax_loss(model: Any, batch: TrainingBatch, logits: torch.Tensor) ->
     """
     term = model.prior_logit_term(batch.window_ids)
     if term is not None:
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §8.2)
         logits = logits + term.to(device=logits.device, dtype=logits.dtype)
     return F.cross_entropy(logits, batch.targets)
 

@@ -24,6 +24,10 @@ from recbole_popprior.errors import PopPriorError
 LINKS = ("sigmoid", "identity", "softmax")
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _check_iters(n_power_iter: int) -> None:
     if int(n_power_iter) != n_power_iter or n_power_iter < 1:
         raise PopPriorError(f"resn power iterations must be an integer >= 1, got {n_power_iter!r}")
@@ -56,14 +60,17 @@ def resn_penalty(H: torch.Tensor, E: torch.Tensor, link: str = "sigmoid", n_powe
         raise PopPriorError(f"resn link must be one of {', '.join(LINKS)}, got {link!r}")
     _check_iters(n_power_iter)
     if link == "identity" and logits is None:
-        # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q)))
-        items = E[1:]
-        with torch.no_grad():
-            q = F.normalize(items @ H.sum(dim=0), dim=0)
-            for _ in range(n_power_iter - 1):
-                q = F.normalize(items @ (H.T @ (H @ (items.T @ q))), dim=0)
-        return (H @ (items.T @ q)).pow(2).sum() / H.shape[0]
+        # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q))).
+        # In float32 with autocast off: H^T 1 sums B rows, and E (H^T 1) easily passes fp16's 65504
+        with torch.autocast(device_type=H.device.type, enabled=False):
+            H32, items = _at_least_float32(H), _at_least_float32(E[1:])
+            with torch.no_grad():
+                q = F.normalize(items @ H32.sum(dim=0), dim=0)
+                for _ in range(n_power_iter - 1):
+                    q = F.normalize(items @ (H32.T @ (H32 @ (items.T @ q))), dim=0)
+            return (H32 @ (items.T @ q)).pow(2).sum() / H.shape[0]
     Z = (H @ E[1:].T) if logits is None else logits[:, 1:]
+    Z = _at_least_float32(Z)  # ||Y q||^2 reaches B * n: past fp16's range
     if link == "sigmoid":
         Y = torch.sigmoid(Z)
     elif link == "softmax":
