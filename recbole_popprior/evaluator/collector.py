@@ -43,7 +43,45 @@ SUBSPACE_KEY = "popprior.subspace"
 EMBEDDING_KEY = "popprior.embedding"
 TARGETS_KEY = "popprior.target_items"
 
-_FACTOR_RTOL = 1e-5
+#: safety factor over the rounding bound of :func:`factor_tolerance` (the model may sum in another order)
+_FACTOR_SAFETY = 4.0
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def factor_tolerance(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``[b, n]`` bound on ``|h_c . e_i - ref[c, i]|`` from rounding alone (DESIGN §8.4).
+
+    The model scored ``ref = fl(H E^T)``. Its matmul rounded the inputs to ``u_in`` (0 for exact
+    float32 inputs; TF32 ``2^-11`` on CUDA when ``torch.get_float32_matmul_precision()`` is not
+    ``highest``, ``2^-8`` at ``medium``; the half type's own ``u`` under autocast), accumulated the
+    ``d`` products in float32 (``u_acc = 2^-24``) and rounded the result to its dtype
+    (``u_out``). With ``|h_k e_k|`` summing to at most ``||h|| ||e||`` (Cauchy-Schwarz):
+
+        |err| <= (2 u_in + d u_acc + u_out) ||h_c|| ||e_i||
+
+    and the check allows :data:`_FACTOR_SAFETY` times that. TF32 makes it about ``1e-3`` of
+    ``||h|| ||e||``, bf16 about ``1.2e-2``: the old fixed ``rtol = 1e-5`` failed both.
+    """
+    dtype = reference.dtype
+    u_out = _unit_roundoff(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        u_in = u_out
+    elif reference.device.type == "cuda" and dtype == torch.float32:
+        u_in = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
+    else:
+        u_in = 0.0
+    u_acc = _unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
+    bound = 2 * u_in + H.shape[-1] * u_acc + u_out
+    h = H.detach().double().norm(dim=-1)
+    e = E.detach().double().norm(dim=-1)
+    return _FACTOR_SAFETY * bound * h[:, None] * e[None, :] + torch.finfo(torch.float32).tiny
+
+
+_STREAMING_COST = ("using the streaming score path (slower: every score chunk is copied to the host as float64; "
+                   "--compare then reports no matched-reduction p-values)")
 
 
 def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
@@ -200,8 +238,8 @@ class PopPriorCollector(FixedCollector):
         if not self._need_model:
             return
         state = self._state or self._new_state(model)
-        limit = scores.shape[0] if self.max_contexts is None else min(
-            scores.shape[0], self.max_contexts - state.m)
+        cap = self.context_cap()
+        limit = scores.shape[0] if cap is None else min(scores.shape[0], cap - state.m)
         if limit <= 0:
             return
         if factors is None:
@@ -226,6 +264,20 @@ class PopPriorCollector(FixedCollector):
                                       windows_log_prior=state.windows_log_prior,
                                       subspace_energy=state.subspace_energy)
         state.scores.update(Z[:limit])
+
+    def context_cap(self) -> int | None:
+        """How many contexts this process keeps: ``energy_max_contexts`` in one process, and under
+        DDP this rank's share of the same first ``energy_max_contexts`` contexts (DESIGN §8.3).
+
+        The evaluation shards are unpadded and unshuffled (``distributed.unpad_eval_sampler``):
+        rank ``r`` of ``W`` holds the contexts ``r, r + W, r + 2W, ...`` of the single-process
+        order, so its ``k``-th context is one of the first ``M`` exactly when ``r + k W < M``.
+        """
+        if self.max_contexts is None:
+            return None
+        if not collective.is_distributed():
+            return int(self.max_contexts)
+        return len(range(collective.rank(), int(self.max_contexts), collective.world_size()))
 
     def model_collect(self, model: torch.nn.Module) -> None:
         """Item table for the embedding diagnostics when the contexts did not bring one."""
@@ -314,37 +366,48 @@ class PopPriorCollector(FixedCollector):
         if method is not None:
             return method(interaction)
         key = id(model)
+        name = type(model).__name__
         if self._default_factor_ok.get(key) is False:
             return None
         try:
             pair = factors(model, interaction)
         except Exception as exc:  # any model that does not fit its pattern takes the score path
-            self.logger.debug(f"energy metrics: factors unavailable for {type(model).__name__}: {exc}")
+            self.logger.warning(f"energy metrics: the (H, E) factorisation of {name} failed "
+                                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                                f"{_STREAMING_COST}")
             pair = None
         if pair is None:
+            if key not in self._default_factor_ok:
+                self.logger.info(f"energy metrics: {name} has no H E^T factorisation; {_STREAMING_COST}")
             self._default_factor_ok[key] = False
             return None
         H, E = pair
         if key not in self._default_factor_ok:
-            ok = self._verify_factors(H, E, learned_scores(model, interaction))
-            self._default_factor_ok[key] = ok
-            self.logger.info(f"energy metrics: {type(model).__name__} uses the "
-                             f"{'factorised' if ok else 'streaming score'} path")
-            if not ok:
+            reason = self._verify_factors(H, E, learned_scores(model, interaction))
+            self._default_factor_ok[key] = reason is None
+            if reason is None:
+                self.logger.info(f"energy metrics: {name} uses the factorised path")
+            else:
+                self.logger.warning(f"energy metrics: the factor check of {name} failed ({reason}); {_STREAMING_COST}")
                 return None
         return H, E
 
     @staticmethod
-    def _verify_factors(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> bool:
-        """Does ``H E^T`` reproduce the learned scores, to 1e-5 relative (padding column excluded)?"""
+    def _verify_factors(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> str | None:
+        """Why ``H E^T`` does not reproduce the learned scores within the rounding bound of
+        :func:`factor_tolerance` (padding column excluded), or ``None`` when it does."""
         if reference.dim() != 2 or reference.shape != (H.shape[0], E.shape[0]):
-            return False
-        Z = (H.detach().double() @ E.detach().double().T)[:, 1:]
-        ref = reference.detach().double()[:, 1:]
+            return f"H E^T is {tuple(H.shape[:1]) + tuple(E.shape[:1])}, the learned scores {tuple(reference.shape)}"
+        ref = reference.detach()[:, 1:]
         if not torch.isfinite(ref).all():
-            return False
-        scale = float(ref.abs().max()) or 1.0
-        return bool(torch.allclose(Z, ref, rtol=_FACTOR_RTOL, atol=_FACTOR_RTOL * scale))
+            return "its learned scores are not all finite"
+        Z = (H.detach().double() @ E.detach().double().T)[:, 1:]
+        excess = (Z - ref.double()).abs() / factor_tolerance(H, E[1:], reference)
+        worst = float(excess.max())
+        if worst <= 1.0:
+            return None
+        return (f"|H E^T - scores| reaches {worst:.3g} times the rounding bound of {reference.dtype} "
+                f"scores (DESIGN §8.4)")
 
     @staticmethod
     def _learned_scores_batch(model, interaction, scores: torch.Tensor) -> torch.Tensor:
