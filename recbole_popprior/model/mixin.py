@@ -263,6 +263,13 @@ class PriorSeparatedMixin:
         """The serving weight of ``log p_hat``: ``prior_beta``, or the training weight."""
         return self.prior_beta if self.prior_beta is not None else self.training_tau()
 
+    def _serving_weight(self) -> torch.Tensor | float:
+        """``beta`` for scoring: :meth:`effective_beta`, except that a learned ``tau`` serving as
+        ``beta`` stays a tensor, so that scoring never reads it back to the host (DESIGN §8.1)."""
+        if self.prior_beta is None and self.prior_tau_learned:
+            return self.prior_tau.detach()
+        return self.effective_beta()
+
     def serving_log_prior(self) -> torch.Tensor:
         """``log p_hat`` used at serving time: the static prior, or the configured window's."""
         if self.prior_windowed:
@@ -335,15 +342,18 @@ class PriorSeparatedMixin:
         pointwise scores become ``p(i|c) * p_hat(i)^beta`` (the same ranking, unnormalised,
         since one item does not see the row's normaliser).
         """
-        beta = self.effective_beta()
-        if beta == 0.0:
+        beta = self._serving_weight()
+        if isinstance(beta, float) and beta == 0.0:
             return scores
         log_prior = self.serving_log_prior()
         scores = at_least_float32(scores)
         if items is not None:
             term = prior_term(log_prior, beta)[items]
             return scores * torch.exp(term) if self.prior_scores_are_probabilities else scores + term
-        term = self._cached_term(log_prior, beta, scores.shape[-1], scores)[: scores.shape[-1]]
+        if isinstance(beta, float):
+            term = self._cached_term(log_prior, beta, scores.shape[-1], scores)[: scores.shape[-1]]
+        else:
+            term = prior_term(log_prior, beta, scores.shape[-1]).to(scores.dtype)[: scores.shape[-1]]
         if self.prior_scores_are_probabilities:
             return torch.softmax(torch.log(scores) + term, dim=-1)
         return scores + term

@@ -16,12 +16,21 @@ penalty is ``sigma_1(Y)^2 / B`` and its gradient ``2 sigma_1 u_1 v_1^T / B`` is 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from recbole_popprior.errors import PopPriorError
 
 LINKS = ("sigmoid", "identity", "softmax")
+
+
+def _autocast_off(device_type: str):
+    """No autocast within the block (a no-op context where the device has no autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +71,7 @@ def resn_penalty(H: torch.Tensor, E: torch.Tensor, link: str = "sigmoid", n_powe
     if link == "identity" and logits is None:
         # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q))).
         # In float32 with autocast off: H^T 1 sums B rows, and E (H^T 1) easily passes fp16's 65504
-        with torch.autocast(device_type=H.device.type, enabled=False):
+        with _autocast_off(H.device.type):
             H32, items = _at_least_float32(H), _at_least_float32(E[1:])
             with torch.no_grad():
                 q = F.normalize(items @ H32.sum(dim=0), dim=0)
