@@ -31,8 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from test_model_zoo import _CACHE, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
-from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, supported_models
-from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
+from recbole_popprior.model import get_model, record_of, supported_models
 
 aten = torch.ops.aten
 META = torch.device("meta")
@@ -186,8 +185,8 @@ def _check(zoo: Zoo, name: str, case: str, keys: dict[str, Any], phase: str) -> 
 
 # --- the cases ---------------------------------------------------------------------------------
 MODELS = supported_models()
-FACTORISED = [m for m in MODELS if m not in NO_FACTORISED_TRAINING]
-BPR = [m for m in MODELS if m not in NO_PAIRWISE and m not in PAIRWISE_ONLY]  # (PAIRWISE_ONLY: BPR by default)
+FACTORISED = [m for m in MODELS if record_of(get_model(m)).factorised_training_refusal() is None]
+BPR = [m for m in MODELS if record_of(get_model(m)).pairwise == "optional"]  # ("only": BPR is the default loss)
 
 
 @pytest.mark.parametrize("phase", ["train", "score"])
