@@ -25,15 +25,19 @@ Nothing else in the plugin patches RecBole.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
    -> :func:`ksr_relation_float32`.
 
+8. GRU4RecCPR, SASRecCPR and RepeatNet ``scatter_`` autocast-cast values into float32
+   tensors (or the reverse) and fail under ``enable_amp``. -> :func:`breaks_under_autocast`:
+   the trainer mixin runs their training step without autocast (in float32) and says so.
+
 Three more fixes of RecBole behaviour live next to the code they belong to, listed here so
 that this list stays complete:
 
-8. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
+9. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
    ``other_parameter()``, which RecBole pickles into checkpoints.
    -> ``checkpoint._other_parameters`` keeps plain values only.
-9. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
+10. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
    is written (trainer.py ~L296). -> the barrier in ``PopPriorTrainerMixin.fit``.
-10. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
+11. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
     "Some feat is empty" error. -> ``data.dataset.create_dataset`` turns it into one line.
 """
 
@@ -222,6 +226,29 @@ def ksr_relation_float32(model: torch.nn.Module) -> None:
     multiplies it with float32 hidden states, so its ``forward`` raises a dtype error.
     """
     model.relation_Matrix = model.relation_Matrix.float()
+
+
+# --- 8. models that fail under autocast ----------------------------------------------------------
+#: RecBole 1.2.1 models whose forward mixes dtypes in ``scatter_`` / ``scatter_add_`` under autocast
+#: (gru4reccpr.py ~L335, sasreccpr.py likewise, repeatnet.py ~L256: "Expected self.dtype to be equal
+#: to src.dtype"), by class name: the plugin's classes keep RecBole's names
+AUTOCAST_BROKEN = ("GRU4RecCPR", "SASRecCPR", "RepeatNet")
+
+
+def breaks_under_autocast(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is (a subclass of) one of :data:`AUTOCAST_BROKEN`."""
+    return any(cls.__name__ in AUTOCAST_BROKEN and cls.__module__.startswith("recbole.")
+               for cls in type(model).__mro__)
+
+
+def without_autocast(loss_func: Any, device_type: str) -> Any:
+    """``loss_func`` run with autocast switched off (float32), for :func:`breaks_under_autocast` models."""
+
+    def run(interaction):
+        with torch.autocast(device_type=device_type, enabled=False):
+            return loss_func(interaction)
+
+    return run
 
 
 def quiet_upstream_warnings() -> None:

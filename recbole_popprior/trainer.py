@@ -19,7 +19,7 @@ import torch
 from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_popprior import checkpoint, collective
+from recbole_popprior import checkpoint, collective, compat
 from recbole_popprior.evaluator.collector import PopPriorCollector
 from recbole_popprior.model.registry import recbole_model_name
 
@@ -54,7 +54,10 @@ class PopPriorTrainerMixin:
         self.amp_dtype: torch.dtype | None = getattr(torch, name) if name else None
         if self.enable_amp:
             dtype = self.amp_dtype or torch.get_autocast_dtype(self.device.type)
-            if dtype == torch.float16 and not self.enable_scaler:
+            if compat.breaks_under_autocast(self.model):
+                self.logger.warning(f"enable_amp: {type(self.model).__name__} trains in float32 (RecBole's model "
+                                    "fails under autocast: its scatter_ mixes dtypes)")
+            elif dtype == torch.float16 and not self.enable_scaler:
                 self.logger.warning("enable_amp trains in float16 without a gradient scaler: small gradients "
                                     "underflow to zero; set enable_scaler: True (or amp_dtype: bfloat16)")
 
@@ -78,6 +81,8 @@ class PopPriorTrainerMixin:
         hook = getattr(self.model, "on_epoch_start", None)
         if hook is not None:
             hook(epoch_idx)
+        if self.enable_amp and compat.breaks_under_autocast(self.model):  # compat shim 8
+            loss_func = compat.without_autocast(loss_func or self.model.calculate_loss, self.device.type)
         with autocast_dtype(self.device.type, self.amp_dtype if self.enable_amp else None):
             return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -26,6 +27,7 @@ from scipy import stats
 from conftest import loader_contexts, theory_settings, tiny_config
 from test_model_zoo import _CACHE, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
+from recbole_popprior.compat import AUTOCAST_BROKEN
 from recbole_popprior.compare import arm_config, train_arm
 from recbole_popprior.config import Config
 from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
@@ -92,7 +94,7 @@ OBJECTIVES = [
     ("BERT4Rec", "full softmax", {}, {}),
     ("BERT4Rec", "sampled softmax", {}, {"softmax_negatives": 8}),
     ("CORE", "full softmax", {}, {}),
-    ("GRU4RecCPR", "log space", {}, {}),
+    ("SINE", "NLL (log space)", {"loss_type": "NLL"}, {}),
 ]
 
 
@@ -113,18 +115,23 @@ def test_bf16_loss_is_close_to_float32(name, case, data_keys, model_keys, zoo_da
 
 # --- enable_amp trains every model through the plugin's trainer ----------------------------------------
 @pytest.mark.parametrize("name", supported_models())
-def test_enable_amp_trains_every_model(name, zoo_data, s3rec_pretrained, tmp_path, monkeypatch):  # noqa: F811
+def test_enable_amp_trains_every_model(name, zoo_data, s3rec_pretrained, tmp_path, monkeypatch, caplog):  # noqa: F811
     monkeypatch.chdir(tmp_path)  # RecBole's trainer opens log_tensorboard/ under the working directory
     zoo = _zoo(name, zoo_data, s3rec_pretrained)
     saved = {k: zoo.config[k] for k in ("enable_amp", "checkpoint_dir")}
     zoo.config["enable_amp"], zoo.config["checkpoint_dir"] = True, str(tmp_path)
     try:
         model = zoo.plugin()
-        trainer = get_trainer(zoo.config)(zoo.config, model)
+        with caplog.at_level(logging.WARNING):
+            trainer = get_trainer(zoo.config)(zoo.config, model)
     finally:
         for key, value in saved.items():
             zoo.config[key] = value
     assert trainer.enable_amp and not trainer.enable_scaler  # no CUDA scaler for a CPU model
+    # RecBole's CPR models and RepeatNet fail under autocast (compat shim 8): they train in float32
+    expected = (False, BF16) if name in AUTOCAST_BROKEN else (True, BF16)
+    said = [r.getMessage() for r in caplog.records if "trains in float32" in r.getMessage()]
+    assert len(said) == (name in AUTOCAST_BROKEN) and (not said or name in said[0])
     seen = []
     inner = model.calculate_loss
 
@@ -135,7 +142,7 @@ def test_enable_amp_trains_every_model(name, zoo_data, s3rec_pretrained, tmp_pat
     model.calculate_loss = spy
     before = [p.detach().clone() for p in model.parameters()]
     total = trainer._train_epoch(zoo.train_data, 0)
-    assert seen and all(s == (True, BF16) for s in seen)
+    assert seen and all(s == expected for s in seen)
     total = sum(total) if isinstance(total, tuple) else total
     assert math.isfinite(total)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -411,20 +411,19 @@ class PriorSeparatedMixin:
         window_ids = None
         if self.prior_windowed:
             window_ids = self.training_window_ids(interaction).to(parts.targets.device)
-            window_ids = window_ids if parts.kept is None else window_ids[parts.kept]
         users = None
         if self.training_objective.needs_users:
             users = self._row_users(interaction, parts).to(parts.targets.device)
-        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids, users)
+        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids, users, parts.weights)
         return self.training_objective.loss(self, batch) + parts.auxiliary
 
     def _row_users(self, interaction, parts) -> torch.Tensor:
-        """The user of every kept training row (BERT4Rec: each masked slot of the user's sequence)."""
+        """The user of every training row (BERT4Rec: each masked slot of the user's sequence)."""
         users = interaction[self.USER_ID]
-        rows = parts.kept.numel() if parts.kept is not None else parts.targets.numel()
+        rows = parts.targets.numel()
         if rows != users.numel():
             users = users.repeat_interleave(rows // users.numel())
-        return users if parts.kept is None else users[parts.kept.to(users.device)]
+        return users
 
     def calculate_loss(self, interaction):
         """The factorised objective's loss, or the model's own loss with the prior (DESIGN §1, §6.2).

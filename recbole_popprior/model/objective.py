@@ -42,6 +42,21 @@ class TrainingBatch:
     targets: torch.Tensor  # [r] target item ids (never 0)
     window_ids: torch.Tensor | None = None  # [r] window of each row's target (prior_mode windowed)
     users: torch.Tensor | None = None  # [r] user id of each row (objectives with needs_users only)
+    #: [r] 1 for a row that counts, 0 for one that does not (BERT4Rec's empty mask slots); None = all.
+    #: Rows are weighted, not indexed away: a step then has no data-dependent shape (DESIGN §8.1)
+    weights: torch.Tensor | None = None
+
+
+def row_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values [r]`` over the rows that count (all of them when ``weights`` is None).
+
+    Rows with weight 0 must hold finite values (give them a real target): their term is
+    multiplied by 0, as RecBole's BERT4Rec does, and ``0 * inf`` would be NaN.
+    """
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum()
 
 
 class TrainingObjective(nn.Module):

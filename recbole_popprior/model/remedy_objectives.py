@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32, row_mean
 from recbole_popprior.remedies import (AdapTauStats, adap_tau_active_users, adap_tau_batch_stats,
                                        adap_tau_global_temperature, adap_tau_loss, adap_tau_t0,
                                        adap_tau_temperatures, directspec_loss, resn_penalty)
@@ -43,7 +43,9 @@ def full_softmax_loss(model: Any, batch: TrainingBatch, logits: torch.Tensor) ->
     if term is not None:
         logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §8.2)
         logits = logits + term.to(device=logits.device, dtype=logits.dtype)
-    return F.cross_entropy(logits, batch.targets)
+    if batch.weights is None:
+        return F.cross_entropy(logits, batch.targets)
+    return row_mean(F.cross_entropy(logits, batch.targets, reduction="none"), batch.weights)
 
 
 class DirectSpecObjective(TrainingObjective):
@@ -54,7 +56,8 @@ class DirectSpecObjective(TrainingObjective):
         self.alpha, self.kappa, self.shrink_norm, self.plus = float(alpha), float(kappa), float(shrink_norm), bool(plus)
 
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
-        return directspec_loss(batch.H, batch.E, batch.targets, self.alpha, self.kappa, self.shrink_norm, self.plus)
+        return directspec_loss(batch.H, batch.E, batch.targets, self.alpha, self.kappa, self.shrink_norm, self.plus,
+                               weights=batch.weights)
 
 
 class ReSNObjective(TrainingObjective):
@@ -75,9 +78,10 @@ class ReSNObjective(TrainingObjective):
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
         H, E = batch.H, batch.E
         if self.base is not None:
-            return self.base.loss(model, batch) + self.weight * resn_penalty(H, E, "identity", self.n_power_iter)
+            return self.base.loss(model, batch) + self.weight * resn_penalty(H, E, "identity", self.n_power_iter,
+                                                                             weights=batch.weights)
         logits = H @ E.T
-        penalty = resn_penalty(H, E, self.link, self.n_power_iter, logits=logits)
+        penalty = resn_penalty(H, E, self.link, self.n_power_iter, logits=logits, weights=batch.weights)
         return full_softmax_loss(model, batch, logits) + self.weight * penalty
 
 
@@ -163,17 +167,20 @@ class AdapTauObjective(TrainingObjective):
         t_ctx = self.t_user[users]
         rows, plain = adap_tau_loss(H, E, targets, self.t0, t_ctx)
         if model.training:
-            self._collect(H, E, targets, users, plain)
-        return rows.mean()
+            self._collect(H, E, targets, users, plain, batch.weights)
+        return row_mean(rows, batch.weights)
 
     @torch.no_grad()
-    def _collect(self, H, E, targets, users, plain) -> None:
+    def _collect(self, H, E, targets, users, plain, weights: torch.Tensor | None = None) -> None:
         keep = self.active[users]
+        if weights is not None:
+            keep = keep & (weights > 0)
         step = adap_tau_batch_stats(H, E, targets, keep)
         self.epoch_stats = step if self.epoch_stats is None else self.epoch_stats + step
         plain = plain.detach().double()
-        self.epoch_loss_sum.index_add_(0, users, plain)
-        self.epoch_loss_count.index_add_(0, users, torch.ones_like(plain))
+        counts = torch.ones_like(plain) if weights is None else weights.to(plain.dtype)
+        self.epoch_loss_sum.index_add_(0, users, plain * counts)
+        self.epoch_loss_count.index_add_(0, users, counts)
         self.epoch_last_E = E.detach()
 
     def serving_factors(self, H: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

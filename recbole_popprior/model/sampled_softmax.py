@@ -32,7 +32,7 @@ import math
 import torch
 
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32, row_mean
 
 SAMPLERS = ("uniform", "popularity")
 
@@ -132,7 +132,7 @@ class SampledSoftmax(TrainingObjective):
         negatives = self.draw()
         logits = self.logits(model, batch, negatives)
         target = logits.masked_fill(~self.target_mask(batch, negatives), -math.inf)
-        return (torch.logsumexp(logits, dim=1) - torch.logsumexp(target, dim=1)).mean()
+        return row_mean(torch.logsumexp(logits, dim=1) - torch.logsumexp(target, dim=1), batch.weights)
 
 
 __all__ = ["SampledSoftmax", "inclusion_probabilities", "sampler_distribution", "SAMPLERS"]
