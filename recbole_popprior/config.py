@@ -389,13 +389,9 @@ def _validate_precision(config: dict[str, Any]) -> None:
         raise PopPriorError("amp_dtype: float16 needs a CUDA device (CPU autocast trains in bfloat16, and float16 "
                             "on CPU is emulated and needs a gradient scaler, which RecBole builds for CUDA only); "
                             "use amp_dtype: bfloat16 or ~")
-    if dtype == "bfloat16" and on_cuda and not _cuda_bf16_supported():
+    if dtype == "bfloat16" and on_cuda and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise PopPriorError("amp_dtype: bfloat16 is not supported by this GPU; use amp_dtype: float16 with "
                             "enable_scaler: True")
-
-
-def _cuda_bf16_supported() -> bool:
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _validate_training(config: dict[str, Any]) -> None:
