@@ -55,6 +55,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+#: the GPUs visible at start (RecBole's Config rewrites CUDA_VISIBLE_DEVICES from gpu_id)
+VISIBLE_AT_START = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 EXIT_BAD_INPUT = 2
 #: share of the global deadline each part may use at most (of what is left when it starts)
@@ -533,6 +535,9 @@ def part_ddp(args, deadline: Deadline) -> dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "run_recbole_popprior.py"), "--model=SASRec", "--dataset=gpucheck_tiny",
            f"--nproc={nproc}", f"--ddp_backend={backend}", f"--port={port}", f"--gpu_id={gpu_ids}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if VISIBLE_AT_START is not None:
+        env["CUDA_VISIBLE_DEVICES"] = VISIBLE_AT_START
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=args.output, env=env, capture_output=True, text=True,
                           timeout=max(5.0, deadline.left()))

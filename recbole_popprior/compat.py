@@ -24,7 +24,6 @@ Nothing else in the plugin patches RecBole.
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
    -> :func:`ksr_relation_float32`.
-
 8. GRU4RecCPR, SASRecCPR and RepeatNet ``scatter_`` autocast-cast values into float32
    tensors (or the reverse) and fail under ``enable_amp``. -> :func:`breaks_under_autocast`:
    the trainer mixin runs their training step without autocast (in float32) and says so.
@@ -44,6 +43,7 @@ that this list stays complete:
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any
 
@@ -196,8 +196,15 @@ def _ddp_any_device(module: torch.nn.Module, device_ids: list[int] | None = None
     param = next(module.parameters(), None)
     if param is None or param.device.type != "cuda":
         device_ids = None
-    kwargs.setdefault("broadcast_buffers", False)
+    if "broadcast_buffers" not in kwargs and "forward_sync_buffers" not in kwargs:
+        # torch >= 2.13 names it forward_sync_buffers (the buffers are still synced once, at init:
+        # harmless, every rank builds the same ones); older torch has broadcast_buffers only
+        kwargs[_BUFFER_SYNC_KEY] = False
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+_BUFFER_SYNC_KEY = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+    torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 
 def _patch_trainer_ddp() -> None:

@@ -47,15 +47,16 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         train_data, _, _ = data_preparation(config, dataset)
         model = config.model_class(config, train_data._dataset)
         objective = model.training_objective
-        model.register_buffer("planted", torch.full((4,), 1.0 + rank))
+        model.register_buffer("planted", torch.ones(4))
+        trainer = get_trainer(config)(config, model)  # DDP's construction may sync the buffers once
+        model.planted.fill_(1.0 + rank)
         objective.t_user.fill_(1.0 + rank)  # a rank's own per-user state
-        trainer = get_trainer(config)(config, model)
         rows = []
         collect = objective._collect
 
-        def spy(H, E, targets, users, plain):
+        def spy(H, E, targets, users, plain, weights=None):
             rows.append((H.detach().clone(), E.detach().clone(), targets.clone(), users.clone(), plain.detach().clone()))
-            return collect(H, E, targets, users, plain)
+            return collect(H, E, targets, users, plain, weights)
 
         objective._collect = spy
         # RecBole's own epoch (without the plugin's epoch hook, which would recompute t_user first)
@@ -65,8 +66,10 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
             torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
         table = model.item_embedding.weight.detach().clone()
         model.on_epoch_start(1)  # sums the epoch over the ranks, then the temperatures
+        ddp = trainer.distributed_model
         result = {
-            "broadcast_buffers": torch.tensor(trainer.distributed_model.broadcast_buffers),
+            "broadcast_buffers": torch.tensor(bool(getattr(ddp, "forward_sync_buffers", getattr(
+                ddp, "broadcast_buffers", True)))),
             "after_step": after_step, "params_equal": torch.tensor(len(set(params)) == 1),
             "t0": objective.t0.clone(), "t_user_epoch": objective.t_user.clone(), "table": table,
             "rows": rows, "train_users": train_data._dataset.inter_feat["user_id"].clone(),
