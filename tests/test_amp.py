@@ -201,3 +201,20 @@ def test_bf16_on_cpu_is_accepted_and_the_autocast_dtype_is_restored(tiny_data):
         with torch.autocast("cpu"):
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
     assert torch.get_autocast_dtype("cpu") == before
+
+
+def test_resn_power_iteration_does_not_overflow_fp16():
+    """ReSN's identity penalty sums the batch (``items @ H^T 1``): past fp16's 65504 for a batch of
+    2048 contexts of norm ~40. Under fp16 autocast it runs in float32 and matches float32."""
+    from recbole_popprior.remedies.resn import resn_penalty
+
+    g = torch.Generator().manual_seed(0)
+    H = 5.0 + torch.randn(2048, 64, generator=g)
+    E = 1.0 + torch.rand(500, 64, generator=g)
+    assert torch.isinf((E[1:].half() @ H.half().sum(0))).any()  # what fp16 would do
+    reference = resn_penalty(H, E, "identity", 2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert (H @ E.T).dtype == torch.float16
+        penalty = resn_penalty(H, E, "identity", 2)
+    assert penalty.dtype == torch.float32 and torch.isfinite(penalty)
+    assert float(penalty) == pytest.approx(float(reference), rel=1e-6)
