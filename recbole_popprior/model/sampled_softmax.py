@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32, row_mean
@@ -129,10 +130,21 @@ class SampledSoftmax(TrainingObjective):
         return torch.cat([torch.ones_like(hits[:, :1]), hits], dim=1)
 
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
+        """``logsumexp(all columns) - logsumexp(the target's columns)``, per row, then the mean.
+
+        A draw equal to the row's target scores exactly as column 0 (the same ``h . e_y + prior
+        - log pi_y``), so the target's columns hold ``(1 + hits) exp(logit_0)`` and the row's loss
+        is the cross-entropy of column 0 minus ``log(1 + hits)``: one fused softmax over
+        ``[r, 1 + K]`` instead of two log-sum-exps, each a pass forward and one backward.
+        """
         negatives = self.draw()
         logits = self.logits(model, batch, negatives)
-        target = logits.masked_fill(~self.target_mask(batch, negatives), -math.inf)
-        return row_mean(torch.logsumexp(logits, dim=1) - torch.logsumexp(target, dim=1), batch.weights)
+        first = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        rows = F.cross_entropy(logits, first, reduction="none")
+        if not self.every_item:
+            hits = (negatives[None, :] == batch.targets[:, None]).sum(dim=1)
+            rows = rows - torch.log1p(hits.to(rows.dtype))
+        return row_mean(rows, batch.weights)
 
 
 __all__ = ["SampledSoftmax", "inclusion_probabilities", "sampler_distribution", "SAMPLERS"]
