@@ -1,4 +1,4 @@
-# One file on purpose (~600 lines): it is copied to a bare GPU machine and run once; splitting it
+# One file on purpose (~700 lines): it is copied to a bare GPU machine and run once; splitting it
 # would only add imports to keep in step.
 """One-call GPU check: every model on CUDA, mixed precision, sampled vs full softmax at scale,
 full-sort evaluation throughput, DDP over NCCL, and the energy statistics on the device.
@@ -31,7 +31,7 @@ its own time limit inside one global deadline (a part that runs out is cut short
 5. ``ddp``: the CLI with ``--nproc=<torch.cuda.device_count()>`` over NCCL (one GPU: world size 1,
    which still builds the NCCL group and the DDP wrapper; said so in the report).
 6. ``energy``: ``popularity_energy`` and ``matched_reduction`` from device tensors against the
-   same tensors on the CPU, and the factor check of two models under TF32 matmuls.
+   same tensors on the CPU, and the factor check of TF32 scores (torch.set_float32_matmul_precision("high")).
 """
 
 from __future__ import annotations
