@@ -22,6 +22,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "estimate_log_prior": "recbole_popprior.prior",
     "get_model": "recbole_popprior.model",
+    "register_model": "recbole_popprior.model",
     "supported_models": "recbole_popprior.model",
     "run_recbole_popprior": "recbole_popprior.quick_start",
     "popularity_energy": "recbole_popprior.evaluator",
@@ -44,5 +45,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["PopPriorError", "estimate_log_prior", "get_model", "supported_models",
+__all__ = ["PopPriorError", "estimate_log_prior", "get_model", "register_model", "supported_models",
            "run_recbole_popprior", "popularity_energy", "__version__"]
