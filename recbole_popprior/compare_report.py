@@ -342,7 +342,8 @@ def compare_markdown(payload: Mapping[str, Any]) -> str:
         [row["label"], *(format_delta(row[c]) for c in accuracy)] for row in payload["deltas"]])]
     notes = sorted({row[c]["note"] for row in payload["deltas"] for c in accuracy
                     if row[c].get("note") and "same difference" in row[c]["note"]})
-    lines += [f"- {note} (the cell shows the difference alone)." for note in notes]
+    if notes:
+        lines += [""] + [f"- {note} (the cell shows the difference alone)." for note in notes]
     lines += ["", "## Popularity energy, embedding spectrum, training time", "",
               "`emb_r1`, `emb_erank`: the item table's top singular-value share and effective rank. "
               "`fit_ratio`: wall seconds of the arm's `fit` / the standard arm's, same seed.", "",

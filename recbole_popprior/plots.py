@@ -80,7 +80,7 @@ def plot_energy(energies: Mapping[str, Sequence[Mapping[str, float]]], path: str
         per_seed = share(label, "dir")
         if per_seed.size > 1:
             ax.plot(np.full(per_seed.size, xi), per_seed, "k.", ms=5, label="E_dir / T of one seed" if xi == 0 else None)
-        ax.annotate(f"E_dir/T = {per_seed.mean():.3g}", (xi, per_seed.max()), ha="center", va="bottom", fontsize=8,
+        ax.annotate(f"E_dir/T = {fmt(per_seed.mean())}", (xi, per_seed.max()), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x, [_wrap(k) for k in labels], fontsize=8)
     ax.set_ylabel("share of the centred score energy T")
@@ -104,7 +104,7 @@ def _null_panel(ax: plt.Axes, null: np.ndarray, observed: float, name: str, titl
             label=f"{kept.size} permutations")
     ax.set_xscale("log")
     if obs_ratio is not None:
-        ax.axvline(obs_ratio, color="C3", lw=2, label=f"observed: R_{name} = {observed:.3g}")
+        ax.axvline(obs_ratio, color="C3", lw=2, label=f"observed: R_{name} = {fmt(observed)} (ratio {fmt(obs_ratio)})")
     exceed = int(np.count_nonzero(null >= observed))
     ax.set_title(f"{title}R_{name}: {exceed} of {null.size} permutations >= observed", fontsize=9)
     ax.set_xlabel(f"E(arm) / E(standard) = 1 - R_{name} along shuffled item labels (log scale)"
@@ -146,8 +146,11 @@ def plot_arms(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         means = np.array([np.nan if c.get("mean") is None or s else c["mean"] for c, s in zip(cells, skip)])
         lows = np.array([c["ci"]["low"] if c.get("ci") and not s else np.nan for c, s in zip(cells, skip)])
         highs = np.array([c["ci"]["high"] if c.get("ci") and not s else np.nan for c, s in zip(cells, skip)])
-        bars = ax.bar(x, np.nan_to_num(means), color=[f"C{k % 10}" for k in range(len(labels))])
-        ax.bar_label(bars, labels=["" if not np.isfinite(v) else fmt(v) for v in means], fontsize=7, padding=2)
+        ax.bar(x, np.nan_to_num(means), color=[f"C{k % 10}" for k in range(len(labels))])
+        for xi, mean, high in zip(x, means, highs):  # the value, above its error bar
+            if np.isfinite(mean):
+                ax.annotate(fmt(mean), (xi, high if np.isfinite(high) else mean), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
         has = np.isfinite(lows)
         if has.any():
             ax.errorbar(x[has], means[has], yerr=[means[has] - lows[has], highs[has] - means[has]], fmt="none",
@@ -158,7 +161,7 @@ def plot_arms(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         ax.set_xticks(x, [_wrap(label) for label in labels], fontsize=7, rotation=30, ha="right")
         ax.set_ylabel(MEASURE_LABELS.get(measure, f"{measure} (test)"), fontsize=9)
         ax.set_title(measure, fontsize=10)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.08)  # room for the values
         ax.grid(axis="y", alpha=0.3)
     n = len(seeds)
     whiskers = "interval over the seeds" if any(row.get(m, {}).get("ci") for row in summary for m in measures) \
