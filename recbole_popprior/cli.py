@@ -151,8 +151,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "checkpoint": (
         Option("--checkpoint", "evaluate this trained model (a model.pth of the plugin) instead of training one",
                metavar="PATH", shown_default="none: train"),
-        Option("--trust-pickled-checkpoint", "also load a RecBole-trained (pickled) checkpoint; unpickling can run "
-               "arbitrary code from the file, so only for files you trust", default=False, check=_flag, switch=True),
+        Option("--trust-pickled-checkpoint", "also load a RecBole-trained checkpoint, a pickle: read by a restricted "
+               "unpickler, but with no digest, so only for files you trust", default=False, check=_flag, switch=True),
     ),
     "compare": (
         Option("--compare", "train RecBole's model and the prior-separated model (and other arms) per seed, "
@@ -270,7 +270,7 @@ def program_name() -> str:
 
 def _help_line(option: Option) -> str:
     if option.switch:
-        return option.help
+        return f"{option.help} (default: off)"
     shown = option.shown_default if option.shown_default is not None else (
         option.default if isinstance(option.default, str) else repr(option.default))
     return f"{option.help} (default: {shown})"
