@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -255,6 +256,9 @@ def _options_of(command: Command) -> list[Option]:
 # --------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, as every plugin command line
+        missing = re.fullmatch(r"argument (--[\w-]+)(?:/[^:]*)?: expected one argument", message)
+        if missing:
+            raise PopPriorError(f"{missing.group(1)} needs a value: {missing.group(1)}=...")
         raise PopPriorError(message)
 
 

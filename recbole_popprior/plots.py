@@ -83,6 +83,7 @@ def plot_energy(energies: Mapping[str, Sequence[Mapping[str, float]]], path: str
         ax.annotate(f"E_dir/T = {fmt(per_seed.mean())}", (xi, per_seed.max()), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x, [_wrap(k) for k in labels], fontsize=8)
+    ax.set_xlabel("model (arm)", fontsize=9)
     ax.set_ylabel("share of the centred score energy T")
     ax.set_ylim(0, max(1.0, float((shared + specific).max()) * 1.15))
     ax.set_title(f"Popularity-direction energy, test set, {seeds_text(seeds)}", fontsize=10)
@@ -159,6 +160,7 @@ def plot_arms(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike,
             if s:
                 ax.annotate("same model\nas the bar\nbefore", (xi, 0), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, [_wrap(label) for label in labels], fontsize=7, rotation=30, ha="right")
+        ax.set_xlabel("model (arm), as served", fontsize=8)
         ax.set_ylabel(MEASURE_LABELS.get(measure, f"{measure} (test)"), fontsize=9)
         ax.set_title(measure, fontsize=10)
         ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.08)  # room for the values

@@ -44,7 +44,8 @@ def test_parse_args_splits_plugin_options_from_recbole_overrides():
     (["--beta-sweep=a,b"], "--beta-sweep takes numbers"), (["--lr=1", "--lr=2"], "given twice"),
     (["--compare", "--tune"], "choose one command"), (["--seeds=2"], "add --compare"),
     (["--compare", "--checkpoint=x"], "not an option of --compare"), (["--pruner=fast", "--tune"], "--pruner must be"),
-    (["--timeout=0", "--tune"], "--timeout must be a positive number")])
+    (["--timeout=0", "--tune"], "--timeout must be a positive number"),
+    (["--beta-sweep", "--model=SASRec"], "--beta-sweep needs a value: --beta-sweep=...")])
 def test_parse_args_rejects_bad_input(argv, words):
     with pytest.raises(PopPriorError, match=re.escape(words)):
         parse_args(argv)
