@@ -450,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> None:
         dispatch(parse(argv, prog))
 
-    return guarded(run, show_traceback=any(_norm(a.partition("=")[0]) == "traceback" for a in argv))
+    wants = [a.partition("=") for a in argv if _norm(a.partition("=")[0]) == "traceback"]
+    return guarded(run, show_traceback=any(not sep or value.lower() in ("true", "1") for _, sep, value in wants))
 
 
 __all__ = ["main", "parse", "parse_args", "build_parser", "dispatch", "guarded", "program_name",

@@ -203,7 +203,7 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     names = parse_arms(arms, table)
     config_dict = dict(config_dict or {})
     config_dict["metrics"] = with_metrics(config_dict.get("metrics", COMPARE_METRICS),
-                                                  (*_ENERGY_METRICS, "PopPermutation"))
+                                          (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
     plans = _plan(names, table, probe)
     if SEP in names and probe["prior_tau"] != "learned" and float(probe["prior_tau"]) == 0.0:

@@ -35,15 +35,20 @@ ENVIRONMENT_KEYS = frozenset({
 #: settings RecBole derives while it builds a config (saved as text, rebuilt from the others)
 DERIVED_KEYS = frozenset({"MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "train_neg_sample_args",
                           "eval_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args"})
+#: settings that only shape the start of training, which the restored weights replace (a file
+#: they name need not exist where the model is evaluated)
+TRAINING_ONLY_KEYS = frozenset({"ace_init", "pre_model_path"})
 #: the energy metrics an evaluation of a trained model adds to the configured ones (DESIGN §3-4)
 ENERGY_METRICS = ("PopEnergy", "EmbeddingSpectrum")
 _PRIOR_BUFFERS = ("log_prior", "log_prior_windows", "prior_window_edges")
 
 
 def checkpoint_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """The saved config of a checkpoint, without the keys of :data:`ENVIRONMENT_KEYS` and
-    :data:`DERIVED_KEYS`: the settings that rebuild the trained model and its data."""
-    return {k: v for k, v in saved.items() if k not in ENVIRONMENT_KEYS and k not in DERIVED_KEYS}
+    """The saved config of a checkpoint, without the keys of :data:`ENVIRONMENT_KEYS`,
+    :data:`DERIVED_KEYS` and :data:`TRAINING_ONLY_KEYS`: the settings that rebuild the trained
+    model and its data."""
+    dropped = ENVIRONMENT_KEYS | DERIVED_KEYS | TRAINING_ONLY_KEYS
+    return {k: v for k, v in saved.items() if k not in dropped}
 
 
 def with_metrics(metrics: Any, needed: Sequence[str]) -> list[str]:
@@ -156,4 +161,4 @@ def evaluate_trained(path: str | Path, model: str | None = None, dataset: str | 
 
 
 __all__ = ["load_trained", "trained_config", "restore_trained", "evaluate_trained", "checkpoint_settings", "with_metrics", "evaluation_run_dir",
-           "ENVIRONMENT_KEYS", "DERIVED_KEYS", "ENERGY_METRICS"]
+           "ENVIRONMENT_KEYS", "DERIVED_KEYS", "TRAINING_ONLY_KEYS", "ENERGY_METRICS"]
