@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     args.output = args.output.resolve()
     args.output.mkdir(parents=True, exist_ok=True)
-    os.chdir(args.output)  # RecBole's trainers open log_tensorboard/ under the working directory
+    os.chdir(args.output)  # whatever RecBole writes relative to the working directory stays in the output
     import recbole_popprior  # noqa: F401  (applies the compat shims, registers the metrics)
 
     seconds = args.deadline if args.deadline is not None else (240.0 if args.quick else 450.0)

@@ -6,7 +6,7 @@ process group of more than one process every function is the identity (or a no-o
 
 - :func:`all_reduce_array`: the float64 sum over ranks of an array (energy statistics are sums
   over contexts, so their global value is the sum of the ranks' values); :func:`all_reduce_tensor`
-  the same for a tensor, on its device (Adap-tau's epoch sums, DESIGN §8.3);
+  the same for a tensor, on its device (Adap-tau's epoch sums, DESIGN §9.3);
 - :func:`map_reduce`: RecBole's ``_map_reduce`` for per-rank metrics, leaving alone the metrics
   that are computed from summed statistics and are therefore already global;
 - :func:`all_gather`: one picklable object from every rank;

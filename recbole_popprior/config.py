@@ -39,6 +39,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
+from recbole_popprior import evaluator as _evaluator  # noqa: F401  (importing it registers the energy metrics)
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_loss_type, get_model, trains_without_negatives
 from recbole_popprior.model.registry import ModelRecord, record_of, require_record
@@ -268,7 +269,7 @@ def _is_int(value: Any) -> bool:
 # --- unknown settings ------------------------------------------------------------------------
 #: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
 PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "amp_")
+                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "tensorboard", "amp_")
 
 
 @functools.lru_cache(maxsize=1)
@@ -368,6 +369,8 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "stopping_step", low=0, integer=True)
     _number(config, "eval_step", integer=True)  # <= 0: no validation (RecBole)
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
+    if not isinstance(config.get("tensorboard"), bool):
+        raise PopPriorError(f"tensorboard must be True or False, got {config.get('tensorboard')!r}")
 
 
 #: autocast dtypes the trainer takes (``amp_dtype``; None = the device's own default)
@@ -375,7 +378,7 @@ AMP_DTYPES = ("bfloat16", "float16")
 
 
 def _validate_precision(config: dict[str, Any]) -> None:
-    """RecBole's ``enable_amp`` / ``enable_scaler`` and the plugin's ``amp_dtype`` (DESIGN §8.2)."""
+    """RecBole's ``enable_amp`` / ``enable_scaler`` and the plugin's ``amp_dtype`` (DESIGN §9.2)."""
     for key in ("enable_amp", "enable_scaler"):
         if not isinstance(config.get(key, False), bool):
             raise PopPriorError(f"{key} must be True or False, got {config.get(key)!r}")

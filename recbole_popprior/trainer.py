@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Iterator
 
 import torch
@@ -30,7 +31,10 @@ class PopPriorTrainerMixin:
     energy metrics with the model's contexts (DESIGN §3)."""
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        # RecBole's __init__ opens its SummaryWriter: under the run's folder when asked for (compat shim 8)
+        folder = os.path.join(config["checkpoint_dir"], "log_tensorboard") if config["tensorboard"] else None
+        with compat.tensorboard_under(folder):
+            super().__init__(config, model)
         self.eval_collector = PopPriorCollector(config)
         self.eval_stage = "test"
         #: bytes of float32 full-sort scores one scoring step may hold (DESIGN §3, bounded memory)
@@ -41,7 +45,7 @@ class PopPriorTrainerMixin:
         self._init_precision(config)
 
     def _init_precision(self, config) -> None:
-        """RecBole's ``enable_amp`` / ``enable_scaler``, with the plugin's ``amp_dtype`` (DESIGN §8.2).
+        """RecBole's ``enable_amp`` / ``enable_scaler``, with the plugin's ``amp_dtype`` (DESIGN §9.2).
 
         RecBole wraps each training step in ``torch.autocast(device_type)`` at the device's
         default dtype and builds a CUDA ``GradScaler`` whenever CUDA is visible: the scaler is
@@ -81,7 +85,7 @@ class PopPriorTrainerMixin:
         hook = getattr(self.model, "on_epoch_start", None)
         if hook is not None:
             hook(epoch_idx)
-        if self.enable_amp and compat.breaks_under_autocast(self.model):  # compat shim 8
+        if self.enable_amp and compat.breaks_under_autocast(self.model):  # compat shim 9
             loss_func = compat.without_autocast(loss_func or self.model.calculate_loss, self.device.type)
         with autocast_dtype(self.device.type, self.amp_dtype if self.enable_amp else None):
             return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)

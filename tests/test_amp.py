@@ -1,4 +1,4 @@
-"""Mixed precision (docs/DESIGN.md §8.2): RecBole's ``enable_amp`` through the plugin's trainer, on CPU
+"""Mixed precision (docs/DESIGN.md §9.2): RecBole's ``enable_amp`` through the plugin's trainer, on CPU
 (bfloat16 autocast).
 
 - the prior, the logQ and the pairwise prior terms are added to float32 logits, whatever the
@@ -128,7 +128,7 @@ def test_enable_amp_trains_every_model(name, zoo_data, s3rec_pretrained, tmp_pat
         for key, value in saved.items():
             zoo.config[key] = value
     assert trainer.enable_amp and not trainer.enable_scaler  # no CUDA scaler for a CPU model
-    # RecBole's CPR models and RepeatNet fail under autocast (compat shim 8): they train in float32
+    # RecBole's CPR models and RepeatNet fail under autocast (compat shim 9): they train in float32
     expected = (False, BF16) if name in AUTOCAST_BROKEN else (True, BF16)
     said = [r.getMessage() for r in caplog.records if "trains in float32" in r.getMessage()]
     assert len(said) == (name in AUTOCAST_BROKEN) and (not said or name in said[0])

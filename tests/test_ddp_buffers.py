@@ -1,4 +1,4 @@
-"""DDP syncs only what it must (docs/DESIGN.md §8.3), with 2 gloo processes on CPU.
+"""DDP syncs only what it must (docs/DESIGN.md §9.3), with 2 gloo processes on CPU.
 
 Each process builds the real pipeline (the plugin's ``Config`` joins the process group, RecBole's
 trainer wraps the model in DDP through ``compat._ddp_any_device``), plants a different value in a
@@ -9,7 +9,7 @@ parent process, from what the ranks saved:
   parameters stay identical (DDP still all-reduces the gradients); and, as a control in the same
   processes, a wrapper with torch's default ``broadcast_buffers=True`` does overwrite them;
 - Adap-tau's temperatures after the epoch are the same on both ranks and equal a single-process
-  computation over the union of the rows both ranks trained on (DESIGN §7.2, §8.3).
+  computation over the union of the rows both ranks trained on (DESIGN §7.2, §9.3).
 """
 
 from __future__ import annotations

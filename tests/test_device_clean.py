@@ -1,4 +1,4 @@
-"""Device-clean training and scoring, proven without a GPU (docs/DESIGN.md §8.1).
+"""Device-clean training and scoring, proven without a GPU (docs/DESIGN.md §9.1).
 
 Each case builds the real model on CPU (the tiny zoo data of tests/test_model_zoo.py), moves the
 model and a real batch to torch's ``meta`` device, and runs ``calculate_loss(...).backward()`` and

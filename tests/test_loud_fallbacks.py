@@ -1,4 +1,4 @@
-"""Loud, not silent (docs/DESIGN.md §8.4): the energy collector's fallbacks are WARNINGs naming the
+"""Loud, not silent (docs/DESIGN.md §9.4): the energy collector's fallbacks are WARNINGs naming the
 model and the reason, the factor check's tolerance fits TF32 and bf16 scores and still catches a
 wrong factorisation, ``--compare`` says why a p-value is missing, and it frees each finished arm
 before the next one trains."""

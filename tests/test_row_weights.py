@@ -1,4 +1,4 @@
-"""Rows of weight 0 are as if absent (docs/DESIGN.md §8.1): BERT4Rec's empty mask slots are weighted
+"""Rows of weight 0 are as if absent (docs/DESIGN.md §9.1): BERT4Rec's empty mask slots are weighted
 out of every training objective instead of indexed away (an index by a boolean mask has a
 data-dependent shape and waits for the device). Each objective with weights is checked against the
 same objective on the kept rows only, values and gradients."""

@@ -70,7 +70,7 @@ def score_roundoff(dtype: torch.dtype, device_type: str, matmul_precision: str) 
 
 def factor_tolerance(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor,
                      roundoff: tuple[float, float, float]) -> torch.Tensor:
-    """Per-entry bound on ``|h_c . e_i - ref[c, i]|`` from rounding alone (DESIGN §8.4).
+    """Per-entry bound on ``|h_c . e_i - ref[c, i]|`` from rounding alone (DESIGN §9.4).
 
     Each of the ``d`` products ``h_k e_k`` carries an input-rounding error of at most
     ``2 u_in |h_k e_k|``, and the float32 accumulation adds errors of the order of ``u_acc``
@@ -288,7 +288,7 @@ class PopPriorCollector(FixedCollector):
 
     def context_cap(self) -> int | None:
         """How many contexts this process keeps: ``energy_max_contexts`` in one process, and under
-        DDP this rank's share of the same first ``energy_max_contexts`` contexts (DESIGN §8.3).
+        DDP this rank's share of the same first ``energy_max_contexts`` contexts (DESIGN §9.3).
 
         The evaluation shards are unpadded and unshuffled (``distributed.unpad_eval_sampler``):
         rank ``r`` of ``W`` holds the contexts ``r, r + W, r + 2W, ...`` of the single-process
@@ -431,7 +431,7 @@ class PopPriorCollector(FixedCollector):
         if worst <= 1.0:
             return None
         return (f"|H E^T - scores| reaches {worst:.3g} times the rounding bound of {reference.dtype} scores "
-                "(DESIGN §8.4)")
+                "(DESIGN §9.4)")
 
     @staticmethod
     def _learned_scores_batch(model, interaction, scores: torch.Tensor) -> torch.Tensor:

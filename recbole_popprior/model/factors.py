@@ -57,7 +57,7 @@ class TrainingFactors:
     ``weights`` marks, among the rows the model's own loss builds (BERT4Rec: every masked slot),
     those that count (1) and those that do not (0, with a real item as their target so that
     their term is finite); ``None`` = all count. Rows are weighted rather than indexed away, so
-    that a training step has no data-dependent shape and never waits for the device (DESIGN §8.1).
+    that a training step has no data-dependent shape and never waits for the device (DESIGN §9.1).
     """
 
     H: torch.Tensor  # [r, d]

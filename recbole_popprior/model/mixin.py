@@ -261,7 +261,7 @@ class PriorSeparatedMixin:
 
     def _serving_weight(self) -> torch.Tensor | float:
         """``beta`` for scoring: :meth:`effective_beta`, except that a learned ``tau`` serving as
-        ``beta`` stays a tensor, so that scoring never reads it back to the host (DESIGN §8.1)."""
+        ``beta`` stays a tensor, so that scoring never reads it back to the host (DESIGN §9.1)."""
         if self.prior_beta is None and self.prior_tau_learned:
             return self.prior_tau.detach()
         return self.effective_beta()
@@ -312,7 +312,7 @@ class PriorSeparatedMixin:
         tau = self.prior_tau
         if not self.prior_tau_learned and tau == 0.0:
             return logits
-        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §8.2)
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §9.2)
         if self.prior_windowed and self._train_window_ids is not None:
             rows = logits.numel() // width
             if self.prior_tau_learned:
@@ -372,7 +372,7 @@ class PriorSeparatedMixin:
             window_ids = self._aligned_window_ids(pos_items.numel()).to(pos_items.device)
         pos_term = self.prior_at_targets(pos_items.reshape(-1), window_ids).reshape(pos_score.shape)
         neg_term = self.prior_at_targets(neg_items.reshape(-1), window_ids).reshape(neg_score.shape)
-        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §8.2
+        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §9.2
         return pos_score + pos_term.to(pos_score.dtype), neg_score + neg_term.to(neg_score.dtype)
 
     def prior_logit_term(self, window_ids: torch.Tensor | None) -> torch.Tensor | None:

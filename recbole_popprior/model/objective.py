@@ -23,7 +23,7 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
     Where a loss adds the prior or the logQ term to logits, it adds them to this: ``log p_hat``
     near -17 keeps 3 significant digits in bf16 (-17.322 becomes -17.375), so the sum must be
-    formed in float32 whatever the autocast dtype (docs/DESIGN.md §8.2). float64 stays float64.
+    formed in float32 whatever the autocast dtype (docs/DESIGN.md §9.2). float64 stays float64.
     """
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -43,7 +43,7 @@ class TrainingBatch:
     window_ids: torch.Tensor | None = None  # [r] window of each row's target (prior_mode windowed)
     users: torch.Tensor | None = None  # [r] user id of each row (objectives with needs_users only)
     #: [r] 1 for a row that counts, 0 for one that does not (BERT4Rec's empty mask slots); None = all.
-    #: Rows are weighted, not indexed away: a step then has no data-dependent shape (DESIGN §8.1)
+    #: Rows are weighted, not indexed away: a step then has no data-dependent shape (DESIGN §9.1)
     weights: torch.Tensor | None = None
 
 

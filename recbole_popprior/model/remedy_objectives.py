@@ -41,7 +41,7 @@ def full_softmax_loss(model: Any, batch: TrainingBatch, logits: torch.Tensor) ->
     """
     term = model.prior_logit_term(batch.window_ids)
     if term is not None:
-        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §8.2)
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §9.2)
         logits = logits + term.to(device=logits.device, dtype=logits.dtype)
     if batch.weights is None:
         return F.cross_entropy(logits, batch.targets)
@@ -91,8 +91,8 @@ class AdapTauObjective(TrainingObjective):
     State: the global temperature ``t0`` (a persistent buffer: serving divides by it, so it
     travels with the checkpoint) and the per-user ``t_user``. During an epoch the objective sums
     :func:`adap_tau_batch_stats` over the training steps (active users only) and each user's
-    plain loss, all on the device (a step never waits for it, DESIGN §8.1); :meth:`on_epoch_start`
-    sums them over the DDP ranks (DESIGN §8.3) and turns them into the new temperatures: ``t0``
+    plain loss, all on the device (a step never waits for it, DESIGN §9.1); :meth:`on_epoch_start`
+    sums them over the DDP ranks (DESIGN §9.3) and turns them into the new temperatures: ``t0``
     from the summed cosines and the item table as the epoch's last step left it (the warm-up gap
     while ``epoch < warmup_epochs``), ``t_u`` by Lambert's W from the users' mean plain losses.
     """
@@ -144,7 +144,7 @@ class AdapTauObjective(TrainingObjective):
         self._reset_epoch()
 
     def _sum_over_ranks(self) -> None:
-        """Under DDP: every rank's epoch sums become their sum over the ranks (DESIGN §8.3), so
+        """Under DDP: every rank's epoch sums become their sum over the ranks (DESIGN §9.3), so
         that each rank computes the temperatures of the whole epoch, the same on every rank.
         A no-op in one process."""
         if not collective.is_distributed():

@@ -20,7 +20,7 @@ the ``K + 1`` candidates, the probability that item ``j`` is the true target is 
 every ``K``, and the dot product targets PMI as under the full softmax (DESIGN §1, §6.1).
 
 The draw has a fixed shape (``[K]``, by inverse CDF), so a training step has no host
-synchronisation and no data-dependent shape (DESIGN §8). With ``K`` at least the number of
+synchronisation and no data-dependent shape (DESIGN §9). With ``K`` at least the number of
 items with ``q_i > 0`` every such item is a candidate exactly once (hits masked out): the loss
 is the full softmax.
 """
@@ -105,7 +105,7 @@ class SampledSoftmax(TrainingObjective):
         """``[r, 1 + |N|]`` (float32 at least): column 0 each row's target, then the shared candidates.
 
         The dot products may come from an autocast matmul (bf16/fp16); the prior and the logQ
-        terms are added in float32 (DESIGN §8.2). When every item is a candidate the target's
+        terms are added in float32 (DESIGN §9.2). When every item is a candidate the target's
         own column among them is masked (``-inf``): the loss is the full softmax exactly.
         """
         H, E, targets = batch.H, batch.E, batch.targets

@@ -102,7 +102,7 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         finally:
             self._train_window_ids = None
         # RecBole's reduction, sum(CE * w) / sum(w) over every slot (bert4rec.py ~L200): rows are
-        # weighted, not indexed away (a boolean index waits for the device, DESIGN §8.1); an empty
+        # weighted, not indexed away (a boolean index waits for the device, DESIGN §9.1); an empty
         # slot looks up item 1, since its own target 0 has a -inf prior and 0 * inf is NaN
         weights = (masked_index > 0).reshape(-1)
         targets = pos_items.reshape(-1)
@@ -122,7 +122,7 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         seq_output = seq_output.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, seq_output.shape[-1]))
         pos_score = torch.sum(seq_output * self.item_embedding(pos_items), dim=-1) + self.output_bias[pos_items]
         neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1) + self.output_bias[neg_items]
-        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §8.2
+        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §9.2
         if self.prior_tau_learned or self.prior_tau != 0.0:
             window_ids = None
             if self.prior_windowed:
@@ -135,7 +135,7 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
     def reconstruct_test_data(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """RecBole's (bert4rec.py ~L110): the mask token after each sequence's last item. RecBole
         writes it row by row in a Python loop over ``item_seq_len``, which reads every length back
-        from the device; one scatter writes the same tokens (DESIGN §8.1)."""
+        from the device; one scatter writes the same tokens (DESIGN §9.1)."""
         padded = torch.cat((item_seq, item_seq.new_zeros(item_seq.size(0), 1)), dim=-1)  # [B max_len+1]
         padded = padded.scatter(1, item_seq_len.reshape(-1, 1).long(),
                                 torch.full_like(padded[:, :1], self.mask_token))

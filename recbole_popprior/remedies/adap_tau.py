@@ -35,7 +35,7 @@ class AdapTauStats:
     """Sums over training pairs needed by :func:`adap_tau_global_temperature`; add batches with ``+``.
 
     All three are float64 tensors on the device of the batches (``n_pairs`` too: a count kept as
-    a tensor, so that summing a step's pairs never waits for the device, DESIGN §8.1).
+    a tensor, so that summing a step's pairs never waits for the device, DESIGN §9.1).
     """
 
     pos_cos_sum: torch.Tensor  # [] sum over pairs of cos(h_c, e_pos(c))
