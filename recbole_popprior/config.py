@@ -1,3 +1,4 @@
+# Over 500 lines: every plugin key is checked here, in config._validate (a bad value is one line, exit 2).
 """The plugin's ``Config``: RecBole's config, numpy-2 safe, aware of the plugin's models, its
 ``properties/`` defaults and its ``dataset_configs/``.
 
