@@ -1,3 +1,4 @@
+# Over 500 lines: both evaluation paths written out part by part, beside the floors, the low-precision table and the trainer batch.
 """One full-sort evaluation chunk at the headline shape, part by part: RecBole's path against the plugin's.
 
     python benchmarks/bench_eval_step.py [--quick] [--items 731000] [--rows 256] [--batch 4096] [--repeats 7]
