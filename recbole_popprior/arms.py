@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.negatives import may_sample
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,8 @@ def resolve_arm(spec: ArmSpec, config: Mapping[str, Any]) -> ArmSpec:
     trains that objective with no prior. So is it with ``auto``, which every arm resolves alike
     once the item count is known: to sampled softmax, or to the full softmax, where the plugin's
     class at ``prior_tau: 0`` is RecBole's model exactly."""
-    if spec.baseline and may_sample(config):
+    negatives = config.get("softmax_negatives") or 0  # K, or auto (decided per model: model/negatives.py)
+    if spec.baseline and (negatives == "auto" or int(negatives) > 0):
         return replace(spec, label=spec.label.replace("RecBole {model}", "{model}") + " (plugin's objective)",
                        baseline=False)
     return spec

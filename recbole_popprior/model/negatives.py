@@ -62,11 +62,4 @@ def resolve_negatives(config: Any, n_items: int, model_refusal: str | None = Non
     return AUTO_NEGATIVES
 
 
-def may_sample(config: Any) -> bool:
-    """Whether training may be sampled softmax: ``softmax_negatives`` > 0, or ``auto`` (decided
-    once the item count is known)."""
-    value = _get(config, "softmax_negatives", 0)
-    return value == AUTO or (isinstance(value, int) and value > 0)
-
-
-__all__ = ["AUTO", "AUTO_NEGATIVES", "resolve_negatives", "logits_mb", "may_sample", "sampled_softmax_refusal"]
+__all__ = ["AUTO", "AUTO_NEGATIVES", "resolve_negatives", "logits_mb", "sampled_softmax_refusal"]
