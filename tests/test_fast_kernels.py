@@ -65,6 +65,19 @@ def test_keep_mask_is_bernoulli_1_minus_p_per_element(p):
         assert abs(both - m * q * q) <= 6 * math.sqrt(m * q * q * (1 - q * q)), (lag, both / m, q * q)
 
 
+@pytest.mark.parametrize("p, kept", [(1 - 1e-12, 0), (1e-12, 1000), (1 - 2**-8, None), (2**-16, None)])
+def test_keep_mask_at_the_ends_of_p(p, kept):
+    """p within 2^-33 of 1 drops everything (the threshold is past every value), within 2^-33 of 0 keeps
+    everything; p = 1 - 1/256 and 2^-16 are exact on bytes and 16 bits."""
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(1000 if kept is not None else 1 << 20), p)
+    if kept is not None:
+        assert int(mask.sum()) == kept
+    else:
+        n = mask.numel()
+        assert abs(int(mask.sum()) - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p)) + 1
+
+
 def test_keep_mask_takes_bytes_for_dyadic_p_and_32_bits_otherwise():
     """p = 0.5 needs one byte per element, p = 0.2 four: the mask's words are 1/8 and 1/2 of the elements."""
     x = torch.empty(1000)

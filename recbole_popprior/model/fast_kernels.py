@@ -71,7 +71,8 @@ def _mask_bits(p: float) -> int:
     return 32
 
 
-_SIGNED = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
+#: how the random words are read: bytes unsigned, wider chunks signed (torch has no uint16/uint32 compare)
+_VIEWS = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 
 def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,13 +83,15 @@ def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = 
     8 elements (``p`` a multiple of 1/256, as 0.5), 4 or 2, and the comparison is on integers.
     """
     bits = _mask_bits(p)
+    threshold = round(p * 2**bits)  # an element is dropped when its bits, read unsigned, are below it
+    if threshold >= 2**bits:  # p within 2^-33 of 1: every element is dropped
+        return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
     n = like.numel()
     words = -(-n * bits // 64)
     raw = torch.empty(words, dtype=torch.int64, device=like.device)
     raw.random_(-(2**63), None, generator=generator)  # the full 64-bit range: every byte uniform
-    values = raw.view(_SIGNED[bits])[:n]
-    threshold = round(p * 2**bits)
-    if bits > 8:  # signed view: [0, 2^bits) shifted down by 2^(bits-1)
+    values = raw.view(_VIEWS[bits])[:n]
+    if bits > 8:  # a signed view: the unsigned [0, 2^bits) shifted down by 2^(bits-1)
         threshold -= 2 ** (bits - 1)
     return (values >= threshold).view(like.shape)
 
