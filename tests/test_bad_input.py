@@ -204,8 +204,8 @@ INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
 GOOD_ROWS = "".join(f"{u}\t{i}\t{10 * u + i}\n" for u in range(1, 6) for i in range(1, 6))
 MALFORMED = {  # name -> (.inter text, words of the error line)
     "badfloat": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\tabc\n", ("badfloat.inter line 27", "timestamp", "'abc'")),
-    "ragged": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\n", ("ragged.inter line 27", "2 fields", "header has 3")),
-    "longrow": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\t2\t9\n", ("longrow.inter line 27", "4 fields", "header has 3")),
+    # (rows with more or fewer fields than the header are read as RecBole reads them, with a warning:
+    # tests/test_atomic_files.py)
     "unknowntype": ("user_id:token\titem_id:tokn\ttimestamp:float\n" + GOOD_ROWS,
                     ("unknowntype.inter", "column 'item_id'", "unknown type 'tokn'")),
     "headeronly": (f"{INTER_HEADER}\n", ("headeronly.inter", "no data rows")),
