@@ -87,6 +87,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     if options["config_files"]:
         options["config_files"] = options["config_files"].split()
         for path in options["config_files"]:
+            if os.path.isdir(path):
+                raise PopPriorError(f"config file {path} is a directory, not a file")
             if not os.path.isfile(path):
                 raise PopPriorError(f"config file not found: {path}")
     if options["arms"] is not None:

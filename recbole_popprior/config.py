@@ -28,7 +28,7 @@ import difflib
 import functools
 import math
 import os
-import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +44,7 @@ from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
 from recbole_popprior.remedies.resn import LINKS
+from recbole_popprior.yaml_files import RecBoleYamlLoader, expanded_size, read_yaml_file, yaml_problem
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
 
@@ -58,29 +59,6 @@ def dataset_config_file(dataset: str) -> Path:
     return Path(str(resources.files("recbole_popprior.dataset_configs").joinpath(f"{dataset}.yaml")))
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """RecBole's yaml rules (``1e-4`` is a float) on PyYAML's safe loader: RecBole's FullLoader
-    builds Python objects from tags (``!!python/name:os.system`` becomes the function)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                 |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-                 |[-+]?\.(?:inf|Inf|INF)
-                 |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a yaml error: its problem and where, without PyYAML's context lines."""
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
-
-
 class Config(RecBoleConfig):
     """RecBole ``Config`` for prior-separated models (see the module docstring for the precedence)."""
 
@@ -90,18 +68,25 @@ class Config(RecBoleConfig):
         except FileNotFoundError as exc:
             raise PopPriorError(f"config file not found: {exc.filename}") from None
         except yaml.YAMLError as exc:
-            raise PopPriorError(f"a config file is not valid yaml: {_yaml_problem(exc)}") from None
+            raise PopPriorError(f"a config file is not valid yaml: {yaml_problem(exc)}") from None
         _resolve(self.final_config_dict)
         _validate(self.final_config_dict)
-        #: one line per unknown setting with a plugin prefix (logged by the quick start)
-        self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict)
+        known = set(self.internal_config_dict) | {p for group in self.parameters.values() for p in group}
+        #: the given settings that nothing reads: not RecBole's, not the model's, not the plugin's
+        self.unknown_keys = [key for key in self.external_config_dict
+                             if key not in known and key not in known_plugin_keys() and key not in INTERNAL_KEYS]
+        #: one line per unknown setting with a plugin prefix, one for the others (logged by the quick start)
+        self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict) + other_unknown_keys(
+            [key for key in self.unknown_keys if not key.startswith(PLUGIN_PREFIXES)], known, self["model"])
+        for key in self.unknown_keys:  # nothing reads them: never carried whole into logs or checkpoints
+            self.final_config_dict[key] = self.external_config_dict[key] = summarised(self.final_config_dict[key])
 
     # Shim 1 (compat.numpy_aliases): RecBole's version crashes under numpy 2.
     def compatibility_settings(self):
         compat.numpy_aliases()
 
     def _build_yaml_loader(self):
-        return _YamlLoader
+        return RecBoleYamlLoader
 
     # RecBole's own checks of metrics, topk, valid_metric and the sampling arguments raise
     # ValueError, TypeError, NotImplementedError or RuntimeError: bad input, so one line each.
@@ -124,21 +109,11 @@ class Config(RecBoleConfig):
 
     def _load_config_files(self, file_list):
         """RecBole's reader of ``--config_files``, with one line for a file that is not UTF-8,
-        not yaml or not a mapping of settings (RecBole raises from ``dict.update``)."""
+        not yaml, over the bounds of :mod:`recbole_popprior.yaml_files` (an alias bomb), or not a
+        mapping of settings (RecBole raises from ``dict.update``)."""
         merged: dict[str, Any] = {}
         for file in file_list or []:
-            try:
-                with open(file, encoding="utf-8") as handle:
-                    loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
-            except FileNotFoundError:
-                raise PopPriorError(f"config file not found: {file}") from None
-            except IsADirectoryError:
-                raise PopPriorError(f"config file {file} is a directory") from None
-            except UnicodeDecodeError as exc:
-                raise PopPriorError(f"config file {file} is not UTF-8 text (byte {exc.start}: "
-                                    f"{exc.object[exc.start:exc.start + 1]!r})") from None
-            except yaml.YAMLError as exc:
-                raise PopPriorError(f"config file {file} is not valid yaml: {_yaml_problem(exc)}") from None
+            loaded = read_yaml_file(file, "config file")
             if loaded is None:  # an empty file sets nothing
                 continue
             if not isinstance(loaded, dict):
@@ -274,10 +249,46 @@ def known_plugin_keys() -> frozenset[str]:
     for root in roots:
         for path in sorted(root.rglob("*.yaml")):
             with open(path, encoding="utf-8") as handle:
-                loaded = yaml.load(handle, Loader=_YamlLoader)
+                loaded = yaml.load(handle, Loader=RecBoleYamlLoader)
             if isinstance(loaded, dict):
                 keys.update(str(key) for key in loaded)
     return frozenset(keys)
+
+
+#: settings the plugin passes between its own parts (no yaml default)
+INTERNAL_KEYS = frozenset({"model", "dataset", "config_files", "run_dir", "popprior_baseline", "local_rank",
+                           "world_size", "nproc", "offset", "ip", "port", "checkpoint_dir"})
+#: an unknown setting's value longer than this (as text) is kept as a summary
+SUMMARY_CHARS = 200
+
+
+def summarised(value: Any) -> Any:
+    """``value`` itself when it is small (its entries and characters, :func:`expanded_size`), else
+    a short description of it. Nothing here walks more than a bounded part of the value: an alias
+    bomb's ``str`` would be gigabytes."""
+    if expanded_size(value, SUMMARY_CHARS) <= SUMMARY_CHARS:
+        return value
+    entries = expanded_size(value, 10 ** 7)
+    many = "more than 10,000,000" if entries > 10 ** 7 else f"{entries:,}"
+    return f"<{type(value).__name__} of {many} entries and characters, not kept: {_BOUNDED_REPR.repr(value)[:80]}>"
+
+
+_BOUNDED_REPR = reprlib.Repr()
+_BOUNDED_REPR.maxlevel, _BOUNDED_REPR.maxstring, _BOUNDED_REPR.maxother = 4, 120, 80
+_BOUNDED_REPR.maxdict = _BOUNDED_REPR.maxlist = _BOUNDED_REPR.maxtuple = _BOUNDED_REPR.maxset = 8
+
+
+def other_unknown_keys(keys: list[str], known: set[str], model: str) -> list[str]:
+    """One line naming the given settings without a plugin prefix that nothing reads (RecBole
+    ignores them), each with a did-you-mean where one is close."""
+    if not keys:
+        return []
+    names = []
+    for key in keys:
+        close = difflib.get_close_matches(key, sorted(known | known_plugin_keys()), n=1, cutoff=0.8)
+        names.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return [f"unknown setting(s) {', '.join(names)} have no effect: neither RecBole, {model} nor the plugin "
+            "reads them"]
 
 
 def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
@@ -296,6 +307,10 @@ def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
 
 
 # --- checks of the plugin's settings ------------------------------------------------------
+#: the largest float32: settings end up in float32 tensors, where a larger value is infinite
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(config: dict[str, Any], key: str, *, low: float | None = None, strict: bool = False,
             allow: tuple = (), integer: bool = False, high: float | None = None, strict_high: bool = False) -> None:
     value = config.get(key)
@@ -306,6 +321,8 @@ def _number(config: dict[str, Any], key: str, *, low: float | None = None, stric
         raise PopPriorError(f"{key} must be {kind}, got {value!r}")
     if not math.isfinite(value):
         raise PopPriorError(f"{key} must be a finite number, got {value!r}")
+    if not integer and abs(value) > FLOAT32_MAX:
+        raise PopPriorError(f"{key} must be a finite float32 number (at most 3.4e38 in size), got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise PopPriorError(f"{key} must be {'>' if strict else '>='} {low}, got {value!r}")
     if high is not None and (value >= high if strict_high else value > high):
@@ -360,6 +377,44 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "stopping_step", low=0, integer=True)
     _number(config, "eval_step", integer=True)  # <= 0: no validation (RecBole)
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
+    _validate_model_sizes(config)
+    _validate_valid_metric(config)
+
+
+#: the width a model's attention heads split (RecBole's model yamls): hidden_size, except CORE
+_ATTENTION_WIDTH = {"CORE": "embedding_size"}
+
+
+def _validate_model_sizes(config: dict[str, Any]) -> None:
+    """The model settings RecBole's sequential models share: sizes are positive integers (0 would
+    train an empty model, or fail after the data loads), dropout rates lie in [0, 1], and the
+    attention heads divide the width they split."""
+    for key in ("hidden_size", "embedding_size", "inner_size", "n_layers", "num_layers", "n_heads"):
+        if config.get(key) is not None:
+            _number(config, key, low=1, integer=True)
+    for key, value in config.items():
+        if isinstance(key, str) and "dropout" in key and value is not None:
+            rates = value if isinstance(value, (list, tuple)) else [value]
+            if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1
+                                    for r in rates):
+                raise PopPriorError(f"{key} must be a dropout rate in [0, 1], got {value!r}")
+    width_key = _ATTENTION_WIDTH.get(config.get("model"), "hidden_size")
+    heads, width = config.get("n_heads"), config.get(width_key)
+    if heads is not None and isinstance(width, int) and width % heads:
+        raise PopPriorError(f"n_heads ({heads}) must divide {width_key} ({width}): each head takes "
+                            f"{width_key} / n_heads dimensions")
+
+
+def _validate_valid_metric(config: dict[str, Any]) -> None:
+    """``valid_metric: NDCG@20`` needs 20 in ``topk``: RecBole evaluates only the listed cut-offs and
+    fails with ``KeyError: 'ndcg@20'`` after the first epoch."""
+    metric = str(config.get("valid_metric") or "")
+    topk = config.get("topk")
+    topk = [topk] if isinstance(topk, int) else list(topk or [])
+    name, at, cut = metric.partition("@")
+    if at and cut.isdigit() and topk and int(cut) not in topk:
+        raise PopPriorError(f"valid_metric {metric} needs {cut} in topk, got topk {topk}: add it, or choose "
+                            f"{name}@{topk[0]}")
 
 
 def _validate_training(config: dict[str, Any]) -> None:

@@ -126,6 +126,16 @@ def _undo_run_dir(run_dir: Path, created: list[Path]) -> None:
             folder.rmdir()  # only when empty
 
 
+def build_model(config: Config, dataset: Any) -> Any:
+    """The model, on its device. RecBole's models and torch's modules check their settings in the
+    constructor (``num_layers must be greater than zero``): bad settings, so one line each."""
+    try:
+        return config.model_class(config, dataset).to(config["device"])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PopPriorError(f"cannot build {config['model']} with these settings: {message}") from None
+
+
 def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
     """Seed, load and split the data, and build the model and its trainer (as RecBole's quick start).
 
@@ -142,10 +152,11 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
             logger.warning(line)
         init_seed(config["seed"], config["reproducibility"])
         dataset = create_dataset(config)
-        logger.info(dataset)
+        summary = str(dataset)  # logged once the splits are checked: a bad split is then one line
         train_data, valid_data, test_data = data_preparation(config, dataset)
+        logger.info(summary)
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        model = config.model_class(config, train_data._dataset).to(config["device"])
+        model = build_model(config, train_data._dataset)
         logger.info(model)
         trainer = get_trainer(config)(config, model)
     except BaseException:

@@ -202,6 +202,7 @@ CASES = [  # the converters (python -m recbole_popprior.convert)
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
 GOOD_ROWS = "".join(f"{u}\t{i}\t{10 * u + i}\n" for u in range(1, 6) for i in range(1, 6))
+LEAVE_ONE_OUT = ("leave-one-out gives a user's first example to train",)
 MALFORMED = {  # name -> (.inter text, words of the error line)
     "badfloat": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\tabc\n", ("badfloat.inter line 27", "timestamp", "'abc'")),
     # (rows with more or fewer fields than the header are read as RecBole reads them, with a warning:
@@ -211,14 +212,32 @@ MALFORMED = {  # name -> (.inter text, words of the error line)
     "headeronly": (f"{INTER_HEADER}\n", ("headeronly.inter", "no data rows")),
     "commas": (INTER_HEADER.replace("\t", ",") + "\n" + GOOD_ROWS.replace("\t", ","),
                ("commas.inter", "not name:type", "tab-separated")),
+    # issue 19, 5: RecBole fails later on these with AttributeError: 'NoneType' object has no attribute ...
+    "noitem": ("user_id:token\tproduct:token\ttimestamp:float\n" + GOOD_ROWS,
+               ("noitem.inter has no column 'item_id' (ITEM_ID_FIELD)", "product:token")),
+    "othernames": ("uid:token\tiid:token\tts:float\n" + GOOD_ROWS,
+                   ("othernames.inter has no column 'user_id' (USER_ID_FIELD)", "uid:token, iid:token, ts:float")),
+    "bom": ("\ufeff" + INTER_HEADER + "\n" + GOOD_ROWS, ("bom.inter starts with a byte-order mark", "utf-8-sig")),
+    "floatitem": (INTER_HEADER.replace("item_id:token", "item_id:float") + "\n" + GOOD_ROWS,
+                  ("floatitem.inter", "'item_id' (ITEM_ID_FIELD) must be of type token, got float")),
+    "sequser": (INTER_HEADER.replace("user_id:token", "user_id:token_seq") + "\n" + GOOD_ROWS,
+                ("sequser.inter", "'user_id' (USER_ID_FIELD) must be of type token, got token_seq")),
+    # issue 19, 5 and 13: one event per user fails in torch's sampler; two train on nothing and test nothing
+    "oneevent": (INTER_HEADER + "\n" + "".join(f"{u}\t{u % 5 + 1}\t{u}\n" for u in range(1, 40)),
+                 ("dataset 'oneevent': the train split is empty", *LEAVE_ONE_OUT, "2 interactions")),
+    "twoevents": (INTER_HEADER + "\n" + "".join(f"{u}\t{u % 5 + 1}\t{u}\n{u}\t{u % 3 + 1}\t{u + 1}\n" for u in range(1, 40)),
+                  ("dataset 'twoevents': the valid split is empty (39/0/0", *LEAVE_ONE_OUT, "4 interactions")),
 }
 READERS = {  # the three ways the plugin reads an .inter file
     "lean": (),
     "recbole data": ("--sequence_data=recbole",),
     "recbole reader": ("--sequence_data=recbole", "--fast_loader=False"),
 }
-SMALL = {"data_path": "{tmp}/data", "output": "{tmp}/out", "epochs": "1", "hidden_size": "8", "inner_size": "16", "n_layers": "1", "n_heads": "1",
-         "MAX_ITEM_LIST_LENGTH": "5", "train_batch_size": "64", "show_progress": "False", "gpu_id": "''"}
+SMALL = {"data_path": "{tmp}/data", "output": "{tmp}/out", "epochs": "1", "MAX_ITEM_LIST_LENGTH": "5",
+         "train_batch_size": "64", "show_progress": "False", "gpu_id": "''"}
+#: a tiny model of each kind, in the model's own settings (another model's keys would be warned about)
+TINY_MODEL = {"SASRec": {"hidden_size": "8", "inner_size": "16", "n_layers": "1", "n_heads": "1"},
+              "recurrent": {"embedding_size": "8", "hidden_size": "8", "num_layers": "1"}}
 
 
 def cli_setup(*extra: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -236,7 +255,8 @@ def cli_setup(*extra: Callable[[Path], None]) -> Callable[[Path], None]:
 def run(*extra: str, model: str = "SASRec", dataset: str = "tiny") -> tuple[str, ...]:
     """The argv of one small run; ``--key=value`` in ``extra`` replaces the small defaults."""
     given = {arg.split("=", 1)[0] for arg in extra}
-    small = tuple(f"--{k}={v}" for k, v in SMALL.items() if f"--{k}" not in given)
+    tiny = TINY_MODEL["recurrent" if model in ("KSR", "GRU4RecKG", "GRU4Rec") else "SASRec"]
+    small = tuple(f"--{k}={v}" for k, v in {**SMALL, **tiny}.items() if f"--{k}" not in given)
     return (f"--model={model}", f"--dataset={dataset}", *small, *extra)
 
 
@@ -280,6 +300,8 @@ def files_at(contents: dict[str, bytes]) -> Callable[[Path], None]:
 
 
 NOT_FINITE = ("finite",)
+BOMB = ("a: &a [" + ",".join(["x"] * 9) + "]\n" + "".join(  # 271 bytes: 9^8 values when expanded
+    f"{k}: &{k} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, k in zip("abcdefg", "bcdefgh"))).encode()
 CLI_CASES = [
     # settings that are not finite numbers (issue 14, 3): refused before anything runs
     Case("prior_tau=1e999", run("--prior_tau=1e999"), 2, ("prior_tau",) + NOT_FINITE, cli_setup(), "cli"),
@@ -298,6 +320,27 @@ CLI_CASES = [
     Case("a python tag in a yaml file", run("--config_files={tmp}/tag.yaml"), 2,
          ("tag.yaml", "not valid yaml", "python/name:os.system"),
          cli_setup(files_at({"tag.yaml": b"learning_rate: !!python/name:os.system\n"})), "cli"),
+    # settings that failed after the data loaded or after an epoch (issue 19, 6 and 13)
+    Case("prior_tau=1e300 (infinite in float32)", run("--prior_tau=1e300"), 2, ("prior_tau", "finite float32"),
+         cli_setup(), "cli"),
+    Case("weight_decay=1e300 (infinite in float32)", run("--weight_decay=1e300"), 2, ("weight_decay", "finite float32"),
+         cli_setup(), "cli"),
+    Case("topk larger than the catalogue", run("--topk=[10,100]"), 2,
+         ("topk [10, 100] asks for 100 items", "ranks 30 (the catalogue)"), cli_setup(), "cli"),
+    Case("topk larger than the catalogue, recbole data", run("--topk=[10,100]", "--sequence_data=recbole"), 2,
+         ("topk [10, 100] asks for 100 items",), cli_setup(), "cli"),
+    Case("a valid_metric that is not computed", run("--valid_metric=NDCG@20", "--topk=[10]"), 2,
+         ("valid_metric NDCG@20 needs 20 in topk",), cli_setup(), "cli"),
+    Case("n_heads that does not divide hidden_size", run("--n_heads=3"), 2,
+         ("n_heads (3) must divide hidden_size (8)",), cli_setup(), "cli"),
+    Case("hidden_size=0", run("--hidden_size=0"), 2, ("hidden_size must be >= 1", "got 0"), cli_setup(), "cli"),
+    Case("n_layers=0", run("--n_layers=0"), 2, ("n_layers must be >= 1",), cli_setup(), "cli"),
+    Case("a dropout rate of 2", run("--hidden_dropout_prob=2"), 2, ("hidden_dropout_prob", "dropout rate in [0, 1]"),
+         cli_setup(), "cli"),
+    Case("num_layers=0 for GRU4Rec", run("--num_layers=0", model="GRU4Rec"), 2, ("num_layers must be >= 1",),
+         cli_setup(), "cli"),
+    Case("--compare on two events per user", ("--compare", *run(dataset="twoevents")), 2,
+         ("the valid split is empty",), cli_setup(), "cli"),
     # RecBole's own checks of its settings
     Case("an unknown metric", run("--metrics=['Recall','Nope']", "--valid_metric=Recall@10"), 2,
          ("invalid setting", "no metric named 'Nope'"), cli_setup(), "cli"),
@@ -330,6 +373,17 @@ CLI_CASES = [
     # config files
     Case("a missing config file", run("--config_files={tmp}/missing.yaml"), 2, ("config file not found",),
          cli_setup(), "cli"),
+    Case("a folder as a config file", run("--config_files={tmp}/data"), 2, ("config file", "is a directory"),
+         cli_setup(), "cli"),
+    Case("a yaml alias bomb", run("--config_files={tmp}/bomb.yaml"), 2,
+         ("bomb.yaml is refused", "aliases expand it to more than 1,000,000"), cli_setup(files_at({"bomb.yaml": BOMB})),
+         "cli"),
+    Case("a yaml file with more aliases than any config needs", run("--config_files={tmp}/many.yaml"), 2,
+         ("many.yaml is refused", "more than 1000 yaml aliases"),
+         cli_setup(files_at({"many.yaml": b"a: &a 1\nb: [" + b",".join([b"*a"] * 1001) + b"]\n"})), "cli"),
+    Case("a yaml file nested too deeply", run("--config_files={tmp}/deep.yaml"), 2,
+         ("deep.yaml is refused", "more than 64 levels deep"),
+         cli_setup(files_at({"deep.yaml": b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n"})), "script"),
     Case("a malformed yaml file", run("--config_files={tmp}/bad.yaml"), 2, ("bad.yaml", "not valid yaml", "line"),
          cli_setup(files_at({"bad.yaml": b"epochs: [1, 2\n  nope: :\n"})), "cli"),
     Case("a yaml file that is a list", run("--config_files={tmp}/list.yaml"), 2,
