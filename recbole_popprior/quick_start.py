@@ -20,9 +20,11 @@ import colorlog
 from recbole.utils import get_local_time, init_seed, set_color
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
+from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.remedies.ace import check_ace_file
 from recbole_popprior.trainer import get_trainer
 from recbole_popprior.utils import to_jsonable, write_json
 
@@ -126,6 +128,16 @@ def _undo_run_dir(run_dir: Path, created: list[Path]) -> None:
             folder.rmdir()  # only when empty
 
 
+def check_input_files(config: Config) -> None:
+    """The files the model reads besides the dataset, checked before the data loads (one line
+    each, instead of an error after loading and logging the data): ``ace_init`` from its arrays'
+    headers, and S3Rec's fine-tune ``pre_model_path`` (loaded, digest and structure checked)."""
+    if config["ace_init"]:
+        check_ace_file(config["ace_init"])
+    if "train_stage" in config and config["train_stage"] == "finetune":
+        checkpoint.load_checkpoint(config["pre_model_path"] or "<pre_model_path is empty>")
+
+
 def build_model(config: Config, dataset: Any) -> Any:
     """The model, on its device. RecBole's models and torch's modules check their settings in the
     constructor (``num_layers must be greater than zero``): bad settings, so one line each."""
@@ -151,6 +163,7 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
         for line in getattr(config, "unknown_key_warnings", ()):
             logger.warning(line)
         init_seed(config["seed"], config["reproducibility"])
+        check_input_files(config)
         dataset = create_dataset(config)
         summary = str(dataset)  # logged once the splits are checked: a bad split is then one line
         train_data, valid_data, test_data = data_preparation(config, dataset)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from conftest import tiny_rows, write_inter
@@ -299,6 +301,40 @@ def files_at(contents: dict[str, bytes]) -> Callable[[Path], None]:
     return files(contents)
 
 
+def _npy(shape: tuple, dtype: str = "<f8", body: bytes = b"") -> bytes:
+    """A ``.npy`` file whose header claims ``shape`` (followed by ``body`` only)."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + body
+
+
+def _npz(**members: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return buffer.getvalue()
+
+
+def _object_npz(tmp: Path) -> None:
+    tokens = np.array(["1", "2"], dtype=object)
+    np.savez(tmp / "objects.npz", tokens=tokens, embeddings=np.ones((2, 4)))
+
+
+def _checkpoint_without_digest(tmp: Path) -> None:
+    """A plugin checkpoint whose digest was deleted and a weight changed (issue 19, 9)."""
+    import torch
+
+    from recbole_popprior import checkpoint
+
+    path = checkpoint.save_checkpoint(tmp / "pretrained.pth", torch.nn.Linear(2, 2))
+    state = torch.load(path, weights_only=True)
+    meta = json.loads(state["meta"])
+    del meta["digest"]
+    state["state_dict"]["weight"] = state["state_dict"]["weight"] * 2
+    torch.save({**state, "meta": json.dumps(meta)}, path)
+
+
 NOT_FINITE = ("finite",)
 BOMB = ("a: &a [" + ",".join(["x"] * 9) + "]\n" + "".join(  # 271 bytes: 9^8 values when expanded
     f"{k}: &{k} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, k in zip("abcdefg", "bcdefgh"))).encode()
@@ -405,6 +441,23 @@ CLI_CASES = [
            run("--prior_mode=windowed", "--load_col={'inter':['user_id','item_id']}", *flags), 2,
            ("sequential models need the time field 'timestamp'",), cli_setup(), "cli")
       for reader, flags in READERS.items()],
+    # the model's other input files, checked before the data loads (issue 19, 5 and 9)
+    Case("S3Rec fine-tune without its pre_model_path", run("--train_stage=finetune",
+                                                           "--pre_model_path={tmp}/missing.pth", model="S3Rec"), 2,
+         ("checkpoint not found", "missing.pth"), cli_setup(), "cli"),
+    Case("S3Rec fine-tune from a checkpoint without its digest", run(
+        "--train_stage=finetune", "--pre_model_path={tmp}/pretrained.pth", model="S3Rec"), 2,
+         ("pretrained.pth", "records no content digest"), cli_setup(_checkpoint_without_digest), "cli"),
+    Case("ace_init: an object array in an npz", run("--ace_init={tmp}/objects.npz"), 2,
+         ("objects.npz (tokens) holds Python objects", "without pickle"), cli_setup(_object_npz), "cli"),
+    Case("ace_init: a corrupt npz", run("--ace_init={tmp}/bad.npz"), 2,
+         ("ace_init: cannot read", "bad.npz"), cli_setup(files_at({"bad.npz": b"PK\x03\x04" + bytes(200)})), "cli"),
+    Case("ace_init: an npy header claiming a huge shape", run("--ace_init={tmp}/huge.npy"), 2,
+         ("huge.npy claims a 1000000000x1000000 array", "more than the file holds"),
+         cli_setup(files_at({"huge.npy": _npy((10**9, 10**6), body=bytes(64))})), "cli"),
+    Case("ace_init: an npz member claiming a huge shape", run("--ace_init={tmp}/huge.npz"), 2,
+         ("huge.npz (embeddings) claims",), cli_setup(files_at({"huge.npz": _npz(
+             tokens=_npy((2,), "<U1", "12".encode("utf-32-le")), embeddings=_npy((10**12, 8)))})), "cli"),
     # outputs
     Case("--output is a file", run("--output={tmp}/afile"), 2, ("cannot create the run folder", "afile is a file"),
          cli_setup(files_at({"afile": b"x"})), "cli"),
