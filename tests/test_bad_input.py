@@ -14,6 +14,7 @@ makes its files under ``{tmp}``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
 import io
@@ -321,6 +322,20 @@ def _object_npz(tmp: Path) -> None:
     np.savez(tmp / "objects.npz", tokens=tokens, embeddings=np.ones((2, 4)))
 
 
+def _corrupt_sqlite(tmp: Path) -> None:
+    """A SQLite file whose schema pages are overwritten with garbage."""
+    import sqlite3
+
+    path = tmp / "corrupt.db"
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("create table t (x)")
+        con.executemany("insert into t values (?)", [(k,) for k in range(1000)])
+        con.commit()
+    raw = bytearray(path.read_bytes())
+    raw[100:4096] = bytes((7 * k) % 256 for k in range(3996))
+    path.write_bytes(bytes(raw))
+
+
 def _checkpoint_without_digest(tmp: Path) -> None:
     """A plugin checkpoint whose digest was deleted and a weight changed (issue 19, 9)."""
     import torch
@@ -474,6 +489,32 @@ CLI_CASES = [
          ("storage file", "cannot write in /proc/self"), cli_setup(), "console"),
     Case("--storage journal in a missing folder", tune("--storage=journal:{tmp}/nope/x.journal"), 2,
          ("storage file", "does not exist"), cli_setup(), "cli"),
+    # issue 19, 3 and 5: storages that cannot hold a study, or are corrupt
+    Case("--storage sqlite:///:memory:", tune("--storage=sqlite:///:memory:"), 2, ("keeps the study in memory",),
+         cli_setup(), "cli"),
+    Case("--storage sqlite:/// (no file)", tune("--storage=sqlite:///"), 2, ("keeps the study in memory",),
+         cli_setup(), "cli"),
+    Case("--storage journal:/dev/null", tune("--storage=journal:/dev/null"), 2,
+         ("storage file /dev/null is not a regular file",), cli_setup(), "cli"),
+    Case("--storage on a corrupt SQLite file", tune("--storage=sqlite:///{tmp}/corrupt.db"), 2,
+         ("corrupt.db", "malformed"), cli_setup(_corrupt_sqlite), "cli"),
+    Case("--storage on a file that is not SQLite", tune("--storage=sqlite:///{tmp}/text.db"), 2,
+         ("text.db", "file is not a database"), cli_setup(files_at({"text.db": b"not a database\n" * 300})), "cli"),
+    Case("--storage on a journal with a corrupt line", tune("--storage=journal:{tmp}/bad.journal"), 2,
+         ("bad.journal is corrupt at line 2", "its 1 records before it are intact", "head -n 1"),
+         cli_setup(files_at({"bad.journal": b'{"op_code": 0, "worker_id": "w"}\n{"op_code": 0, "wor{"op_code"\n'})),
+         "cli"),
+    Case("a search space file with a Latin-1 byte", tune("--search-space={tmp}/space.yaml"), 2,
+         ("space.yaml is not UTF-8 text", "byte"),
+         cli_setup(files_at({"space.yaml": "prior_tau: {type: float, low: 0, high: 1}  # d\xe9j\xe0\n".encode("latin-1")})),
+         "cli"),
+    Case("a search space file that is an alias bomb", tune("--search-space={tmp}/space.yaml"), 2,
+         ("space.yaml is refused", "aliases expand"), cli_setup(files_at({"space.yaml": BOMB})), "cli"),
+    Case("a study in which every trial failed", tune("--n-trials=2", "--search-space={tmp}/space.yaml",
+                                                     "--tune_max_failures=0"), 2,
+         ("no trial of SASRec completed: 2 failed", "prior_tau must be a finite float32", "summary.md"),
+         cli_setup(files_at({"space.yaml": b"prior_tau: {type: categorical, choices: [1.0e39]}\n"})), "cli",
+         may_leave=("out*",), logs=True),
     Case("a search space key nobody knows", tune("--search-space={tmp}/space.yaml"), 2,
          ("search space entry 'learnig_rate'", "did you mean 'learning_rate'"),
          cli_setup(files_at({"space.yaml": b"learnig_rate: {type: float, low: 0.001, high: 0.01}\n"})), "cli"),
