@@ -92,7 +92,9 @@ def make_folder(path: str | Path, what: str) -> list[Path]:
     return missing[::-1]
 
 
-def _run_dir_of(config: Config) -> Path:
+def run_dir_name(config: Config) -> Path:
+    """The run folder a run uses (not created here): ``config["run_dir"]``, or
+    ``<output>/<model>-<dataset>-<time>[-k]`` (the first name not taken)."""
     if config["run_dir"] if "run_dir" in config else None:
         return Path(config["run_dir"])
     stem = Path(config["output"]) / f'{config["model"]}-{config["dataset"]}-{get_local_time()}'
@@ -100,14 +102,6 @@ def _run_dir_of(config: Config) -> Path:
     while run_dir.exists():
         k += 1
         run_dir = stem.with_name(f"{stem.name}-{k}")
-    return run_dir
-
-
-def make_run_dir(config: Config) -> Path:
-    """``<output>/<model>-<dataset>-<time>[-k]``, or ``config["run_dir"]`` when given (created on rank 0)."""
-    run_dir = _run_dir_of(config)
-    if config["local_rank"] == 0:
-        make_folder(run_dir, "the run folder")
     return run_dir
 
 
@@ -153,7 +147,7 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
 
     Nothing is left on disk when this fails: the run folder is removed again if it was created here.
     """
-    run_dir = _run_dir_of(config)
+    run_dir = run_dir_name(config)
     created = make_folder(run_dir, "the run folder") if config["local_rank"] == 0 else []
     try:
         config["checkpoint_dir"] = str(run_dir)

@@ -23,8 +23,10 @@ import logging
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -34,7 +36,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import tiny_rows, write_inter
+from conftest import free_port, tiny_rows, write_inter
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = "recbole_popprior.convert"
@@ -289,6 +291,36 @@ def _interrupt_after_first_trial(case: Case, tmp: Path) -> tuple[int, str]:
     return proc.returncode, "".join(lines)
 
 
+def _interrupt_ddp_rendezvous(case: Case, tmp: Path) -> tuple[int, str]:
+    """Ctrl-C (SIGINT to the process group) once rank 0 listens for a rendezvous that the
+    missing third rank never completes (``--nproc=2 --world_size=3``); the command must end within
+    60 s, with nothing of its process group left alive (issue 19, 8)."""
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    port = int(next(a for a in argv if a.startswith("--port=")).split("=", 1)[1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_recbole_popprior.py"), *argv], cwd=tmp,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # until rank 0 serves the rendezvous
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # rank 1 joins it too
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # no worker outlives the command
+            for _ in range(20):
+                os.killpg(proc.pid, 0)
+                time.sleep(0.5)
+            raise AssertionError("a process of the command's group is still alive")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def _report_of_finished_trials(tmp: Path) -> None:
     folder = tmp / "out" / "tuning" / "popprior-tiny"
     summary = json.loads((folder / "summary.json").read_text())
@@ -521,6 +553,12 @@ CLI_CASES = [
     Case("a bad search space entry", tune("--search-space={tmp}/space.yaml"), 2, ("above high",),
          cli_setup(files_at({"space.yaml": b"x: {type: float, low: 2, high: 1}\n"})), "cli"),
     Case("--n-workers=0", ("--n-workers=0", *tune()), 2, ("--n-workers must be >= 1",), cli_setup(), "cli"),
+    # under DDP (issue 19, 8): bad input is one line and leaves no run folder; Ctrl-C ends it
+    Case("badfloat .inter under DDP", run("--nproc=2", "--ddp_backend=gloo", f"--port={free_port()}",
+                                          dataset="badfloat"), 2, ("badfloat.inter line 27", "'abc'"), cli_setup(), "cli"),
+    Case("Ctrl-C under DDP waiting for a rank that never comes",
+         run("--nproc=2", "--world_size=3", "--ddp_backend=gloo", f"--port={free_port()}"), 130, ("interrupted",),
+         cli_setup(), "script", process=_interrupt_ddp_rendezvous),
     Case("Ctrl-C while tuning reports the finished trials", tune("--n-trials=50", "--epochs=2", "--state=WARNING"),
          130, ("interrupted", "completed trial(s)", "summary.md"), cli_setup(), "script",
          may_leave=("out*", "log_tensorboard*"), process=_interrupt_after_first_trial, logs=True, check=_report_of_finished_trials),
