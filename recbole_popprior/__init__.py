@@ -3,9 +3,14 @@
 Importing the package applies RecBole 1.2.1's compatibility shims (:mod:`recbole_popprior.compat`)
 and registers the energy metrics in RecBole's metric registry, so ``metrics: [..., PopEnergy]``
 works in any config built afterwards (also in spawned workers, which import the plugin).
+Ctrl-C while a command line imports it is one line (:mod:`recbole_popprior.interrupts`).
 """
 
-from recbole_popprior import compat as _compat
+from recbole_popprior import interrupts as _interrupts
+
+_interrupts.quiet_while_starting()
+
+from recbole_popprior import compat as _compat  # noqa: E402  (torch and RecBole: seconds)
 
 _compat.apply()
 

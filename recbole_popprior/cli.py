@@ -20,6 +20,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from recbole_popprior import interrupts
 from recbole_popprior.arms import parse_arms
 from recbole_popprior.compare import run_beta_sweep, run_compare
 from recbole_popprior.distributed import run_distributed
@@ -144,6 +145,7 @@ def guarded(func: Callable[[], Any], show_traceback: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.started()  # from here on Ctrl-C is handled below (exit 130, what was kept)
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> None:

@@ -321,6 +321,30 @@ def _interrupt_ddp_rendezvous(case: Case, tmp: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _interrupt_while_importing(case: Case, tmp: Path) -> tuple[int, str]:
+    """Ctrl-C while the command still imports torch (its shared library is mapped, the import is not
+    done): one line and status 130, not Python's KeyboardInterrupt traceback (issue 19, 10)."""
+    command = ([str(Path(sys.executable).parent / "recbole-popprior")] if case.entry == "console"
+               else [sys.executable, str(ROOT / "run_recbole_popprior.py")])
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    proc = subprocess.Popen([*command, *argv], cwd=tmp, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                    break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def _report_of_finished_trials(tmp: Path) -> None:
     folder = tmp / "out" / "tuning" / "popprior-tiny"
     summary = json.loads((folder / "summary.json").read_text())
@@ -559,6 +583,10 @@ CLI_CASES = [
     Case("Ctrl-C under DDP waiting for a rank that never comes",
          run("--nproc=2", "--world_size=3", "--ddp_backend=gloo", f"--port={free_port()}"), 130, ("interrupted",),
          cli_setup(), "script", process=_interrupt_ddp_rendezvous),
+    Case("Ctrl-C while the script imports torch", run(), 130, ("interrupted",), cli_setup(), "script",
+         process=_interrupt_while_importing),
+    Case("Ctrl-C while the console script imports torch", run(), 130, ("interrupted",), cli_setup(), "console",
+         process=_interrupt_while_importing),
     Case("Ctrl-C while tuning reports the finished trials", tune("--n-trials=50", "--epochs=2", "--state=WARNING"),
          130, ("interrupted", "completed trial(s)", "summary.md"), cli_setup(), "script",
          may_leave=("out*", "log_tensorboard*"), process=_interrupt_after_first_trial, logs=True, check=_report_of_finished_trials),

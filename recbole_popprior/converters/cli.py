@@ -21,6 +21,7 @@ import os
 import sys
 from typing import NoReturn, Sequence, TextIO
 
+from recbole_popprior import interrupts
 from recbole_popprior.converters.pipeline import (DEFAULT_MAX_BAD_ROWS, KINDS, ConversionInterrupted, convert,
                                               format_summary)
 from recbole_popprior.errors import PopPriorError
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupts.started()
     try:
         args = _parser().parse_args(argv)
     except BrokenPipeError:  # --help into a closed pipe
