@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import difflib
-import functools
 import math
 import os
-import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +42,9 @@ from recbole_popprior.model.registry import ModelRecord, record_of, require_reco
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
 from recbole_popprior.remedies.resn import LINKS
-from recbole_popprior.yaml_files import RecBoleYamlLoader, expanded_size, read_yaml_file, yaml_problem
+from recbole_popprior.unknown_settings import (INTERNAL_KEYS, PLUGIN_PREFIXES, known_plugin_keys,  # noqa: F401
+                                               other_unknown_keys, summarised, unknown_key_warnings)
+from recbole_popprior.yaml_files import RecBoleYamlLoader, read_yaml_file, yaml_problem
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
 
@@ -238,78 +237,6 @@ def _resolve(config: dict[str, Any]) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-# --- unknown settings ------------------------------------------------------------------------
-#: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
-PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_")
-
-
-@functools.lru_cache(maxsize=1)
-def known_plugin_keys() -> frozenset[str]:
-    """Every setting the plugin ships a default for: the keys of ``properties/**/*.yaml`` and
-    ``dataset_configs/*.yaml`` (read once)."""
-    roots = [properties_file(), Path(str(resources.files("recbole_popprior.dataset_configs")))]
-    keys: set[str] = set()
-    for root in roots:
-        for path in sorted(root.rglob("*.yaml")):
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.load(handle, Loader=RecBoleYamlLoader)
-            if isinstance(loaded, dict):
-                keys.update(str(key) for key in loaded)
-    return frozenset(keys)
-
-
-#: settings the plugin passes between its own parts (no yaml default)
-INTERNAL_KEYS = frozenset({"model", "dataset", "config_files", "run_dir", "popprior_baseline", "local_rank",
-                           "world_size", "nproc", "offset", "ip", "port", "checkpoint_dir"})
-#: an unknown setting's value longer than this (as text) is kept as a summary
-SUMMARY_CHARS = 200
-
-
-def summarised(value: Any) -> Any:
-    """``value`` itself when it is small (its entries and characters, :func:`expanded_size`), else
-    a short description of it. Nothing here walks more than a bounded part of the value: an alias
-    bomb's ``str`` would be gigabytes."""
-    if expanded_size(value, SUMMARY_CHARS) <= SUMMARY_CHARS:
-        return value
-    entries = expanded_size(value, 10 ** 7)
-    many = "more than 10,000,000" if entries > 10 ** 7 else f"{entries:,}"
-    return f"<{type(value).__name__} of {many} entries and characters, not kept: {_BOUNDED_REPR.repr(value)[:80]}>"
-
-
-_BOUNDED_REPR = reprlib.Repr()
-_BOUNDED_REPR.maxlevel, _BOUNDED_REPR.maxstring, _BOUNDED_REPR.maxother = 4, 120, 80
-_BOUNDED_REPR.maxdict = _BOUNDED_REPR.maxlist = _BOUNDED_REPR.maxtuple = _BOUNDED_REPR.maxset = 8
-
-
-def other_unknown_keys(keys: list[str], known: set[str], model: str) -> list[str]:
-    """One line naming the given settings without a plugin prefix that nothing reads (RecBole
-    ignores them), each with a did-you-mean where one is close."""
-    if not keys:
-        return []
-    names = []
-    for key in keys:
-        close = difflib.get_close_matches(key, sorted(known | known_plugin_keys()), n=1, cutoff=0.8)
-        names.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return [f"unknown setting(s) {', '.join(names)} have no effect: neither RecBole, {model} nor the plugin "
-            "reads them"]
-
-
-def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
-    """One line per given setting that starts like a plugin setting but is none of them
-    (``prior_tua`` -> did you mean ``prior_tau``?). A warning, not an error: RecBole
-    ignores keys it does not know, and models may read keys of their own."""
-    known = known_plugin_keys()
-    lines = []
-    for key in settings:
-        if not isinstance(key, str) or key in known or not key.startswith(PLUGIN_PREFIXES):
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        lines.append(f"unknown setting {key!r} has no effect{hint}")
-    return lines
 
 
 # --- checks of the plugin's settings ------------------------------------------------------

@@ -1,3 +1,4 @@
+# Over 500 lines: one table of every bad input, so that each case runs through the same checks of stderr and disk.
 """Bad input to the command lines, as one table: each case must end with exactly one ``error:``
 line on stderr (no traceback), its exit status, and nothing written or changed on disk.
 

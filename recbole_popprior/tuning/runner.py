@@ -47,7 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from recbole.evaluator.register import metrics_dict
 from sqlalchemy.exc import SQLAlchemyError
 
-from recbole_popprior.config import PLUGIN_PREFIXES, other_unknown_keys, unknown_key_warnings
+from recbole_popprior.unknown_settings import PLUGIN_PREFIXES, other_unknown_keys, unknown_key_warnings
 from recbole_popprior.data.dataset import check_dataset_files
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_supported, supported_models
