@@ -91,6 +91,9 @@ class Config(RecBoleConfig):
     # RecBole's own checks of metrics, topk, valid_metric and the sampling arguments raise
     # ValueError, TypeError, NotImplementedError or RuntimeError: bad input, so one line each.
     def _set_default_parameters(self):
+        metrics = self.final_config_dict.get("metrics")
+        if isinstance(metrics, (list, tuple)) and not metrics:  # RecBole: "pop from an empty set"
+            raise PopPriorError("metrics is empty: list at least one metric, e.g. [Recall, NDCG]")
         # RecBole refuses sampled negatives for a sequential softmax, and its BPR models need
         # them: None only where the model trains a softmax, unless the user set it (DESIGN §6.2)
         if "train_neg_sample_args" not in self.external_config_dict and trains_without_negatives(
@@ -300,7 +303,7 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
 
 def _validate_running(config: dict[str, Any], model_class: type | None = None) -> None:
     """RecBole settings the pipeline uses before RecBole checks them (if it ever does)."""
-    _number(config, "seed", integer=True)
+    _number(config, "seed", low=0, high=2**32 - 1, integer=True)  # numpy's and torch's seeds
     _number(config, "epochs", low=1, integer=True)  # 0 or less would save an untrained model
     if "pretrain_epochs" in config:
         _number(config, "pretrain_epochs", low=1, integer=True)

@@ -75,9 +75,10 @@ def init_logger(config: Config, run_dir: Path | None = None) -> logging.Logger:
     return root
 
 
-def make_folder(path: str | Path, what: str) -> list[Path]:
+def make_folder(path: str | Path, what: str, fresh: bool = False) -> list[Path]:
     """``mkdir -p path``; returns the folders it created, outermost first. A file in the way or
-    a folder that cannot be written is one :class:`PopPriorError` line naming ``what`` it is."""
+    a folder that cannot be written is one :class:`PopPriorError` line naming ``what`` it is.
+    ``fresh``: ``path`` itself must be new (``FileExistsError`` when another process made it first)."""
     path = Path(path)
     missing, probe = [], path
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
@@ -86,10 +87,31 @@ def make_folder(path: str | Path, what: str) -> list[Path]:
     if not probe.is_dir():
         raise PopPriorError(f"cannot create {what} {path}: {probe} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(exist_ok=not fresh)
+    except FileExistsError:
+        if fresh and path.is_dir():
+            raise
+        raise PopPriorError(f"cannot create {what} {path}: it exists and is not a folder") from None
     except OSError as exc:
         raise PopPriorError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
     return missing[::-1]
+
+
+def _make_run_dir(config: Config) -> tuple[Path, list[Path]]:
+    """The run folder (:func:`run_dir_name`), made here on rank 0, and the folders made for it. A
+    folder named after the time is made exclusively: two runs started in the same second (into
+    one ``--output``) would otherwise share it, and write over each other's checkpoint and log."""
+    named = bool(config["run_dir"] if "run_dir" in config else None)
+    for _ in range(100):
+        run_dir = run_dir_name(config)
+        if config["local_rank"] != 0:
+            return run_dir, []
+        try:
+            return run_dir, make_folder(run_dir, "the run folder", fresh=not named)
+        except FileExistsError:  # taken since run_dir_name looked: the next name
+            continue
+    raise PopPriorError(f"cannot create a run folder in {config['output']}: every name is taken")
 
 
 def run_dir_name(config: Config) -> Path:
@@ -147,8 +169,7 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
 
     Nothing is left on disk when this fails: the run folder is removed again if it was created here.
     """
-    run_dir = run_dir_name(config)
-    created = make_folder(run_dir, "the run folder") if config["local_rank"] == 0 else []
+    run_dir, created = _make_run_dir(config)
     try:
         config["checkpoint_dir"] = str(run_dir)
         if log:

@@ -14,7 +14,8 @@ for the converters' output pair (:mod:`recbole_popprior.converters.commit`):
    what was moved aside are removed.
 
 An error or Ctrl-C removes the staging folder; after SIGKILL it stays, and the next run in the
-same output folder removes every staging folder whose process is gone.
+same output folder removes every staging folder whose process is gone. Two runs into the same
+folder commit one after the other (``.<kind>.lock``): the set in place is always one run's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from recbole_popprior.utils import atomic_write
+from recbole_popprior.utils import atomic_write, exclusive_lock
 
 
 def _alive(pid: int) -> bool:
@@ -91,6 +92,10 @@ class StagedSet:
         """Steps 2-4: ``write_marker(handle)`` writes the marker's text (into a temporary file that is
         renamed over ``out_dir/<marker>``). Returns the marker's path."""
         assert self.staging is not None
+        with exclusive_lock(self.out_dir / f".{self.kind}.lock"):  # two runs into one folder commit in turn
+            return self._commit(write_marker)
+
+    def _commit(self, write_marker: Callable[[Any], None]) -> Path:
         marker = self.out_dir / self.marker
         marker.unlink(missing_ok=True)
         _fsync(self.out_dir)

@@ -53,6 +53,7 @@ QUIRKS = {
                                    None, (1, 9)),
     "CR line ends": ((H4 + "\n" + ROWS + "8\t2\n").replace("\n", "\r").encode(), None, (1, 9)),
     "blank lines and white space": ((H4 + "\n\n" + ROWS + "  \n\n\t\t\t\n").encode(), None, (1, 10)),
+    "a NUL byte in a token": ((H4 + "\n" + ROWS + "8\t2\x00\t1\t880000300\n").encode(), None, None),
     "NA strings and leading zeros": ((H4 + "\n" + ROWS + "007\tNA\t\t880000300\n7\t02\tnan\tNULL\n").encode(), None, None),
     "a BOM on an unused column": (("\ufeffextra:token\t" + H4 + "\n"
                                    + "".join(f"e{k}\t{line}\n" for k, line in enumerate(ROWS.splitlines()))).encode(),

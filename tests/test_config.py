@@ -146,3 +146,19 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tiny_data, tmp_path):
     path.write_text(bomb, encoding="utf-8")
     with pytest.raises(PopPriorError, match="refused: its aliases expand it to more than 1,000,000"):
         Config(model="SASRec", dataset="tiny", config_file_list=[str(path)], config_dict=tiny_config(tiny_data))
+
+
+def test_two_runs_started_in_the_same_second_never_share_a_run_folder(tiny_data, tmp_path, monkeypatch):
+    """The run folder is named after the time: a second run into the same --output that picks the
+    same name before the first made it must not write into it (issue 19, concurrency)."""
+    from recbole_popprior import quick_start
+
+    config = Config(model="SASRec", dataset="tiny", config_dict={**tiny_config(tiny_data), "output": str(tmp_path)})
+    taken = tmp_path / "SASRec-tiny-taken"
+    taken.mkdir()
+    (taken / "model.pth").write_bytes(b"the other run's")
+    names = iter([taken, tmp_path / "SASRec-tiny-taken-2"])
+    monkeypatch.setattr(quick_start, "run_dir_name", lambda _: next(names))
+    run_dir, created = quick_start._make_run_dir(config)
+    assert run_dir == tmp_path / "SASRec-tiny-taken-2" and created == [run_dir] and run_dir.is_dir()
+    assert (taken / "model.pth").read_bytes() == b"the other run's"

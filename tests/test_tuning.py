@@ -444,3 +444,19 @@ def test_the_running_trials_of_a_killed_worker_on_this_machine_are_failed(tmp_pa
     assert states == {gone.number: TrialState.FAIL, alive.number: TrialState.RUNNING,
                       elsewhere.number: TrialState.RUNNING}
     assert "died while it ran" in study.get_trials()[gone.number].user_attrs["fail_reason"]
+
+
+def test_an_append_after_a_writer_died_mid_record_cuts_the_torn_tail_first(tmp_path):
+    from recbole_popprior.tuning.journal import CheckedJournal
+
+    path = tmp_path / "x.journal"
+    journal = CheckedJournal(str(path))
+    journal.append_logs([{"op_code": 0, "worker_id": "a"}])
+    intact = path.read_bytes()
+    with open(path, "ab") as handle:  # another process, killed half-way through its record
+        handle.write(b'{"op_code": 1, "wor')
+    journal.append_logs([{"op_code": 2, "worker_id": "b"}])
+    assert path.read_bytes() == intact + b'{"op_code":2,"worker_id":"b"}\n'
+    (saved,) = tmp_path.glob("x.journal.torn-*")
+    assert saved.read_bytes() == intact + b'{"op_code": 1, "wor'
+    assert [log["op_code"] for log in journal.read_logs(0)] == [0, 2]

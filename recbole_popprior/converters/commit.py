@@ -30,7 +30,6 @@ sorted buckets: up to hundreds of MB) and the temporary ``.NAME.inter.*.tmp`` an
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.utils import atomic_write, write_json
+from recbole_popprior.utils import LockBusy, atomic_write, exclusive_lock, write_json
 
 __all__ = ["OutputPair", "verify_output", "file_digest"]
 
@@ -89,30 +88,18 @@ class OutputPair:
         """Hold the pair's lock (see the module docstring) and remove a killed conversion's
         temporary files; one line when another conversion holds it."""
         folder, name = self.inter.parent, self.inter.stem
-        lock = folder / f".{name}.convert.lock"
-        while True:  # the lock file may be unlinked by its last holder right after we open it
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PopPriorError(f"another conversion is writing {self.inter.name} in {folder} right now; "
-                                    "wait for it, or choose another --output or --name") from None
-            with contextlib.suppress(OSError):
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    break
-            os.close(fd)
         try:
-            for leftover in [*folder.glob(f".{name}.convert-*"), *folder.glob(f".{self.inter.name}.*.tmp"),
-                             *folder.glob(f".{self.summary.name}.*.tmp")]:
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
-            yield
-        finally:
-            lock.unlink(missing_ok=True)  # before the unlock: a waiter then retries on a new file
-            os.close(fd)
+            with exclusive_lock(folder / f".{name}.convert.lock", wait=False):
+                for leftover in [*folder.glob(f".{name}.convert-*"), *folder.glob(f".{self.inter.name}.*.tmp"),
+                                 *folder.glob(f".{self.summary.name}.*.tmp")]:
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+                yield
+        except LockBusy:
+            raise PopPriorError(f"another conversion is writing {self.inter.name} in {folder} right now; "
+                                "wait for it, or choose another --output or --name") from None
 
     @contextlib.contextmanager
     def writing_inter(self) -> Iterator[_DigestWriter]:

@@ -109,6 +109,8 @@ def check_storage(url: str) -> None:
     """Check ``url`` without opening it: a known scheme, a study that outlives the command, and, for
     a file, :func:`check_storage_file`."""
     path = storage_file(url)
+    if _scheme(url) == "journal" and not str(path or "").strip(". "):
+        raise PopPriorError(f"--storage {url!r} names no journal file: journal:path/to/study.journal")
     if _scheme(url) == "sqlite" and (path is None or "mode=memory" in url):
         raise PopPriorError(f"--storage {redact(url)} keeps the study in memory, lost when the command ends (and "
                             "each worker would see another one): give a file, e.g. sqlite:///tuning.db")
