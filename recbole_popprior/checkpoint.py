@@ -155,6 +155,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise PopPriorError(f"checkpoint not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+            if packed:  # torch.save stores, never compresses: a compressed member could unpack to any size
+                raise PopPriorError(f"cannot load checkpoint {path}: its member {packed[0]} is compressed, which "
+                                    "torch.save never does (not a recbole-popprior checkpoint)")
             bad_member = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -133,8 +133,9 @@ def guarded(func: Callable[[], Any], show_traceback: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # its message, if any, says what was kept (tuning: the report)
-        print(f"error: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
-        return 130
+        by = " by SIGTERM" if isinstance(exc, interrupts.Terminated) else ""
+        print(f"error: interrupted{by}{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 143 if by else 130
     except Exception as exc:  # noqa: BLE001 - the top level of a CLI
         if show_traceback:
             raise
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run() -> None:
-        _dispatch(*parse_args(argv))
+        with interrupts.sigterm_as_interrupt():
+            _dispatch(*parse_args(argv))
 
     return guarded(run, show_traceback="--traceback" in argv)

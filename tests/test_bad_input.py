@@ -346,6 +346,25 @@ def _interrupt_while_importing(case: Case, tmp: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _sigterm_when_staging(case: Case, tmp: Path) -> tuple[int, str]:
+    """SIGTERM (a scheduler's stop) once a comparison trains into its staging folder: handled as
+    Ctrl-C is, the staging folder removed, status 143 (issue 19, interrupts)."""
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_recbole_popprior.py"), *argv], cwd=tmp,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not list(tmp.glob("out/.compare-*/runs/*")):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def _report_of_finished_trials(tmp: Path) -> None:
     folder = tmp / "out" / "tuning" / "popprior-tiny"
     summary = json.loads((folder / "summary.json").read_text())
@@ -588,6 +607,9 @@ CLI_CASES = [
     Case("Ctrl-C under DDP waiting for a rank that never comes",
          run("--nproc=2", "--world_size=3", "--ddp_backend=gloo", f"--port={free_port()}"), 130, ("interrupted",),
          cli_setup(), "script", process=_interrupt_ddp_rendezvous),
+    Case("SIGTERM during --compare", ("--compare", "--seeds=1", *run("--epochs=50")), 143,
+         ("interrupted by SIGTERM",), cli_setup(), "script", process=_sigterm_when_staging, logs=True,
+         may_leave=("log_tensorboard*",)),  # (issue 20 moves it under --output)
     Case("Ctrl-C while the script imports torch", run(), 130, ("interrupted",), cli_setup(), "script",
          process=_interrupt_while_importing),
     Case("Ctrl-C while the console script imports torch", run(), 130, ("interrupted",), cli_setup(), "console",

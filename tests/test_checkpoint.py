@@ -319,3 +319,20 @@ def test_a_checkpoint_of_another_structure_is_one_line(tmp_path, damage, words):
     with pytest.raises(PopPriorError, match=words) as info:
         checkpoint.load_checkpoint(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_compressed_member_is_refused_before_it_is_unpacked(tmp_path):
+    """torch.save stores its members uncompressed; a deflated member (a zip bomb: 1 GB of zeros in
+    1 MB) is refused before anything reads it."""
+    path, state = _saved_state(tmp_path)
+    names = zipfile.ZipFile(path).namelist()
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in names:
+            archive.writestr(name, source.read(name), compress_type=zipfile.ZIP_STORED)
+        with archive.open(f"{names[0].split('/')[0]}/huge", "w") as member:  # deflated, streamed
+            for _ in range(1 << 10):
+                member.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 5 << 20
+    with pytest.raises(PopPriorError, match="huge is compressed, which torch.save never does"):
+        checkpoint.load_checkpoint(bomb)
