@@ -4,10 +4,11 @@ For each storage (SQLite and Optuna's journal file), in one fresh folder:
 
 1. a calibration run adds ``--trials`` trials without being killed; its wall time ``T`` sets the
    range of the kill times;
-2. ``--kills`` times: the same command (it resumes the study and adds ``--trials`` more) is started
-   in its own process group and SIGKILLed, with all its processes, at a uniformly random time in
-   ``[0.05 T, 1.1 T]``: while importing, while training, while writing a checkpoint, a record or
-   the report;
+2. until it has been SIGKILLed ``--kills`` times: the same command (it resumes the study and adds
+   ``--trials`` more) is started in its own process group and SIGKILLed, with all its processes,
+   at a uniformly random time in ``[0.05 T, 0.95 T]``: while importing, while training, while
+   writing a checkpoint, a record or the report (a run that ends first, e.g. when its trials are
+   pruned, is checked and counted, and the loop goes on);
 3. after every kill the storage is read with Optuna's own API and checked against everything
    seen complete so far: each completed trial is still COMPLETE, with the same value, parameters
    and checkpoint path, and its checkpoint file has the same SHA-256 and loads (digest checked);
@@ -154,8 +155,10 @@ def run_storage(kind: str, root: Path, data: Path, kills: int, trials: int, rng:
         raise SystemExit(f"{kind}: the calibration run failed, see {log}")
     span = time.perf_counter() - began
     problems = check(storage, known)
-    for k in range(kills):
-        at = rng.uniform(0.05, 1.1) * span
+    k = 0
+    while counts["kills"] < kills and k < 3 * kills:
+        k += 1
+        at = rng.uniform(0.05, 0.95) * span
         proc = start(cmd, log)
         try:
             status = proc.wait(timeout=at)
@@ -171,9 +174,10 @@ def run_storage(kind: str, root: Path, data: Path, kills: int, trials: int, rng:
         running = states(storage).get("RUNNING", 0)
         counts["hit_a_running_trial"] += status is None and running > 0
         found = check(storage, known)
-        problems += [f"after kill {k + 1} at {at:.1f}s: {p}" for p in found]
-        print(f"{kind} kill {k + 1}/{kills} at {at:5.1f}s ({'killed' if status is None else f'exit {status}'}): "
-              f"{len(known)} complete, {running} running, {len(found)} problem(s)", flush=True)
+        problems += [f"after run {k} (kill at {at:.1f}s): {p}" for p in found]
+        print(f"{kind} run {k}, kill {counts['kills']}/{kills} at {at:5.1f}s "
+              f"({'killed' if status is None else f'exit {status}'}): {len(known)} complete, {running} running, "
+              f"{len(found)} problem(s)", flush=True)
     proc = start(cmd, log)  # the last run is not killed: the study resumes and the command succeeds
     status = proc.wait(timeout=1800)
     counts["failed_resumes"] += status != 0
