@@ -5,11 +5,7 @@
 
 import sys
 
-try:
-    from recbole_popprior.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch and RecBole import (the package makes it one line, too)
-    print("error: interrupted", file=sys.stderr)
-    sys.exit(130)
+from recbole_popprior.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,24 +9,20 @@ permutation tests, each non-standard arm's matched reductions ``R_dir`` and ``R_
 against ``standard`` with their permutation p-values, and intervals over seeds
 (:mod:`recbole_popprior.compare_report`, DESIGN §3.2). The energies come from the same
 collector that feeds the ``PopEnergy`` metric, so the comparison's figures and the metrics'
-figures are one computation. ``run_beta_sweep`` serves one trained prior-separated model at
-several ``beta`` without retraining.
+figures are one computation.
 
 Outputs, committed as one set (:mod:`recbole_popprior.staging`: written in a staging folder, then
 renamed into place, ``compare.json`` last, so its presence means the set is complete):
 ``runs/seed<k>-<arm>/``, ``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png``,
-``arms.png`` and ``compare.json``; ``run/`` and ``beta_sweep.{csv,md,json}``.
+``arms.png`` and ``compare.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
-import io
 import json
-import math
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
@@ -39,15 +35,16 @@ from recbole.utils import get_local_time
 
 from recbole_popprior import plots
 from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms, resolve_arm
-from recbole_popprior.compare_report import SPECIFICITY_KEYS, compare_csv, summarise
-from recbole_popprior.config import parse_literal, properties_file
+from recbole_popprior.compare_report import SPECIFICITY_KEYS, compare_csv, headline_text, summarise
+from recbole_popprior.config import properties_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
 from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_from_energies
 from recbole_popprior.prior import estimate_log_prior
-from recbole_popprior.quick_start import build_config, build_pipeline, make_folder, train_and_test
-from recbole_popprior.serving import evaluate_at, sweep_beta
+from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, make_folder, train_and_test
+from recbole_popprior.serving import evaluate_at
 from recbole_popprior.staging import StagedSet
+from recbole_popprior.trained import with_metrics
 from recbole_popprior.utils import atomic_write, to_jsonable
 
 #: RecBole metrics every comparison evaluates (PopBandRecall: head/mid/tail recall; PopEnergy and
@@ -74,21 +71,13 @@ class Arm:
     state: EnergyState | None = None
 
 
-def _with_energy_metrics(metrics: Any, needed: Sequence[str] = _ENERGY_METRICS) -> list[str]:
-    if isinstance(metrics, str):  # --metrics=... from the command line: a literal list, or one name
-        metrics = parse_literal(metrics)
-    names = [metrics] if isinstance(metrics, str) else list(metrics)
-    known = {str(m).lower() for m in names}
-    return names + [m for m in needed if m.lower() not in known]
-
-
 def arm_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict | None,
                *, seed: int | None, baseline: bool, run_dir: Path | None = None, tau: float | None = None,
                overrides: Mapping[str, Any] | None = None):
     """The plugin ``Config`` of one arm: the user's settings, this seed, the arm's ``prior_tau``
     and the arm's ``overrides`` (:func:`recbole_popprior.arms.arm_overrides`)."""
     settings = dict(config_dict or {})
-    settings["metrics"] = _with_energy_metrics(settings.get("metrics", COMPARE_METRICS))
+    settings["metrics"] = with_metrics(settings.get("metrics", COMPARE_METRICS), _ENERGY_METRICS)
     settings.update(popprior_baseline=bool(baseline), prior_beta=None)
     if seed is not None:
         settings["seed"] = int(seed)
@@ -155,10 +144,11 @@ def score_singular_values(G: np.ndarray, E: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------
-def _output_dir(output: str | Path | None, config: Any, kind: str) -> Path:
+def output_folder(output: str | Path | None, config_output: str | Path, kind: str, model: Any, dataset: Any) -> Path:
+    """``--output`` itself when given, else ``<config output>/<kind>-<model>-<dataset>-<time>``."""
     if output:
         return Path(output)
-    return Path(config["output"]) / f"{kind}-{config['model']}-{config['dataset']}-{get_local_time()}"
+    return Path(config_output) / f"{kind}-{model}-{dataset}-{get_local_time()}"
 
 
 def _seed_list(config: Any, seeds: int) -> list[int]:
@@ -216,8 +206,8 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     table = dict(arm_table or ARMS)
     names = parse_arms(arms, table)
     config_dict = dict(config_dict or {})
-    config_dict["metrics"] = _with_energy_metrics(config_dict.get("metrics", COMPARE_METRICS),
-                                                  (*_ENERGY_METRICS, "PopPermutation"))
+    config_dict["metrics"] = with_metrics(config_dict.get("metrics", COMPARE_METRICS),
+                                          (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
     plans = _plan(names, table, probe)
     if SEP in names and probe["prior_tau"] != "learned" and float(probe["prior_tau"]) == 0.0:
@@ -226,9 +216,10 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     permutations = int(probe["energy_permutations"])
     energy_seed = int(probe["energy_seed"])
     confidence = float(probe["compare_confidence"])
-    out_dir = _output_dir(output, probe, "compare")
+    out_dir = output_folder(output, probe["output"], "compare", probe["model"], probe["dataset"])
     seed_values = _seed_list(probe, seeds)
-    with _output_set(out_dir, "compare", "compare.json") as stage:  # one commit: nothing half-written
+
+    with output_set(out_dir, "compare", "compare.json") as stage:  # one commit: nothing half-written
         per_seed, figures = [], {}
         for seed in seed_values:
             config_of = functools.partial(_seed_config, model, dataset, config_file_list, config_dict, seed,
@@ -249,12 +240,13 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
         payload["tau"] = taus.get(SEP)
         files = _write_compare(stage, payload, spectra, first_nulls)
     payload["files"] = {k: str(v) for k, v in files.items()}
-    print(payload["markdown"])
+    print(headline_text(payload, str(files["md"])), flush=True)
+    log_report_folder(out_dir, "compare.md, compare.csv, compare.json, *.png, runs/")
     return payload
 
 
 @contextlib.contextmanager
-def _output_set(out_dir: Path, kind: str, marker: str) -> Iterator[StagedSet]:
+def output_set(out_dir: Path, kind: str, marker: str) -> Iterator[StagedSet]:
     """The output folder (created, one line when it cannot be) and a :class:`StagedSet` in it; a
     start that fails leaves no folder it created."""
     created = make_folder(out_dir, "the run folder")
@@ -266,6 +258,11 @@ def _output_set(out_dir: Path, kind: str, marker: str) -> Iterator[StagedSet]:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
         raise
+
+
+def dump_json(handle: Any, payload: Any) -> None:
+    json.dump(to_jsonable(payload), handle, indent=2)
+    handle.write("\n")
 
 
 def _seed_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict, seed: int,
@@ -382,82 +379,27 @@ def _write_compare(stage: StagedSet, payload: dict[str, Any], spectra: dict[str,
     files' final paths (the payload's paths are the final ones too)."""
     files = {"csv": _write_text(stage.path("compare.csv"), compare_csv(payload)),
              "md": _write_text(stage.path("compare.md"), payload["markdown"])}
+    first, seeds = payload["per_seed"][0], payload["seeds"]
     if spectra:
-        files["spectra"] = plots.plot_spectra(spectra, stage.path("spectra.png"))
-    first = payload["per_seed"][0]
+        files["spectra"] = plots.plot_spectra(spectra, stage.path("spectra.png"), seed=first["seed"])
     labels = {arm["name"]: arm["label"] for arm in payload["arms"]}
-    files["energy"] = plots.plot_energy({labels[name]: first["energy"][name] for name in labels},
-                                        stage.path("energy.png"))
+    files["energy"] = plots.plot_energy({labels[name]: [rec["energy"][name] for rec in payload["per_seed"]]
+                                         for name in labels}, stage.path("energy.png"), seeds)
     panels = {labels[name]: (null, {"dir": first["reductions"][name]["R_dir"],
                                     "shared": first["reductions"][name]["R_shared"]})
               for name, null in nulls.items() if null is not None}
     if panels:
-        files["permutation"] = plots.plot_permutation_nulls(panels, stage.path("permutation.png"))
+        files["permutation"] = plots.plot_permutation_nulls(panels, stage.path("permutation.png"),
+                                                            seed=first["seed"], n_seeds=len(seeds))
     files["arms"] = plots.plot_arms(payload["summary"], stage.path("arms.png"),
-                                    (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"))
+                                    (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"), seeds)
     files = {k: stage.final(Path(v)) for k, v in files.items()}
     payload.update(stage.final({k: v for k, v in payload.items() if k != "markdown"}))
     payload["files"] = {k: str(v) for k, v in {**files, "json": stage.out_dir / "compare.json"}.items()}
-    files["json"] = stage.commit(lambda handle: _dump_json(handle, {k: v for k, v in payload.items()
-                                                                    if k != "markdown"}))
+    files["json"] = stage.commit(lambda handle: dump_json(handle, {k: v for k, v in payload.items()
+                                                                   if k != "markdown"}))
     return files
 
 
-def _dump_json(handle: Any, payload: Any) -> None:
-    json.dump(to_jsonable(payload), handle, indent=2)
-    handle.write("\n")
-
-
-# --------------------------------------------------------------------------------------
-# The beta sweep command
-# --------------------------------------------------------------------------------------
-def run_beta_sweep(model: str, dataset: str, betas: Sequence[float], config_file_list: list[str] | None = None,
-                   config_dict: dict | None = None, output: str | Path | None = None) -> list[dict[str, Any]]:
-    """Train one prior-separated model, then serve it at every ``beta`` (no retraining).
-
-    Writes ``beta_sweep.{json,csv,md}``; returns one row per beta (RecBole's test metrics).
-    """
-    if not betas:
-        raise PopPriorError("--beta-sweep needs at least one beta value")
-    probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
-    out_dir = _output_dir(output, probe, "beta_sweep")
-    with _output_set(out_dir, "beta_sweep", "beta_sweep.json") as stage:
-        config = arm_config(model, dataset, config_file_list, config_dict, seed=int(probe["seed"]),
-                            baseline=False, run_dir=stage.path("run"))
-        arm = train_arm(SEP, config)
-        rows = sweep_beta(arm.pipe.trainer, arm.pipe.test_data, betas)
-        tau = arm.pipe.model.training_tau()
-        for row in rows:
-            row["tau"] = tau
-        _write_sweep(stage, model, dataset, rows)
-    return rows
-
-
-def _write_sweep(stage: StagedSet, model: str, dataset: str, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    keys = ["beta", "tau"] + sorted({k for row in rows for k in row} - {"beta", "tau"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in keys})
-    md = [f"# Serve-time beta sweep: prior-separated {model} on {dataset}", "",
-          "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    for row in rows:
-        md.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
-    text = "\n".join(md) + "\n"
-    print(text)
-    _write_text(stage.path("beta_sweep.csv"), buffer.getvalue())
-    _write_text(stage.path("beta_sweep.md"), text)
-    marker = stage.commit(lambda handle: _dump_json(handle, {"model": model, "dataset": dataset,
-                                                             "rows": to_jsonable(rows)}))  # last: the set is complete
-    return {"csv": stage.out_dir / "beta_sweep.csv", "md": stage.out_dir / "beta_sweep.md", "json": marker}
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else "n/a"
-    return "" if value is None else str(value)
-
-
-__all__ = ["run_compare", "run_beta_sweep", "arm_config", "train_arm", "measure", "score_singular_values",
+__all__ = ["run_compare", "output_folder", "output_set", "dump_json", "arm_config", "train_arm", "measure", "score_singular_values",
            "COMPARE_METRICS", "Arm"]

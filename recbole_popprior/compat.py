@@ -22,24 +22,31 @@ Nothing else in the plugin patches RecBole.
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
    -> :func:`ksr_relation_float32`.
+8. ``Trainer.__init__`` calls ``get_tensorboard`` (utils.py ~L208), which creates
+   ``log_tensorboard/<run>/`` under the *current directory* on every run, whatever the output
+   folder (and fails in a read-only working directory). -> :func:`tensorboard_writer`: off
+   unless ``tensorboard: True``, then under the run's own folder.
 
 Three more fixes of RecBole behaviour live next to the code they belong to, listed here so
 that this list stays complete:
 
-8. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
+9. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
    ``other_parameter()``, which RecBole pickles into checkpoints.
    -> ``checkpoint._other_parameters`` keeps plain values only.
-9. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
+10. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
    is written (trainer.py ~L296). -> the barrier in ``PopPriorTrainerMixin.fit``.
-10. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
+11. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
     "Some feat is empty" error. -> ``data.dataset.create_dataset`` turns it into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,6 +54,7 @@ import recbole.trainer.trainer as recbole_trainer
 import torch
 import torch.distributed as dist
 from recbole.evaluator.collector import Collector
+from torch.utils.tensorboard import SummaryWriter
 
 from recbole_popprior.errors import PopPriorError
 
@@ -213,6 +221,36 @@ def ksr_relation_float32(model: torch.nn.Module) -> None:
     model.relation_Matrix = model.relation_Matrix.float()
 
 
+# --- 8. log_tensorboard/ in the working directory ------------------------------------------
+class NoTensorboard:
+    """What RecBole's trainer writes its tensorboard scalars to when tensorboard is off: nothing."""
+
+    def __getattr__(self, name: str) -> Any:  # add_scalar, add_hparams, flush, close, ...
+        return lambda *args, **kwargs: None
+
+
+#: the folder the next trainer's SummaryWriter writes to (None: no tensorboard files at all)
+_TENSORBOARD_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("tensorboard_dir", default=None)
+
+
+def tensorboard_writer(logger: Any) -> Any:
+    """Replaces ``recbole.trainer.trainer.get_tensorboard`` (utils.py ~L208), which writes
+    ``log_tensorboard/`` into the current directory: a ``SummaryWriter`` on the folder that
+    :func:`tensorboard_under` set, or a :class:`NoTensorboard` (also for RecBole's own trainers)."""
+    folder = _TENSORBOARD_DIR.get()
+    return NoTensorboard() if folder is None else SummaryWriter(folder)
+
+
+@contextlib.contextmanager
+def tensorboard_under(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Trainers built in this block write tensorboard files under ``folder`` (None: none)."""
+    token = _TENSORBOARD_DIR.set(None if folder is None else os.fspath(folder))
+    try:
+        yield
+    finally:
+        _TENSORBOARD_DIR.reset(token)
+
+
 def quiet_upstream_warnings() -> None:
     """Silence RecBole 1.2.1's known-harmless warnings on today's stack.
 
@@ -226,7 +264,14 @@ def quiet_upstream_warnings() -> None:
 
 
 def apply() -> None:
-    """Apply the process-wide shims (numpy aliases, pandas guard, warning filters). Idempotent."""
+    """Apply the process-wide shims (numpy aliases, pandas guard, warning filters, no
+    ``log_tensorboard/`` in the working directory). Idempotent."""
     numpy_aliases()
     check_pandas()
     quiet_upstream_warnings()
+    recbole_trainer.get_tensorboard = tensorboard_writer
+
+
+# Importing this module applies the process-wide shims: every plugin module that runs RecBole
+# code imports it (the package itself stays light, so that --help loads no torch).
+apply()

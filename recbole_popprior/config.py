@@ -36,6 +36,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.model.sequential_recommender import CORE
 
 from recbole_popprior import compat
+from recbole_popprior import evaluator as _evaluator  # noqa: F401  (importing it registers the energy metrics)
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_loss_type, get_model, trains_without_negatives
 from recbole_popprior.model.registry import ModelRecord, record_of, require_record
@@ -314,10 +315,10 @@ def _validate_running(config: dict[str, Any], model_class: type | None = None) -
     _number(config, "stopping_step", low=0, integer=True)
     _number(config, "eval_step", integer=True)  # <= 0: no validation (RecBole)
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
+    if not isinstance(config.get("tensorboard"), bool):
+        raise PopPriorError(f"tensorboard must be True or False, got {config.get('tensorboard')!r}")
     _validate_model_sizes(config, model_class)
     _validate_valid_metric(config)
-
-
 
 
 def _validate_model_sizes(config: dict[str, Any], model_class: type | None) -> None:

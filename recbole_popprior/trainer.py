@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Iterator
 
 import torch
 from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_popprior import checkpoint, collective
+from recbole_popprior import checkpoint, collective, compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import PopPriorCollector
 from recbole_popprior.model.registry import recbole_model_name
@@ -31,7 +32,10 @@ class PopPriorTrainerMixin:
     energy metrics with the model's contexts (DESIGN §3)."""
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        # RecBole's __init__ opens its SummaryWriter: under the run's folder when asked for (compat shim 8)
+        folder = os.path.join(config["checkpoint_dir"], "log_tensorboard") if config["tensorboard"] else None
+        with compat.tensorboard_under(folder):
+            super().__init__(config, model)
         self.eval_collector = PopPriorCollector(config)
         self.eval_stage = "test"
         #: bytes of float32 full-sort scores one scoring step may hold (DESIGN §3, bounded memory)

@@ -7,8 +7,6 @@ The storage is always read back through Optuna's own API, independently of the r
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import json
 import math
 import subprocess
@@ -345,118 +343,46 @@ def test_an_s3rec_trial_pretrains_for_epochs_not_500_and_completes(tmp_path_fact
     assert saved == ["S3Rec-zoo-2.pth"]  # pretrained for epochs=2 epochs, the last one saved
 
 
-# --- issue 19: nothing lost in tuning -------------------------------------------------------------
-def _journal_study(path: Path, name: str) -> optuna.Study:
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+def test_tuning_plots_name_study_and_model_count_trials_in_whole_numbers_and_caveat_few_trials(tmp_path,
+                                                                                               monkeypatch):
+    """What the PNGs show, read off the matplotlib axes the report draws (a study of 3 made-up trials)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
 
+    from recbole_popprior.tuning import report
 
-@pytest.mark.parametrize("damage", ["a writer killed mid-record", "cut short mid-line"])
-def test_a_torn_journal_keeps_its_records_and_the_study_resumes(tiny_data, out_dir, damage):
-    """Optuna's reader skips a last line without its newline, and its next append used to land right
-    after it: one merged line that is no JSON, and a study no command could read again (issue 19, 3)."""
-    config, journal = _config(tiny_data, out_dir, tune_plots=False), out_dir / "j.journal"
-    out_dir.mkdir(parents=True)
-    run_tuning("SASRec", "tiny", config_dict=config,
-               options=_options(n_trials=1, study_name="j", storage=f"journal:{journal}"))
-    intact = journal.read_bytes()
-    before = _journal_study(journal, "j.SASRec").get_trials()
-    if damage == "a writer killed mid-record":
-        journal.write_bytes(intact + b'{"op_code":5,"worker_id":"w-1","trial_id":0,"param_na')
-    else:  # the last record loses its end: it is gone, every earlier one stays
-        journal.write_bytes(intact[:-7])
-    torn = journal.read_bytes()
-    run_tuning("SASRec", "tiny", config_dict=config,
-               options=_options(n_trials=1, study_name="j", storage=f"journal:{journal}"))
-    (saved,) = out_dir.glob("j.journal.torn-*")
-    assert saved.read_bytes() == torn  # the file as it was is kept
-    text = journal.read_bytes()
-    assert all(json.loads(line) for line in text.splitlines()) and text.endswith(b"\n")
-    cut = torn.rfind(b"\n") + 1
-    assert text.startswith(torn[:cut])  # every complete record before the tear is still there
-    trials = _journal_study(journal, "j.SASRec").get_trials()
-    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 1 + (damage == "a writer killed mid-record")
-    if damage == "a writer killed mid-record":
-        assert [(t.number, t.state, t.value, t.params) for t in trials[:1]] == \
-               [(t.number, t.state, t.value, t.params) for t in before]
+    study = optuna.create_study(study_name="demo-study", direction="maximize")
+    for k, (tau, value) in enumerate([(0.2, 0.30), (1.1, 0.35), (1.7, 0.33)]):
+        study.add_trial(create_trial(params={"prior_tau": tau, "prior_alpha": 0.5 + k},
+                                     distributions={"prior_tau": FloatDistribution(0.0, 2.0),
+                                                    "prior_alpha": FloatDistribution(0.01, 10.0, log=True)},
+                                     value=value))
+    drawn = {}
+
+    def keep(ax, path):
+        drawn[path.stem] = ax.flat[0] if hasattr(ax, "flat") else ax
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(report, "_save_matplotlib", keep)
+    report.write_plots(study, tmp_path, "SASRec", "ndcg@10")
+    history, importances = drawn["SASRec_history"], drawn["SASRec_importances"]
+    assert "demo-study" in history.get_title() and "SASRec" in history.get_title() and "ndcg@10" in history.get_title()
+    assert history.get_title(loc="left") == "" == importances.get_title(loc="left")  # not Optuna's generic one
+    ticks = [t for t in history.get_xticks() if history.get_xlim()[0] <= t <= history.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert history.get_xlabel() == "trial"
+    assert "demo-study" in importances.get_title() and "from 3 completed trials: rough" in importances.get_title()
+    html = (tmp_path / "SASRec_history.html").read_text()
+    assert "demo-study, SASRec: validation ndcg@10 per trial" in html
+    assert "Optimization History Plot" not in html
 
 
-def test_a_second_storage_another_dataset_or_space_never_share_a_study_folder(tiny_data, out_dir, tmp_path):
-    """Two storages (or a study created again) under one --study-name and --output wrote into the
-    same trial folders and summary (issue 19, 4); a resumed study with another dataset or search
-    space mixed both in its report."""
-    config = _config(tiny_data, out_dir, tune_plots=False)
-    run_tuning("SASRec", "tiny", config_dict=config, options=_options(n_trials=1))
-    folder = out_dir / "tuning" / "t"
-    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "tuning.log"}
-    assert (folder / "trials" / "SASRec" / "0" / "model.pth") in files
-    (tmp_path / "other").mkdir()
-    with pytest.raises(PopPriorError, match="holds the trials of the same study name in another storage"):
-        run_tuning("SASRec", "tiny", config_dict=config,
-                   options=_options(n_trials=1, storage=f"sqlite:///{tmp_path / 'other' / 'b.db'}"))
-    (out_dir / "tuning" / "t.db").rename(tmp_path / "moved.db")  # the study is deleted and made again
-    with pytest.raises(PopPriorError, match="holds the trials of an earlier study t.SASRec"):
-        run_tuning("SASRec", "tiny", config_dict=config, options=_options(n_trials=1))
-    (tmp_path / "moved.db").rename(out_dir / "tuning" / "t.db")
-    shutil.copytree(tiny_data / "tiny", tiny_data / "tiny2")
-    (tiny_data / "tiny2" / "tiny.inter").rename(tiny_data / "tiny2" / "tiny2.inter")
-    with pytest.raises(PopPriorError, match="was run on dataset tiny, not tiny2"):
-        run_tuning("SASRec", "tiny2", config_dict=config, options=_options(n_trials=1))
-    space = _write(tmp_path / "space.yaml", "prior_alpha: ~\n")
-    with pytest.raises(PopPriorError, match="was run with the search space"):
-        run_tuning("SASRec", "tiny", config_dict=config, options=_options(n_trials=1, search_space=str(space)))
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "tuning.log"} == files
-    assert not (tmp_path / "other" / "b.db").exists()  # a refused command leaves no new storage behind
-    study = optuna.load_study(study_name="t.SASRec", storage=f"sqlite:///{out_dir / 'tuning' / 't.db'}")
-    assert len(study.get_trials()) == 1
+def test_the_summary_says_in_words_why_a_column_is_empty():
+    rows = [{"model": "SASRec", "best_trial": 2, "shared_frac": None}, {"model": "GRU4Rec", "best_trial": None}]
+    from recbole_popprior.tuning.report import empty_column_notes
 
-
-def test_a_failed_trial_is_one_line_on_stderr_and_its_traceback_is_in_tuning_log(tiny_data, out_dir, tmp_path, capfd):
-    from recbole_popprior.cli import main
-
-    space = _write(tmp_path / "nan.yaml", "prior_tau: {type: categorical, choices: [1.0e39]}\n")
-    status = main(["--tune", "--model=SASRec", "--dataset=tiny", "--n-trials=1", "--study-name=e",
-                   f"--search-space={space}", f"--data_path={tiny_data}", f"--output={out_dir}", "--tune_plots=False",
-                   "--epochs=1", "--hidden_size=8", "--inner_size=16", "--n_layers=1", "--n_heads=1", "--gpu_id=''"])
-    err = capfd.readouterr().err
-    assert status == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: no trial of SASRec completed: 1 failed")
-    assert sum("trial 0 FAIL" in line for line in err.splitlines()) == 1
-    log = (out_dir / "tuning" / "e" / "tuning.log").read_text()
-    assert "Traceback (most recent call last)" in log and "prior_tau must be a finite float32" in log
-
-
-def test_the_running_trials_of_a_killed_worker_on_this_machine_are_failed(tmp_path):
-    import socket
-
-    from recbole_popprior.tuning.studies import fail_dead_trials
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    study = optuna.create_study(study_name="d", storage=f"sqlite:///{tmp_path / 'd.db'}")
-    gone, alive, elsewhere = study.ask(), study.ask(), study.ask()
-    gone.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
-    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    elsewhere.set_user_attr("worker", f"another-host:{dead.pid}")
-    assert fail_dead_trials(study) == [gone.number]
-    states = {t.number: t.state for t in study.get_trials()}
-    assert states == {gone.number: TrialState.FAIL, alive.number: TrialState.RUNNING,
-                      elsewhere.number: TrialState.RUNNING}
-    assert "died while it ran" in study.get_trials()[gone.number].user_attrs["fail_reason"]
-
-
-def test_an_append_after_a_writer_died_mid_record_cuts_the_torn_tail_first(tmp_path):
-    from recbole_popprior.tuning.journal import CheckedJournal
-
-    path = tmp_path / "x.journal"
-    journal = CheckedJournal(str(path))
-    journal.append_logs([{"op_code": 0, "worker_id": "a"}])
-    intact = path.read_bytes()
-    with open(path, "ab") as handle:  # another process, killed half-way through its record
-        handle.write(b'{"op_code": 1, "wor')
-    journal.append_logs([{"op_code": 2, "worker_id": "b"}])
-    assert path.read_bytes() == intact + b'{"op_code":2,"worker_id":"b"}\n'
-    (saved,) = tmp_path.glob("x.journal.torn-*")
-    assert saved.read_bytes() == intact + b'{"op_code": 1, "wor'
-    assert [log["op_code"] for log in journal.read_logs(0)] == [0, 2]
+    notes = empty_column_notes(rows)
+    assert any(n.startswith("shared_frac is empty: it comes from the PopEnergy metric") for n in notes)
+    assert any("no completed trial" in n for n in notes)
+    assert empty_column_notes([{"model": "SASRec", "best_trial": 0, "shared_frac": 0.4}]) == []
