@@ -421,7 +421,7 @@ def _validate_remedies(config: dict[str, Any], model_class: type, record: ModelR
 
 
 def _validate_energy(config: dict[str, Any]) -> None:
-    _number(config, "energy_permutations", low=0, integer=True)
+    _number(config, "energy_permutations", low=0, integer=True, high=10**6)  # 16 bytes a draw per model
     _choice(config, "energy_permutation_stage", ("test", "valid", "always"))
     _number(config, "energy_max_contexts", low=1, integer=True, allow=(None,))
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)

@@ -476,6 +476,8 @@ CLI_CASES = [
     Case("seed=-1 (numpy takes 0 .. 2**32 - 1)", run("--seed=-1"), 2, ("seed must be >= 0",), cli_setup(), "cli"),
     Case("seed=2**40", run("--seed=1099511627776"), 2, ("seed must be <= 4294967295",), cli_setup(), "cli"),
     Case("metrics=[]", run("--metrics=[]"), 2, ("metrics is empty",), cli_setup(), "cli"),
+    Case("energy_permutations=10**9 (16 GB of null draws, after training)", run("--energy_permutations=1000000000"), 2,
+         ("energy_permutations must be <= 1000000",), cli_setup(), "cli"),
     Case("epochs=0", run("--epochs=0"), 2, ("epochs must be >= 1", "got 0"), cli_setup(), "cli"),
     Case("epochs=-1", run("--epochs=-1"), 2, ("epochs must be >= 1", "got -1"), cli_setup(), "script"),
     Case("nproc=0", run("--nproc=0"), 2, ("--nproc must be >= 1",), cli_setup(), "cli"),

@@ -126,12 +126,22 @@ def check_splits(config: Any, dataset, built_datasets) -> None:
     candidates an evaluation ranks (torch's ``topk`` fails after the first epoch)."""
     name, split = config["dataset"], (config["eval_args"] or {}).get("split") or {}
     sizes = [len(built) for built in built_datasets]
+    mode = split.get("LS") if isinstance(split, dict) else None
+    ratios = split.get("RS") if isinstance(split, dict) else None
+    if mode is not None:  # leave-one-out: the parts its mode fills (RecBole's leave_one_mode)
+        wanted = {"valid_and_test": ("train", "valid", "test"), "valid_only": ("train", "valid"),
+                  "test_only": ("train", "test")}.get(mode, ("train",))
+    elif isinstance(ratios, (list, tuple)):  # ratios: the parts given a share
+        wanted = tuple(part for part, share in zip(("train", "valid", "test"), ratios) if share)
+    else:
+        wanted = ("train",)
+    # interactions a user needs for a first example in the part: train, then test, then valid
+    need = {"train": 2, "test": 3, "valid": 4 if mode == "valid_and_test" else 3}
     for part, size in zip(("train", "valid", "test"), sizes):
-        if size == 0:
-            need = {"train": 2, "test": 3, "valid": 4}[part]
-            hint = (f"; leave-one-out gives a user's first example to train, the next to test, then one to "
-                    f"valid: a user needs at least {need} interactions for a {part} example"
-                    if "LS" in split and config["MODEL_TYPE"] == ModelType.SEQUENTIAL else "")
+        if size == 0 and part in wanted:
+            hint = (f"; leave-one-out gives a user's first example to train, then one to test, then one to "
+                    f"valid: a user needs at least {need[part]} interactions for a {part} example"
+                    if mode is not None and config["MODEL_TYPE"] == ModelType.SEQUENTIAL else "")
             raise PopPriorError(f"dataset {name!r}: the {part} split is empty ({'/'.join(map(str, sizes))} "
                                 f"train/valid/test examples){hint}")
     largest = max(config["topk"] or [0])
