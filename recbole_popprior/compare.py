@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 from dataclasses import dataclass
@@ -291,37 +292,57 @@ def _arm_info(plan: _Plan, model: str, tau: float) -> dict[str, Any]:
 def _run_seed(plans: Sequence[_Plan], config_of: Callable[[_Plan], Any], permutations: int, energy_seed: int,
               figures: dict[str, Any] | None) -> dict[str, Any]:
     """Train and evaluate one seed's arms on the same contexts: accuracy, energies, own tests and
-    matched reductions. Arms are trained one after the other; only the standard arm's pipeline
-    (its test loader is every arm's) stays in memory. ``figures``: filled with the spectra and
-    the permutation nulls when given (the first seed)."""
+    matched reductions. Arms are trained one after the other, and each is released (model,
+    trainer, optimiser, its loaders) as soon as it is measured, before the next one trains: only
+    the standard arm's test loader (every arm's test contexts) and the arms' host-side energy
+    statistics stay (DESIGN §3.2). ``figures``: filled with the spectra and the permutation
+    nulls when given (the first seed)."""
     record: dict[str, Any] = {"tau": {}, "metrics": {}, "energy": {}, "specificity": {}, "reductions": {},
                               "data_digest": {}, "energy_path": {}, "best_valid_score": {}, "run_dir": {},
                               "fit_seconds": {}}
     if figures is not None:
         figures.update(spectra={}, nulls={})
-    std: Arm | None = None
+    std_state: EnergyState | None = None
+    shared_test = log_prior = None
     for plan in plans:
         name = plan.spec.name
         arm = train_arm(name, config_of(plan))
         record["data_digest"][name] = data_digest(arm.pipe)
-        if std is None:
-            std, log_prior = arm, _training_log_prior(arm)
+        if std_state is None:
+            shared_test, log_prior = arm.pipe.test_data, _training_log_prior(arm)
         elif record["data_digest"][name] != record["data_digest"][REFERENCE]:
             raise RuntimeError(f"arm {name} did not get the standard arm's data split: compare is not matched")
         else:
             _check_prior(arm, log_prior)
-        _measure_arm(record, plan, arm, std.pipe.test_data)  # one loader: same contexts, same order
-        if arm is not std:
+        _measure_arm(record, plan, arm, shared_test, permutations)  # one loader: same contexts, same order
+        model_name = type(arm.pipe.model).__name__
+        release_arm(arm)
+        if std_state is None:
+            std_state, std_model = arm.state, model_name
+        else:
             null: dict[str, np.ndarray] = {}
-            record["reductions"][name] = _matched(std.state, arm.state, log_prior, permutations, energy_seed, null)
+            record["reductions"][name] = _matched(std_state, arm.state, log_prior, permutations, energy_seed, null,
+                                                  names=((REFERENCE, std_model), (name, model_name)))
             if figures is not None:
                 figures["nulls"][name] = null or None
         if figures is not None and arm.state.contexts is not None:
             figures["spectra"][name] = score_singular_values(arm.state.contexts.G, arm.state.E)
+        del arm
     return record
 
 
-def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any) -> None:
+def release_arm(arm: Arm) -> None:
+    """Free a measured arm's pipeline (model, trainer, optimiser, data loaders and whatever they hold
+    on the device); its energy statistics move to the host first (DESIGN §3.2)."""
+    if arm.state is not None:
+        arm.state.to_host()
+    arm.pipe = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any, permutations: int) -> None:
     """Evaluate ``arm`` on the shared test contexts; fill its entries of ``record`` in place."""
     name, model = plan.spec.name, arm.pipe.model
     record["tau"][name] = model.training_tau() if hasattr(model, "training_tau") else 0.0
@@ -334,6 +355,10 @@ def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any
     for row in plan.rows:  # beta changes serving only; the learned dot product is the same
         record["energy"][row] = values
     record["specificity"][name] = {k: energy.get(k) for k in SPECIFICITY_KEYS}
+    if energy.get("p_value") is None:
+        record["specificity"][name]["p_missing"] = (
+            "energy_permutations = 0" if permutations == 0 else
+            f"the {arm.state.path} energy path of {type(model).__name__} returned no permutation test")
     record["energy_path"][name] = arm.state.path
     record["best_valid_score"][name] = arm.result.get("best_valid_score")
     record["run_dir"][name] = arm.result.get("run_dir")
@@ -356,15 +381,24 @@ def _check_prior(arm: Arm, log_prior: np.ndarray) -> None:
 
 
 def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
-             seed: int, null_out: dict[str, np.ndarray]) -> dict[str, Any]:
+             seed: int, null_out: dict[str, np.ndarray], names: tuple[tuple[str, str], tuple[str, str]]
+             ) -> dict[str, Any]:
     """``matched_reduction`` on the two evaluations' statistics (docs/DESIGN.md §3); its null
-    draws go to ``null_out`` (for the plot)."""
+    draws go to ``null_out`` (for the plot). ``names``: ``(arm, model class)`` of the standard
+    and the compared arm. Where the tests cannot run, ``p_missing`` says why (the report prints it)."""
     if std.contexts is not None and sep.contexts is not None:
-        return matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
-                                 seed=seed, log_prior=log_prior, null_out=null_out)
+        out = matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
+                                seed=seed, log_prior=log_prior, null_out=null_out)
+        if permutations == 0:
+            out["p_missing"] = "energy_permutations = 0: no permutation test (p_iso_shared is still exact)"
+        return out
     # the streaming fallback (scores that are not H E^T) keeps the energies, not their factors
     e_std, e_sep = std.energy(), sep.energy()
-    return reduction_from_energies(e_std["dir"], e_sep["dir"], e_std["shared"], e_sep["shared"])
+    out = reduction_from_energies(e_std["dir"], e_sep["dir"], e_std["shared"], e_sep["shared"])
+    streaming = [f"{arm} ({model})" for (arm, model), state in zip(names, (std, sep)) if state.contexts is None]
+    out["p_missing"] = (f"the learned scores of {' and '.join(streaming)} are not H E^T (streaming energy path): "
+                        "R is exact, but its permutation tests need both models' factors")
+    return out
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -401,5 +435,5 @@ def _write_compare(stage: StagedSet, payload: dict[str, Any], spectra: dict[str,
     return files
 
 
-__all__ = ["run_compare", "output_folder", "output_set", "dump_json", "arm_config", "train_arm", "measure", "score_singular_values",
-           "COMPARE_METRICS", "Arm"]
+__all__ = ["run_compare", "output_folder", "output_set", "dump_json", "arm_config", "train_arm", "measure",
+           "score_singular_values", "release_arm", "COMPARE_METRICS", "Arm"]

@@ -152,6 +152,7 @@ def summarise(model: str, dataset: str, arms: Sequence[Mapping[str, Any]], per_s
         for key in SPECIFICITY_KEYS:
             values = [rec["specificity"][arm["name"]].get(key) for rec in per_seed]
             entry[key] = p_cell(values) if key in _P_KEYS else seed_cell(values, confidence, scale_of(key))
+        entry["p_missing"] = _missing_reasons([rec["specificity"][arm["name"]] for rec in per_seed])
         specificity[arm["name"]] = entry
     reductions = {}
     for arm in arms[1:]:
@@ -159,6 +160,7 @@ def summarise(model: str, dataset: str, arms: Sequence[Mapping[str, Any]], per_s
         for key in REDUCTION_KEYS:
             values = [rec["reductions"][arm["name"]].get(key) for rec in per_seed]
             entry[key] = p_cell(values) if key in _P_KEYS else seed_cell(values, confidence, scale_of(key))
+        entry["p_missing"] = _missing_reasons([rec["reductions"][arm["name"]] for rec in per_seed])
         reductions[arm["name"]] = entry
     payload = {
         "model": model, "dataset": dataset, "seeds": [rec["seed"] for rec in per_seed], "topk": topk,
@@ -169,6 +171,27 @@ def summarise(model: str, dataset: str, arms: Sequence[Mapping[str, Any]], per_s
     }
     payload["markdown"] = compare_markdown(payload)
     return payload
+
+
+def _missing_reasons(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The distinct reasons the seeds' records give for p-values they do not hold (``p_missing``)."""
+    return sorted({str(rec["p_missing"]) for rec in records if rec.get("p_missing")})
+
+
+def missing_p_lines(entries: Mapping[str, Mapping[str, Any]], keys: Sequence[str], what: str) -> list[str]:
+    """One line per arm with a p-value missing in any seed, saying in which seeds and why: a
+    p-value is never left out of the report silently."""
+    lines = []
+    for name, entry in entries.items():
+        missing = {key: [i for i, p in enumerate(entry[key]["per_seed"]) if p is None or not math.isfinite(float(p))]
+                   for key in keys}
+        missing = {key: seeds for key, seeds in missing.items() if seeds}
+        if not missing:
+            continue
+        which = "; ".join(f"{key} in seed {', '.join(str(i + 1) for i in seeds)}" for key, seeds in missing.items())
+        why = "; ".join(entry.get("p_missing") or []) or "not computed (no reason was recorded)"
+        lines.append(f"- {name}: no {what} p-value ({which}): {why}.")
+    return lines
 
 
 def _energy_value(record: Mapping[str, Any], arm: str, row: str, col: str) -> Any:
@@ -233,7 +256,8 @@ def specificity_lines(specificity: Mapping[str, Mapping[str, Any]], alpha: float
     for name, entry in specificity.items():
         p_dir, p_sh = entry["p_value"], entry["p_value_shared"]
         if p_dir["combined"] is None or p_sh["combined"] is None:
-            lines.append(f"- {name}: no permutation test (energy_permutations = 0).")
+            why = "; ".join(entry.get("p_missing") or []) or "a seed has no p-value"
+            lines.append(f"- {name}: no combined permutation test ({why}).")
             continue
         how = f"; Fisher over {p_dir['n']} seeds" if p_dir["n"] > 1 else ""
         numbers = (f"(p = {_combined(p_dir, permutations)} for dir_frac, p = {_combined(p_sh, permutations)} "
@@ -359,6 +383,7 @@ def compare_markdown(payload: Mapping[str, Any]) -> str:
                   [name, _p_list(e["p_value"], B), _p_list(e["p_value_shared"], B), _combined(e["p_value"], B),
                    _combined(e["p_value_shared"], B)] for name, e in payload["specificity"].items()])]
     lines += [""] + specificity_lines(payload["specificity"], 1.0 - conf, B)
+    lines += missing_p_lines(payload["specificity"], ("p_value", "p_value_shared"), "single-model")
     red_rows = []
     for name, entry in payload["reductions"].items():
         for m in ("dir", "shared"):
@@ -370,6 +395,9 @@ def compare_markdown(payload: Mapping[str, Any]) -> str:
               "item-label permutations)", "", f"R = 1 - E(arm) / E({REFERENCE}); cells: {spread}." + fisher, "",
               *markdown_table(["arm", "measure", "R", "p per seed", "combined p", "p_iso per seed", "null mean",
                                "null 95th pct"], red_rows)]
+    dropped = missing_p_lines(payload["reductions"], ("p_value_dir", "p_value_shared"), "matched-reduction")
+    if dropped:
+        lines += [""] + dropped
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import recbole
+import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.model.sequential_recommender import CORE
@@ -292,6 +293,7 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config, model_class)
+    _validate_precision(config)
     _validate_training(config)
     _validate_remedies(config, model_class, require_record(model_class))
     _validate_energy(config)
@@ -352,6 +354,30 @@ def _validate_valid_metric(config: dict[str, Any]) -> None:
     if at and cut.isdigit() and topk and int(cut) not in topk:
         raise PopPriorError(f"valid_metric {metric} needs {cut} in topk, got topk {topk}: add it, or choose "
                             f"{name}@{topk[0]}")
+
+
+#: autocast dtypes the trainer takes (``amp_dtype``; None = the device's own default)
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+def _validate_precision(config: dict[str, Any]) -> None:
+    """RecBole's ``enable_amp`` / ``enable_scaler`` and the plugin's ``amp_dtype`` (DESIGN §9.2)."""
+    for key in ("enable_amp", "enable_scaler"):
+        if not isinstance(config.get(key, False), bool):
+            raise PopPriorError(f"{key} must be True or False, got {config.get(key)!r}")
+    _choice(config, "amp_dtype", (None, *AMP_DTYPES))
+    device = config.get("device")
+    on_cuda = getattr(device, "type", str(device or "cpu").split(":")[0]) == "cuda"
+    dtype = config.get("amp_dtype")
+    if not config.get("enable_amp", False):
+        return
+    if dtype == "float16" and not on_cuda:
+        raise PopPriorError("amp_dtype: float16 needs a CUDA device (CPU autocast trains in bfloat16, and float16 "
+                            "on CPU is emulated and needs a gradient scaler, which RecBole builds for CUDA only); "
+                            "use amp_dtype: bfloat16 or ~")
+    if dtype == "bfloat16" and on_cuda and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise PopPriorError("amp_dtype: bfloat16 is not supported by this GPU; use amp_dtype: float16 with "
+                            "enable_scaler: True")
 
 
 def _validate_training(config: dict[str, Any]) -> None:

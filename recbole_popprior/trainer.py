@@ -1,5 +1,5 @@
-"""The trainer mixin: RecBole's trainers with safe checkpoints, the energy collector and
-full-sort evaluation in bounded memory.
+"""The trainer mixin: RecBole's trainers with safe checkpoints, the energy collector,
+full-sort evaluation in bounded memory and the autocast dtype of mixed precision.
 
 ``get_trainer(config)`` takes whatever trainer RecBole picks for the model (``Trainer``,
 ``S3RecTrainer``, ...) and puts :class:`PopPriorTrainerMixin` in front of it. Under DDP the
@@ -43,6 +43,28 @@ class PopPriorTrainerMixin:
         self._warned_unbounded = False
         #: each rank's SHA-256 of the trained weights after ``fit`` under DDP (empty without it)
         self.trained_weight_digests: list[str] = []
+        self._init_precision(config)
+
+    def _init_precision(self, config) -> None:
+        """RecBole's ``enable_amp`` / ``enable_scaler``, with the plugin's ``amp_dtype`` (DESIGN §9.2).
+
+        RecBole wraps each training step in ``torch.autocast(device_type)`` at the device's
+        default dtype and builds a CUDA ``GradScaler`` whenever CUDA is visible: the scaler is
+        kept for a CUDA device only (a CPU model's gradients are not CUDA tensors), and
+        ``amp_dtype`` sets the autocast dtype for the training epoch.
+        """
+        self.enable_scaler = bool(self.enable_scaler) and self.device.type == "cuda"
+        name = config["amp_dtype"] if "amp_dtype" in config else None
+        #: the autocast dtype of the training steps (None: the device's default)
+        self.amp_dtype: torch.dtype | None = getattr(torch, name) if name else None
+        if self.enable_amp:
+            dtype = self.amp_dtype or torch.get_autocast_dtype(self.device.type)
+            if compat.breaks_under_autocast(self.model):
+                self.logger.warning(f"enable_amp: {type(self.model).__name__} trains in float32 (RecBole's model "
+                                    "fails under autocast: its scatter_ mixes dtypes)")
+            elif dtype == torch.float16 and not self.enable_scaler:
+                self.logger.warning("enable_amp trains in float16 without a gradient scaler: small gradients "
+                                    "underflow to zero; set enable_scaler: True (or amp_dtype: bfloat16)")
 
     def fit(self, *args, **kwargs):
         """RecBole's ``fit``, then (under DDP) wait until rank 0 has written the best checkpoint.
@@ -64,7 +86,10 @@ class PopPriorTrainerMixin:
         hook = getattr(self.model, "on_epoch_start", None)
         if hook is not None:
             hook(epoch_idx)
-        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        if self.enable_amp and compat.breaks_under_autocast(self.model):  # compat shim 9
+            loss_func = compat.without_autocast(loss_func or self.model.calculate_loss, self.device.type)
+        with autocast_dtype(self.device.type, self.amp_dtype if self.enable_amp else None):
+            return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
     def _check_nan(self, loss):
         """RecBole's NaN check, as one line: settings that make training diverge are bad input."""
@@ -187,6 +212,21 @@ def split_full_sort_batch(batched_data: tuple, rows: int) -> Iterator[tuple]:
             keep = (row_idx >= start) & (row_idx < end)
             history = (row_idx[keep] - start, col_idx[keep])
         yield interaction[start:end], history, positive_u[mine] - start, positive_i[mine]
+
+
+@contextlib.contextmanager
+def autocast_dtype(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, ``torch.autocast(device_type)`` without a dtype (as RecBole's training
+    step enters it) runs in ``dtype``; ``None`` leaves the device's default. Restored on exit."""
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_autocast_dtype(device_type)
+    torch.set_autocast_dtype(device_type, dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_dtype(device_type, previous)
 
 
 @contextlib.contextmanager

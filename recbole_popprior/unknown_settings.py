@@ -22,7 +22,7 @@ from recbole_popprior.yaml_files import RecBoleYamlLoader, expanded_size
 
 #: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
 PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "tensorboard")
+                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "tensorboard", "amp_")
 
 
 @functools.lru_cache(maxsize=1)
