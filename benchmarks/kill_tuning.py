@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{kind}: {r['kills']} kills ({r['hit_a_running_trial']} mid-trial), {r['complete']} complete trials kept, "
         f"{r['violations']} violations, {r['failed_resumes']} failed resumes"
         + (f", {r['journal_tails_repaired']} torn tails repaired" if kind == "journal" else "")
-        for kind, r in results.items()) + f" (work folder {root})")
+        for kind, r in results.items()) + (f" (work folder {root})" if args.keep else ""))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     return 1 if bad else 0
 
 
