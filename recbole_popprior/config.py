@@ -1,3 +1,4 @@
+# Over 500 lines: every plugin key is checked here, in config._validate (a bad value is one line, exit 2).
 """The plugin's ``Config``: RecBole's config, numpy-2 safe, aware of the plugin's models, its
 ``properties/`` defaults and its ``dataset_configs/``.
 
@@ -453,6 +454,7 @@ def _validate_energy(config: dict[str, Any]) -> None:
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)
     _number(config, "energy_seed", integer=True)
     _number(config, "eval_score_budget_mb", low=0.0, strict=True)
+    _choice(config, "eval_score_dtype", ("float32", "bfloat16", "float16"))
 
 
 def _validate_tuning(config: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
 from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,
                                                item_table)
+from recbole_popprior.evaluator.topk import exact_topk, topk_hits
 from recbole_popprior.model.factors import factors
 from recbole_popprior.prior import estimate_log_prior, estimate_windowed_log_prior
 
@@ -89,6 +90,19 @@ def factor_tolerance(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor,
 
 _STREAMING_COST = ("using the streaming score path (slower: every score chunk is copied to the host as float64; "
                    "--compare then reports no matched-reduction p-values)")
+
+#: the data-struct keys RecBole's own ``eval_batch_collect`` still fills for the plugin's collector
+_RECBOLE_KEYS = frozenset({"rec.meanrank", "rec.score", "data.label"})
+
+
+class _Only:
+    """A view of a RecBole ``Register`` that needs only ``keys`` (of what it needed)."""
+
+    def __init__(self, register: Any, keys: frozenset[str]) -> None:
+        self._register, self._keys = register, keys
+
+    def need(self, key: str) -> bool:
+        return key in self._keys and bool(self._register.need(key))
 
 
 def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
@@ -213,6 +227,8 @@ class PopPriorCollector(FixedCollector):
         self._target_rows: list[torch.Tensor] = []
         self._target_items: list[torch.Tensor] = []
         self._rows_seen = 0
+        #: this evaluation's ``rec.items`` / ``rec.topk`` rows, concatenated in get_data_struct
+        self._parts: dict[str, list[torch.Tensor]] = {}
 
     # --- RecBole hooks ---------------------------------------------------------------------
     def data_collect(self, train_data: Any) -> None:
@@ -233,15 +249,43 @@ class PopPriorCollector(FixedCollector):
                 alpha=alpha).log_prior
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i) -> None:
-        """RecBole's per-batch collection; ``scores_tensor=None`` means the trainer already
-        collected this batch chunk by chunk (bounded-memory evaluation), so nothing is added."""
+        """RecBole's per-batch collection, with ``rec.items`` and ``rec.topk`` computed without a
+        ``[rows, n_items]`` temporary (:mod:`~recbole_popprior.evaluator.topk`, DESIGN §3.3): one
+        exact top-k for both, the hits read at the top-k indices. ``rec.meanrank``, ``rec.score``
+        and ``data.label`` are RecBole's own code. ``scores_tensor=None`` means the trainer
+        already collected this batch chunk by chunk, so nothing is added."""
         if scores_tensor is None:
             return
-        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        need = self.register.need
+        top = exact_topk(scores_tensor, max(self.topk)) if need("rec.items") or need("rec.topk") else None
+        self.topk_collect(top, positive_u, positive_i, scores_tensor.shape[1], rows=scores_tensor.shape[0])
+        if self.needs_scores:
+            register, self.register = self.register, _Only(self.register, _RECBOLE_KEYS)
+            try:  # RecBole's method reads self.register.need; the two keys above are done already
+                super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+            finally:
+                self.register = register
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether a metric reads more of the scores than their top-k (``rec.meanrank``,
+        ``rec.score``, ``data.label``: RecBole's own collection)."""
+        return any(self.register.need(key) for key in _RECBOLE_KEYS)
+
+    def topk_collect(self, top: torch.Tensor | None, positive_u: torch.Tensor, positive_i: torch.Tensor,
+                     n_items: int, rows: int | None = None) -> None:
+        """``rec.items`` and ``rec.topk`` of a chunk from its top-k indices ``[rows, max(topk)]``
+        (what :meth:`eval_batch_collect` computes from the scores; the trainer's low-precision
+        scoring computes it itself, DESIGN §3.3)."""
+        need = self.register.need
+        if top is not None and need("rec.items"):
+            self._parts.setdefault("rec.items", []).append(top)
+        if top is not None and need("rec.topk"):
+            self._parts.setdefault("rec.topk", []).append(topk_hits(top, positive_u, positive_i, n_items))
         if self._need_targets:
             self._target_rows.append(positive_u.detach().cpu().long() + self._rows_seen)
             self._target_items.append(positive_i.detach().cpu().long())
-            self._rows_seen += int(scores_tensor.shape[0])
+            self._rows_seen += int(rows if rows is not None else top.shape[0])
 
     @property
     def wants_contexts(self) -> bool:
@@ -314,6 +358,11 @@ class PopPriorCollector(FixedCollector):
         """RecBole's struct (non-tensors left alone) plus this evaluation's ``popprior.*`` entries."""
         if self._need_model and collective.is_distributed():
             self.reduce_energy_stats(collective.all_reduce_array)
+        for key, parts in self._parts.items():  # one concatenation per evaluation, not one per batch
+            if key in self.data_struct:
+                parts = [self.data_struct[key], *parts]
+            self.data_struct.set(key, torch.cat(parts) if len(parts) > 1 else parts[0])
+        self._parts = {}
         struct = super().get_data_struct()
         state, self._state = self._state, None
         if self._need_model:

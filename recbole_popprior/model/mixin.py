@@ -341,18 +341,29 @@ class PriorSeparatedMixin:
         beta = self._serving_weight()
         if isinstance(beta, float) and beta == 0.0:
             return scores
-        log_prior = self.serving_log_prior()
         scores = at_least_float32(scores)
         if items is not None:
-            term = prior_term(log_prior, beta)[items]
+            term = prior_term(self.serving_log_prior(), beta)[items]
             return scores * torch.exp(term) if self.prior_scores_are_probabilities else scores + term
-        if isinstance(beta, float):
-            term = self._cached_term(log_prior, beta, scores.shape[-1], scores)[: scores.shape[-1]]
-        else:
-            term = prior_term(log_prior, beta, scores.shape[-1]).to(scores.dtype)[: scores.shape[-1]]
+        term = self.serving_prior_term(scores.shape[-1], scores)
         if self.prior_scores_are_probabilities:
             return torch.softmax(torch.log(scores) + term, dim=-1)
+        if not torch.is_grad_enabled() and scores._base is None and scores.dim() == 2:
+            # evaluation: the learned scores are a fresh matrix, so the sum needs no second one
+            return scores.add_(term)
         return scores + term
+
+    def serving_prior_term(self, width: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``beta * log p_hat`` over ``width`` full-sort columns (padding ``-inf``), cast like
+        ``like`` (cached for a fixed ``beta``); ``None`` when ``beta = 0`` (nothing is added). The
+        full-sort scorer (:mod:`recbole_popprior.evaluator.full_sort`) adds it in place into its
+        score buffer."""
+        beta = self._serving_weight()
+        if isinstance(beta, float):
+            if beta == 0.0:
+                return None
+            return self._cached_term(self.serving_log_prior(), beta, width, like)[:width]
+        return prior_term(self.serving_log_prior(), beta, width).to(like.dtype)[:width]
 
     def add_pairwise_prior(self, pos_score: torch.Tensor, neg_score: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
