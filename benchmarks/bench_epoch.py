@@ -1,4 +1,4 @@
-"""One epoch plus full evaluation on a UserBehavior-shaped log, end to end, with the speed preset (docs/DESIGN.md §10).
+"""One epoch plus full evaluation on a UserBehavior-shaped log, end to end, with the speed preset (docs/DESIGN.md §11).
 
     python benchmarks/bench_epoch.py [--rows 10000000] [--cache DIR] [--output DIR]
     python benchmarks/bench_epoch.py --train-batches 30 --eval-batches 3      # a short version, extrapolated

@@ -1,4 +1,4 @@
-"""One training step at the headline shape, part by part, beside its floor (docs/DESIGN.md §10).
+"""One training step at the headline shape, part by part, beside its floor (docs/DESIGN.md §11).
 
     python benchmarks/bench_step.py [--quick] [--items 731000] [--batch 2048] [--length 50]
         [--negatives 8192] [--repeats 5] [--sections machine,profile,goals,ablation,sampled] [--eval]

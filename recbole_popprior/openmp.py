@@ -1,4 +1,4 @@
-"""OpenMP's wait policy, chosen before torch loads its OpenMP runtime (docs/DESIGN.md §10.1).
+"""OpenMP's wait policy, chosen before torch loads its OpenMP runtime (docs/DESIGN.md §11.1).
 
 torch's CPU kernels run in OpenMP parallel regions (libgomp). Between regions, libgomp's idle
 threads spin by default, waiting for the next one. When the machine has more runnable threads

@@ -1,4 +1,4 @@
-"""The optimiser the trainer builds for ``fast_adam`` and ``fast_sparse_items`` (docs/DESIGN.md §10.2).
+"""The optimiser the trainer builds for ``fast_adam`` and ``fast_sparse_items`` (docs/DESIGN.md §11.2).
 
 RecBole builds ``optim.Adam(params, lr, weight_decay)`` in ``Trainer._build_optimizer``; on a CPU
 that is torch's for-loop Adam, about ten element-wise passes over each parameter. The trainer

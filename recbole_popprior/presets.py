@@ -1,5 +1,5 @@
 """Presets shipped in ``properties/`` (``--config_files=fast``), found without importing torch or RecBole,
-so that the command line checks its arguments before anything heavy loads (docs/DESIGN.md §10.2)."""
+so that the command line checks its arguments before anything heavy loads (docs/DESIGN.md §11.2)."""
 
 from __future__ import annotations
 

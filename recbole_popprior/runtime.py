@@ -1,4 +1,4 @@
-"""Process settings that make training faster without changing a single number (docs/DESIGN.md §10.1).
+"""Process settings that make training faster without changing a single number (docs/DESIGN.md §11.1).
 
 Two things, applied by :func:`apply_runtime` when a run starts (``build_pipeline``):
 

@@ -227,7 +227,7 @@ VARIANTS = [
     ("BERT4Rec", "adap_tau", {}, {"prior_tau": 0.0, "remedy": "adap_tau"}),
     ("BERT4Rec", "resn", {}, {"remedy": "resn"}),
     ("CORE", "adap_tau", {}, {"prior_tau": 0.0, "remedy": "adap_tau"}),
-    # the speed preset's kernels (docs/DESIGN.md §10.2); not fast_sparse_items, whose sparse gradient has a
+    # the speed preset's kernels (docs/DESIGN.md §11.2); not fast_sparse_items, whose sparse gradient has a
     # data-dependent size (the embedding's sparse backward drops the padding rows by a boolean mask)
     ("SASRec", "fast-kernels", {}, {"fast_gelu": True, "fast_dropout": True, "fast_last_position": True}),
     ("SASRec", "fast-kernels-sampled", {}, {"fast_gelu": True, "fast_dropout": True, "fast_last_position": True,

@@ -1,5 +1,5 @@
 """The speed keys that change the numbers (recbole_popprior/model/fast_kernels.py, recbole_popprior/optim.py,
-docs/DESIGN.md §10.2), each against the exact path it replaces:
+docs/DESIGN.md §11.2), each against the exact path it replaces:
 
 * ``fast_dropout``: the keep mask is Bernoulli(1 - p) per element (binomial bounds, neighbours and
   bytes of one random word independent), the output and gradient are torch's dropout formula for

@@ -1,4 +1,4 @@
-"""Faster kernels swapped onto a built RecBole model, without forking RecBole (docs/DESIGN.md §10.2).
+"""Faster kernels swapped onto a built RecBole model, without forking RecBole (docs/DESIGN.md §11.2).
 
 Each is a config key, off by default because it changes the numbers (a little):
 

@@ -168,7 +168,7 @@ class PriorSeparatedMixin:
         self._wrap_prior_losses()
         self._init_training_objective(config, dataset)
         self._init_ace(config, dataset)
-        apply_fast_kernels(self, config)  # fast_* keys (DESIGN §10.2)
+        apply_fast_kernels(self, config)  # fast_* keys (DESIGN §11.2)
 
     def _init_training_objective(self, config, dataset) -> None:
         """Set ``self.training_objective`` (``None``: the model's own loss)."""

@@ -74,7 +74,7 @@ class TrainingObjective(nn.Module):
     #: whether the model serves :meth:`serving_factors` instead of its own full-sort scores
     changes_serving: bool = False
     #: whether :meth:`loss` reads only a few rows of ``batch.E``, through
-    #: :func:`~recbole_popprior.model.fast_kernels.item_rows` (sparse gradients, DESIGN §10.2)
+    #: :func:`~recbole_popprior.model.fast_kernels.item_rows` (sparse gradients, DESIGN §11.2)
     uses_few_item_rows: bool = False
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> torch.Tensor:

@@ -110,7 +110,7 @@ def register_model(model_class: type, *, note: str = GENERIC_NOTE, factors: Fact
     - ``refused``: why the model cannot take a prior at all (it stays a record, with the reason).
     - ``last_position_encoders``: attributes holding RecBole ``TransformerEncoder``s whose last layer
       the model reads at ``item_seq_len - 1`` only, under a causal mask (``fast_last_position``,
-      DESIGN §10.2).
+      DESIGN §11.2).
 
     A subclass of a registered model needs no call: it gets its parent's record.
     """
