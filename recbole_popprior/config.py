@@ -337,7 +337,8 @@ def _validate_model_sizes(config: dict[str, Any], model_class: type | None) -> N
         if config.get(key) is not None:
             _number(config, key, low=1, integer=True)
     for key, value in config.items():
-        if isinstance(key, str) and "dropout" in key and value is not None:
+        # fast_dropout names a kernel, not a rate (a switch, checked in _validate_speed)
+        if isinstance(key, str) and "dropout" in key and key not in FAST_KERNEL_KEYS and value is not None:
             rates = value if isinstance(value, (list, tuple)) else [value]
             if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1
                                     for r in rates):

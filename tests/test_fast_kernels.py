@@ -264,6 +264,7 @@ def test_sparse_items_need_sampled_softmax_and_a_plain_table(tiny_data, caplog):
     ({"fast_sparse_items": True, "clip_grad_norm": {"max_norm": 5}}, "clip_grad_norm"),
     ({"fast_gelu": "yes"}, "fast_gelu must be True or False"),
     ({"fast_adam": 1}, "fast_adam must be True or False"),
+    ({"fast_dropout": 0.1}, "fast_dropout must be True or False"),  # a switch, not a dropout rate
     ({"malloc_tuning": None}, "malloc_tuning must be True or False"),
     ({"torch_threads": 0}, "torch_threads must be >= 1"),
     ({"torch_threads": 1.5}, "torch_threads must be an integer"),
@@ -353,9 +354,15 @@ def test_every_model_trains_a_step_with_the_fast_kernels(name, zoo_data, s3rec_p
 def test_the_preset_still_recovers_pmi_on_known_truth(tmp_path, negatives):
     """As tests/test_theory.py and the sampled-softmax check, with every preset key on (dropout 0.1 so that
     the fast dropout runs; the sparse table and lazy Adam with sampled softmax): the separated model's dot
-    product still estimates centred PMI, not the popularity-laden logit."""
+    product still estimates centred PMI, not the popularity-laden logit.
+
+    The sampled run trains 24 epochs, not the setting's 12: K = 8 draws with replacement (DESIGN §6.1)
+    give a noisier gradient than the full softmax, and 12 epochs only just reach rho = 0.90 without
+    dropout (0.900 measured); dropout 0.1 alone, with none of the preset's keys, leaves 12 epochs at
+    0.88. That is under-training, not a key's bias: at 24 epochs dropout alone reaches 0.94 and the
+    whole preset 0.93 (each key alone at 12 epochs stays within 0.87-0.89 of dropout's 0.88)."""
     settings = theory_settings(tmp_path, softmax_negatives=negatives, hidden_dropout_prob=0.1,
-                               attn_dropout_prob=0.1, **PRESET)
+                               attn_dropout_prob=0.1, epochs=24 if negatives else 12, **PRESET)
     config = arm_config("SASRec", "synthetic", None, settings, seed=None, baseline=False, run_dir=tmp_path / "sep")
     arm = train_arm("separated", config, saved=False)
     model = arm.pipe.model
