@@ -95,6 +95,8 @@ def ranks(tmp_path_factory):
     data = root / "data"
     rows = [r for r in tiny_rows(n_users=60, length=12, seed=5) if r[2] % 1000 < 6 + r[0] % 7]  # uneven users
     write_inter(data / "tiny" / "tiny.inter", rows)
+    # made once here: RecBole's ensure_dir (exists, then makedirs) races between the two ranks' trainers
+    (root / "run").mkdir()
     mp.start_processes(_worker, args=(free_port(), str(data), str(root)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
