@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recbole_popprior.converters.cli import convert as cli_convert
 from recbole_popprior.converters.cli import main
 from recbole_popprior.converters import buckets as converters_buckets
 from recbole_popprior.converters.pipeline import convert
@@ -381,7 +380,7 @@ def describes(summary_path: Path) -> bool:
 
 
 def test_summary_identifies_its_inter_and_verify_output_checks_it(tmp_path):
-    from recbole_popprior.converters import verify_output
+    from recbole_popprior.converters.commit import verify_output
 
     src = write_log(tmp_path / "u.csv", tianchi_lines(seed=14, bad=False))
     summary = convert("tianchi", src, tmp_path / "out", progress=False)
@@ -729,10 +728,6 @@ def test_interrupted_run_leaves_no_output_and_no_temp_files(tmp_path, monkeypatc
     assert (("signal 15" in err) if how == "sigterm" else ("interrupted" in err))
     assert list((out / "tianchi").iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-def test_convert_is_reexported_by_the_cli_module():
-    assert cli_convert is convert
 
 
 def _sigkill_at_the_inter_rename(tmp_path: Path, src: Path, out: Path) -> None:
