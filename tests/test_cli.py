@@ -3,10 +3,13 @@ plugin settings, derived defaults. Bad input to the command line is one table in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,32 @@ def test_a_bad_converter_argument_is_one_error_line_before_anything_heavy_loads(
                             "--output", str(tmp_path / "out"), "--k-core", "0", "--no-progress"])
     assert proc.returncode == 0 and {"numpy", "pyarrow"} <= loaded, proc.stderr[-2000:]
     assert (tmp_path / "out" / "tianchi" / "tianchi.inter").is_file()
+
+
+def test_ctrl_c_while_the_converter_loads_its_pipeline_is_one_line_and_status_130(tmp_path):
+    """SIGINT once numpy's extension is mapped (the lazy import after parsing is under way): one
+    ``error:`` line and 130, no KeyboardInterrupt traceback, no output folder."""
+    raw = tmp_path / "UserBehavior.csv"
+    raw.write_text("1,2,3,pv,1511539200\n")
+    proc = subprocess.Popen([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(raw),
+                             "--output", str(tmp_path / "out"), "--no-progress"], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if "_multiarray_umath" in Path(f"/proc/{proc.pid}/maps").read_text():
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert not (tmp_path / "out" / "tianchi" / "tianchi.inter").exists()
 
 
 def test_importing_the_command_line_loads_neither_torch_nor_recbole():

@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # --help into a closed pipe
         _to_devnull(sys.stdout)
         return 0
-    pipeline = recbole_popprior.conversion  # the lazy import: numpy, pyarrow and polars load now
     try:
+        pipeline = recbole_popprior.conversion  # the lazy import: numpy, pyarrow and polars load now
         summary = pipeline.convert(args.kind, args.input, args.output, name=args.name, behaviors=args.behaviors,
                           dedup=args.dedup, k_core=args.k_core, start=args.start, end=args.end,
                           sample_users=args.sample_users, max_bad_rows=args.max_bad_rows, progress=args.progress,
@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(sys.stderr, f"error: {exc}")
         return 2
     except KeyboardInterrupt as exc:  # ConversionInterrupted says what was left on disk
-        why = str(exc) if isinstance(exc, pipeline.ConversionInterrupted) else "interrupted; no output written"
+        # a Ctrl-C during the lazy import above arrives before ``pipeline`` is bound
+        interrupted = sys.modules.get("recbole_popprior.converters.pipeline")
+        known = interrupted is not None and isinstance(exc, interrupted.ConversionInterrupted)
+        why = str(exc) if known else "interrupted; no output written"
         _say(sys.stderr, f"error: {why}")
         return 130
     _say(sys.stdout, pipeline.format_summary(summary))
