@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The ml-100k runs of issue 22 (docs/DESIGN.md §9): the converged matched comparison at RecBole's own
+# SASRec and GRU4Rec defaults (3 seeds, early stopping that stops) and SASRec's tau curve.
+# Resumable: rerun the script and every complete (tau, seed) run is kept; a killed one restarts.
+#
+#   OUT=issue22-ml100k bash benchmarks/run_issue22_ml100k.sh              # everything, one run at a time
+#   ONLY=sasrec bash benchmarks/run_issue22_ml100k.sh                      # one of: sasrec, gru4rec
+#   PRESET=fast bash benchmarks/run_issue22_ml100k.sh                      # with the speed preset (issue 24)
+#   SMOKE=1 bash benchmarks/run_issue22_ml100k.sh                          # 1 epoch, 1 seed, tiny models
+#
+# SASRec: taus 0, 0.5, 1, 1.5, learned x 3 seeds; its tau=0 and tau=1 runs are also the matched
+# comparison (OUT/ml100k-sasrec/compare/compare.md, the report --compare writes), so the comparison
+# costs no extra training. GRU4Rec: tau 0 and 1 x 3 seeds, and its comparison.
+set -euo pipefail
+OUT=${OUT:-issue22-ml100k}
+PY=${PY:-python}
+ONLY=${ONLY:-}
+SEEDS=${SEEDS:-3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+COMMON=(--dataset=ml-100k --compare-tau=1 --epochs=50 --stopping_step=5 --valid_metric=NDCG@10 --show_progress=False)
+if [[ -n "${PRESET:-}" ]]; then COMMON+=(--config_files="$PRESET"); fi
+if [[ -n "${SMOKE:-}" ]]; then
+    OUT=${OUT}-smoke
+    SEEDS=1
+    # the same commands, 1 epoch of a tiny model and a short permutation null: proves the pipeline only
+    COMMON+=(--epochs=1 --hidden_size=16 --embedding_size=16 --inner_size=32 --n_layers=1 --n_heads=1
+             --MAX_ITEM_LIST_LENGTH=20 --train_batch_size=512 --energy_permutations=199)
+fi
+
+sweep() {
+    local name=$1; shift
+    if [[ -n "$ONLY" && "$ONLY" != "$name" ]]; then return; fi
+    echo "== $name: $(date)"
+    "$PY" benchmarks/tau_sweep.py "${COMMON[@]}" --seeds="$SEEDS" --output="$OUT/ml100k-$name" "$@"
+}
+
+sweep sasrec --model=SASRec --taus=0,0.5,1,1.5,learned
+sweep gru4rec --model=GRU4Rec --taus=0,1
+
+if [[ -z "$ONLY" && -f "$OUT/ml100k-sasrec/sweep.json" ]]; then
+    # the figure with the synthetic panel, when those runs are at SYNTHETIC (benchmarks/run_issue22_synthetic.sh)
+    SYNTHETIC=${SYNTHETIC:-issue22-runs}
+    PANELS=("$OUT/ml100k-sasrec/sweep.json")
+    TITLES="SASRec on ml-100k (RecBole defaults)"
+    if [[ -f "$SYNTHETIC/known-truth/sweep.json" ]]; then
+        PANELS=("$SYNTHETIC/known-truth/sweep.json" "${PANELS[@]}")
+        TITLES="SASRec on synthetic data (known truth)|$TITLES"
+    fi
+    "$PY" benchmarks/tau_sweep.py --plot "${PANELS[@]}" --titles="$TITLES" --figure="$OUT/tau-sweep.png"
+fi
