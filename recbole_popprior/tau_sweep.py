@@ -329,6 +329,8 @@ def prepare(model: str, dataset: str, config_file_list: list[str] | None, config
     settings["metrics"] = _with_energy_metrics(settings.get("metrics", COMPARE_METRICS),
                                                (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, settings, seed=None, baseline=False)
+    if probe["energy_max_contexts"] is not None:
+        raise PopPriorError("the tau sweep measures every test context: remove energy_max_contexts")
     standard = resolve_arm(ARMS[REFERENCE_NAME], probe.final_config_dict)
     out_dir = Path(output) if output else Path(probe["output"]) / f"tau_sweep-{model}-{dataset}"
     setup = SweepSetup(model, dataset, list(config_file_list) if config_file_list else None, settings, out_dir,

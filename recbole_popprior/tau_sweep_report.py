@@ -34,7 +34,8 @@ REFERENCE_KEY = "tau=0"  # tau_sweep.Variant(0.0).key
 #: the fine tau grid of the population optimum's curve (synthetic data)
 OPTIMUM_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 4)
 #: numeric columns summarised over seeds, in table order
-COLUMNS = ("tau", "dir_frac", "shared_frac", "R_dir", "R_shared", "p_value_dir", "pop_slope", "ndcg", "ndcg_beta0",
+COLUMNS = ("tau", "dir_frac", "shared_frac", "dir_shared", "dir_specific", "R_dir", "R_shared", "p_value_dir",
+           "pop_slope", "ndcg", "ndcg_beta0",
            "recall", "dir_frac_true_l", "spearman_pmi", "kl_truth", "pop_coef", "pmi_coef",
            "subspace_frac", "subspace_frac_true", "epochs", "best_epoch", "fit_seconds", "wall_seconds")
 
@@ -55,6 +56,13 @@ def pop_slope(mean_row: np.ndarray, log_prior: np.ndarray) -> float:
     return float(z @ lp / (lp @ lp))
 
 
+def _split(energy: Mapping[str, Any]) -> dict[str, float]:
+    """``dir_frac`` cut into its context-shared and context-specific parts, ``E_shared / T + E_specific / T``
+    (DESIGN §9: estimating ``p`` and mis-weighting it can only add to the shared part)."""
+    total = energy["total"]
+    return {"dir_shared": energy["shared"] / total, "dir_specific": energy["specific"] / total}
+
+
 def _windows(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
     W = arrays.get(key)
     return W if W is not None and W.ndim == 2 and W.shape[0] > 1 else None
@@ -73,12 +81,13 @@ def measure_run(run: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ref_ar
     metrics = run["record"]["metrics"]
     out: dict[str, Any] = {
         "key": run["key"], "seed": run["seed"], "tau": run["record"]["tau"][name],
-        "dir_frac": energy["dir_frac"], "shared_frac": energy["shared_frac"], "E_dir": energy["dir"],
+        "dir_frac": energy["dir_frac"], "shared_frac": energy["shared_frac"], **_split(energy), "E_dir": energy["dir"],
         "E_shared": energy["shared"], "subspace_frac": energy.get("subspace_frac"),
         "ndcg": metrics[name].get(f"ndcg@{topk}"), "recall": metrics[name].get(f"recall@{topk}"),
         "ndcg_beta0": metrics.get(f"{name}_beta0", {}).get(f"ndcg@{topk}"),
         "pop_slope": pop_slope(arrays["E"] @ arrays["H"].mean(axis=0), l_hat),
-        "epochs": run["epochs"], "best_epoch": run["best_epoch"], "fit_seconds": run["fit_seconds"],
+        "epochs": run["epochs"], "best_epoch": None if run["best_epoch"] is None else run["best_epoch"] + 1,
+        "fit_seconds": run["fit_seconds"],
         "wall_seconds": run["wall_seconds"], "stopped_early": run["stopped_early"]}
     if arrays is not ref_arrays:
         red = _matched(_state(ref_arrays), state, l_hat, int(run["permutations"]), int(run["energy_seed"]), {})
@@ -114,7 +123,7 @@ def truth_row(ref_run: Mapping[str, Any], ref_arrays: Mapping[str, np.ndarray],
     scores = pmi[prev] + log_p[None, :]
     scores[:, 0] = -np.inf
     out = {"key": TRUTH_ROW, "seed": ref_run["seed"], "dir_frac": energy["dir_frac"],
-           "shared_frac": energy["shared_frac"], "R_dir": red["R_dir"], "R_shared": red["R_shared"],
+           "shared_frac": energy["shared_frac"], **_split(energy), "R_dir": red["R_dir"], "R_shared": red["R_shared"],
            "dir_frac_true_l": table_energy(pmi, prev, log_p)["dir_frac"], "spearman_pmi": 1.0,
            "ndcg": ndcg_at_k(scores, ref_arrays["target"], int(ref_run["topk"])),
            "pop_slope": pop_slope(np.nan_to_num(pmi[prev]).mean(axis=0), l_hat),
@@ -204,10 +213,36 @@ def summarise_sweep(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, np.ndar
             row["ndcg_delta"] = {"mean": test.mean_diff, "ci": [test.low, test.high], "p_value": test.p_value}
         rows.append(row)
     return {"model": first["model"], "dataset": first["dataset"], "topk": int(first["topk"]),
-            "tau_zero_slope": _zero_crossing(rows, reference),
+            "tau_zero_slope": _zero_crossing(rows, reference), "residual": _residual(per_run, confidence),
             "confidence": confidence, "permutations": int(first["permutations"]), "reference": reference,
             "seeds": sorted(ref_by_seed), "rows": rows, "per_run": per_run, "optimum": optimum,
             "missing": missing, "prior_alpha": first.get("prior_alpha")}
+
+
+def _residual(per_run: Sequence[Mapping[str, Any]], confidence: float) -> list[dict[str, Any]]:
+    """Per tau with both priors (synthetic): the separated model's ``dir_frac`` above the true PMI's, with
+    the estimated and with the true prior, and their difference (the part due to estimating p), paired
+    by seed."""
+    by = {(r["key"], r["seed"]): r for r in per_run}
+    out = []
+    for key in dict.fromkeys(r["key"] for r in per_run):
+        if not key.endswith(",prior=truth"):
+            continue
+        est_key = key[: -len(",prior=truth")]
+        seeds = [s for (k, s) in by if k == key and (est_key, s) in by and (TRUTH_ROW, s) in by]
+        if not seeds:
+            continue
+        entry = {"tau_key": est_key, "seeds": seeds}
+        for part in ("dir_frac", "dir_shared", "dir_specific"):
+            floor = [by[(TRUTH_ROW, s)][part] for s in seeds]
+            est = [by[(est_key, s)][part] for s in seeds]
+            tru = [by[(key, s)][part] for s in seeds]
+            entry[part] = {"floor": _cell(floor, confidence),
+                           "above_floor_estimate": _cell([e - f for e, f in zip(est, floor)], confidence),
+                           "above_floor_truth": _cell([t - f for t, f in zip(tru, floor)], confidence),
+                           "estimation": _cell([e - t for e, t in zip(est, tru)], confidence)}
+        out.append(entry)
+    return out
 
 
 def _zero_crossing(rows: Sequence[Mapping[str, Any]], reference: str) -> float | None:
@@ -292,10 +327,24 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
                 "Spearman: mean over contexts of the rank correlation of the learned scores with the true PMI row. "
                 "KL: mean KL(p(.|c) || the model's softmax), nats. pop / PMI coefficient: least squares "
                 "Zc = a PMIc + b (P_n log p).", ""]
-        out += _table(rows, [("dir_frac", "dir_frac", 4), ("dir_frac_true_l", "dir_frac (true l)", 4),
+        out += _table(rows, [("dir_frac", "dir_frac", 4), ("dir_shared", "shared part", 4),
+                             ("dir_specific", "specific part", 4), ("dir_frac_true_l", "dir_frac (true l)", 4),
                              ("R_dir", "R_dir", 4), ("spearman_pmi", "Spearman(PMI)", 4),
                              ("kl_truth", "KL to truth", 4), ("pop_coef", "pop coef b", 3),
                              ("pmi_coef", "PMI coef a", 3), ("ndcg", f"NDCG@{k}", 4)])
+    if payload.get("residual"):
+        out += ["", "## How much of the residual is estimation", "",
+                "dir_frac above the true PMI's (the floor), with the estimated prior and with the true one, and "
+                "their difference (estimate - truth), paired by seed; split into the context-shared part "
+                "(E_shared / T) and the context-specific part (E_specific / T).", "",
+                "| tau | part | floor (true PMI) | above floor, p_hat | above floor, true p | estimation |",
+                "|---|---|---|---|---|---|"]
+        for entry in payload["residual"]:
+            for part, name in (("dir_frac", "all"), ("dir_shared", "shared"), ("dir_specific", "specific")):
+                cells = entry[part]
+                out.append(f"| {entry['tau_key']} | {name} | {fmt(cells['floor'])} | "
+                           f"{fmt(cells['above_floor_estimate'])} | {fmt(cells['above_floor_truth'])} | "
+                           f"{fmt(cells['estimation'])} |")
     if payload.get("optimum"):
         opt = payload["optimum"]
         out += ["", f"Population optimum `PMI + log p - tau log prior` on the same contexts: dir_frac is smallest at "
