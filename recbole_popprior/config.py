@@ -39,8 +39,8 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import PAIRWISE_ONLY, check_loss_type, get_model, trains_without_negatives
-from recbole_popprior.model.factors import NO_FACTORISED_TRAINING
+from recbole_popprior.model import check_loss_type, get_model, trains_without_negatives
+from recbole_popprior.model.registry import ModelRecord, record_of, require_record
 from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
 from recbole_popprior.prior_source import PRIOR_SOURCES
@@ -93,7 +93,7 @@ class Config(RecBoleConfig):
         except yaml.YAMLError as exc:
             raise PopPriorError(f"a config file is not valid yaml: {_yaml_problem(exc)}") from None
         _resolve(self.final_config_dict)
-        _validate(self.final_config_dict)
+        _validate(self.final_config_dict, self.model_class)
         #: one line per unknown setting with a plugin prefix (logged by the quick start)
         self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict)
 
@@ -172,8 +172,9 @@ class Config(RecBoleConfig):
             model = self.external_config_dict.get("model")
             if model is None:
                 raise PopPriorError("no model given: pass --model=<RecBole model name>")
-        if isinstance(model, str):
-            model = get_model(model, baseline=bool(self.external_config_dict.get("popprior_baseline")))
+        # a name or a class (a user's subclass or registered model): the prior-separated class
+        # of its record, or with popprior_baseline the model class itself (README: your own model)
+        model = get_model(model, baseline=bool(self.external_config_dict.get("popprior_baseline")))
         if dataset is None:
             dataset = self.external_config_dict.get("dataset")
             if dataset is None:
@@ -189,6 +190,10 @@ class Config(RecBoleConfig):
         return config_dict
 
     def _load_internal_config_dict(self, model, model_class, dataset):
+        # the yaml of the model's record (``MySASRec(SASRec)`` reads SASRec's defaults): RecBole
+        # looks its files up by name, and a user's subclass has none of its own
+        record = record_of(model_class)
+        model = record.name if record is not None else model
         super()._load_internal_config_dict(model, model_class, dataset)  # levels 1-3
         model_file = properties_file("model", f"{model}.yaml")
         if model_file.is_file():  # level 4
@@ -318,8 +323,9 @@ def _choice(config: dict[str, Any], key: str, choices: tuple) -> None:
         raise PopPriorError(f"{key} must be one of {', '.join(map(str, choices))}, got {config.get(key)!r}")
 
 
-def _validate(config: dict[str, Any]) -> None:
-    """Reject bad plugin settings with one clear line (docs/DESIGN.md §1-3)."""
+def _validate(config: dict[str, Any], model_class: type) -> None:
+    """Reject bad plugin settings with one clear line (docs/DESIGN.md §1-3); what the model
+    takes comes from its record (:mod:`recbole_popprior.model.registry`)."""
     if config.get("prior_tau") != "learned":
         _number(config, "prior_tau")
     _number(config, "prior_beta", allow=(None,))
@@ -340,7 +346,7 @@ def _validate(config: dict[str, Any]) -> None:
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config)
     _validate_training(config)
-    _validate_remedies(config)
+    _validate_remedies(config, model_class, require_record(model_class))
     _validate_energy(config)
     # the t intervals' level (DESIGN §3.2)
     _number(config, "compare_confidence", low=0.0, strict=True, high=1.0, strict_high=True)
@@ -387,13 +393,13 @@ def _validate_training(config: dict[str, Any]) -> None:
                             "full softmax); for a standard model with sampled softmax use prior_tau: 0")
 
 
-def _validate_remedies(config: dict[str, Any]) -> None:
+def _validate_remedies(config: dict[str, Any], model_class: type, record: ModelRecord) -> None:
     """The losses and remedies of DESIGN §6.2 and §7, and which of them compose."""
     loss_type, model = config.get("loss_type"), config.get("model")
     negatives = config.get("train_neg_sample_args") or {}
-    pairwise = loss_type == "BPR" or model in PAIRWISE_ONLY
+    pairwise = loss_type == "BPR" or record.pairwise == "only"
     if not config.get("popprior_baseline"):  # the plugin's model: the mixin's own check, before any data loads
-        check_loss_type(config)
+        check_loss_type(model_class, loss_type)
     if pairwise and negatives.get("distribution", "none") == "none":
         raise PopPriorError(f"{config.get('model')} with a BPR loss needs a sampled negative per row: remove "
                             "train_neg_sample_args: ~ (RecBole's default draws one uniform negative)")
@@ -421,14 +427,17 @@ def _validate_remedies(config: dict[str, Any]) -> None:
     if config.get("popprior_baseline") and (remedy is not None or ace_init is not None):
         raise PopPriorError("remedy and ace_init need the plugin's model (popprior_baseline runs RecBole's own "
                             "class); for a standard model with a remedy use prior_tau: 0")
-    if ace_init is not None and model in ("FPMC", "S3Rec") and (model == "FPMC" or config.get("train_stage") == "finetune"):
-        raise PopPriorError(f"{model} cannot take ace_init: " + ("its items have three tables in different roles"
-                            if model == "FPMC" else "in the finetune stage its item table comes from the pretrained "
-                            "checkpoint (give ace_init to the pretrain stage)"))
+    if ace_init is not None and isinstance(record.ace_tables, str):
+        raise PopPriorError(f"{model} cannot take ace_init: {record.ace_tables}")
+    # S3Rec's fine-tune stage loads its table from the pretrained checkpoint (its constructor says so too)
+    if ace_init is not None and record.name == "S3Rec" and config.get("train_stage") == "finetune":
+        raise PopPriorError(f"{model} cannot take ace_init: in the finetune stage its item table comes from the "
+                            "pretrained checkpoint (give ace_init to the pretrain stage)")
     if remedy is None:
         return
-    if model in NO_FACTORISED_TRAINING:
-        raise PopPriorError(f"{model} cannot train with remedy: {remedy}: {NO_FACTORISED_TRAINING[model]}")
+    refusal = record.factorised_training_refusal()
+    if refusal is not None:
+        raise PopPriorError(f"{model} cannot train with remedy: {remedy}: {refusal}")
     if pairwise:
         raise PopPriorError(f"remedy: {remedy} replaces or extends a softmax loss; use loss_type: CE")
     if remedy in ("directspec", "adap_tau"):

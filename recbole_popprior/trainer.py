@@ -21,6 +21,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_popprior import checkpoint, collective
 from recbole_popprior.evaluator.collector import PopPriorCollector
+from recbole_popprior.model.registry import recbole_model_name
 
 
 class PopPriorTrainerMixin:
@@ -186,7 +187,10 @@ def reuse_forward(model: torch.nn.Module):
     energy metrics need that forward's context vectors ``H``; no model exposes them, so the
     second call (from :mod:`recbole_popprior.model.factors`) is answered from this cache.
     RecBole models call ``self.forward(...)``, so an instance attribute shadows the class's
-    method for the block (any model: the plugin's or RecBole's own). Only identity of the
+    method for the block (any model: the plugin's or RecBole's own); patching the class
+    instead would answer any other model of the class, run on the same batch within the block
+    (a second arm or seed), from this one's cache (tests/test_dispatch.py pins it; DESIGN §1.1).
+    Only identity of the
     inputs counts, which is sound inside one ``no_grad`` evaluation batch (no weights change
     and the same tensors mean the same batch); the wrapper and its cache go on exit.
     """
@@ -216,5 +220,6 @@ def _trainer_class(base: type) -> type:
 
 
 def get_trainer(config: Any) -> type:
-    """RecBole's trainer class for ``config["model"]``, with :class:`PopPriorTrainerMixin`."""
-    return _trainer_class(recbole_get_trainer(config["MODEL_TYPE"], config["model"]))
+    """RecBole's trainer class for the model (by its record's name: ``MySASRec(S3Rec)`` trains with
+    ``S3RecTrainer``), with :class:`PopPriorTrainerMixin`."""
+    return _trainer_class(recbole_get_trainer(config["MODEL_TYPE"], recbole_model_name(config)))

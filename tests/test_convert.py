@@ -1,3 +1,4 @@
+# Over 500 lines: the converters' pure-Python reference and the checks against it stay in one file.
 """Raw-log converters: outputs and counts checked against a tiny pure-Python reference.
 
 The reference below re-derives every expected row and count from the raw lines with plain

@@ -31,6 +31,8 @@ def _pipeline(model, data_path, out_dir, **overrides):
         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
         output=str(out_dir), fast_loader=False, energy_permutations=B, energy_seed=7, prior_windows=3,
         reranker_CAN_NUM="10")  # GRU4RecCPR's reranker candidates must fit the tiny catalogue
+    if not isinstance(model, str):  # a RecBole class here stands for RecBole's own model (a class
+        settings["popprior_baseline"] = True  # alone gets the plugin's mixin, as a user's subclass does)
     settings = tiny_config(data_path, **{**settings, **overrides})
     config = Config(model=model, dataset="tiny", config_dict=settings)
     return build_pipeline(config, log=False)

@@ -1,3 +1,4 @@
+# Over 500 lines: one cache of the whole zoo (29 models, each built once) serves every per-model check.
 """Prior separation across RecBole's sequential model zoo (DESIGN.md §1, §6.2), one tiny dataset.
 
 For every supported model: a training step runs; the training loss equals a hand-computed
@@ -28,8 +29,7 @@ from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import NO_PAIRWISE, PAIRWISE_ONLY, PriorSeparatedMixin, get_model, supported_models
-from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
+from recbole_popprior.model import PriorSeparatedMixin, get_model, record_of, records, supported_models
 
 ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS = 30
@@ -182,6 +182,9 @@ def bpr_zoo(request, zoo_data, s3rec_pretrained) -> Zoo:
 MODELS = supported_models()
 by_model = pytest.mark.parametrize("zoo", MODELS, indirect=True)
 #: models whose RecBole class trains a softmax over the items (all but the BPR-only ones)
+#: the BPR-only models (FPMC, TransRec) and those without a BPR loss, from their registry records
+PAIRWISE_ONLY = [m for m in MODELS if record_of(get_model(m)).pairwise == "only"]
+NO_PAIRWISE = [m for m in MODELS if record_of(get_model(m)).pairwise == "none"]
 SOFTMAX_MODELS = [m for m in MODELS if m not in PAIRWISE_ONLY]
 #: models whose RecBole class has a BPR loss (RecBole's test suite runs each with loss_type BPR)
 BPR_MODELS = [m for m in MODELS if m not in NO_PAIRWISE]
@@ -264,9 +267,12 @@ def test_supported_models_are_the_issue_list_and_each_has_a_note():
                 "GCSAN", "FDSA", "FEARec", "LightSANs", "SHAN", "FOSSIL", "SINE", "HRM", "BERT4Rec", "S3Rec",
                 "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet", "GRU4RecKG", "KSR", "FPMC", "TransRec"}
     assert set(MODELS) == expected
-    assert set(MODEL_NOTES) == expected
-    assert set(SPECIAL_CLASSES) <= expected
-    assert set(UNSUPPORTED) == {"DIN", "DIEN"}
+    assert all(r.note for r in records())
+    assert {r.name for r in records() if r.refused} == {"DIN", "DIEN"}
+    assert {r.name for r in records()} == expected | {"DIN", "DIEN"}
+    assert set(PAIRWISE_ONLY) == {"FPMC", "TransRec"}
+    assert set(NO_PAIRWISE) == {"CORE", "GRU4RecCPR", "SASRecCPR", "RepeatNet"}
+    assert {r.name for r in records() if r.supported and r.factors is None} == NO_FACTORS
     assert len(BPR_MODELS) == 25 and set(PAIRWISE_ONLY) <= set(BPR_MODELS)
 
 

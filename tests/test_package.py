@@ -98,6 +98,15 @@ def test_every_import_is_at_the_top_of_its_module():
     assert not late, "imports inside functions: " + "; ".join(late)
 
 
+def test_no_module_over_500_lines_without_a_reason_at_its_top():
+    """STYLE: a module over about 500 lines says why on its first line (``# Over 500 lines: ...``)."""
+    paths = [*_modules().values(), *sorted((ROOT / "tests").glob("*.py"))]
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in paths
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
+            and not p.read_text(encoding="utf-8").startswith("# Over 500 lines: ")]
+    assert not long, "modules over 500 lines without a reason on their first line: " + "; ".join(long)
+
+
 def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
     """The checker itself can fail: a two-module circle written to a scratch package is found."""
     fake = tmp_path / PACKAGE

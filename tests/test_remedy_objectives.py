@@ -21,11 +21,11 @@ from recbole.utils import init_seed
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model import supported_models
-from recbole_popprior.model.factors import NO_FACTORISED_TRAINING, training_factors
+from recbole_popprior.model import get_model, supported_models
+from recbole_popprior.model.factors import factorised_training_refusal, training_factors
 from recbole_popprior.quick_start import build_config, build_pipeline
 
-TAKES = [m for m in supported_models() if m not in NO_FACTORISED_TRAINING]
+TAKES = [m for m in supported_models() if factorised_training_refusal(get_model(m)) is None]
 
 
 def _zoo(name, data_path, pretrained, **overrides) -> Zoo:

@@ -25,6 +25,7 @@ from recbole_popprior.data.lean_dataset import LeanSequentialDataset, lean_unsup
 from recbole_popprior.data.loaders import LeanTrainDataLoader
 from recbole_popprior.data.synthetic import ensure_synthetic_dataset
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.registry import recbole_model_name
 
 _TYPE2CLASS = {
     ModelType.GENERAL: "Dataset",
@@ -46,7 +47,8 @@ def _loader_class(base: type, fast: bool) -> type:
 
 def _recbole_class(config: Any) -> type:
     module = importlib.import_module("recbole.data.dataset")
-    return getattr(module, config["model"] + "Dataset", None) or getattr(module, _TYPE2CLASS[config["MODEL_TYPE"]])
+    # by the record's name: a user's subclass of GRU4RecKG needs RecBole's GRU4RecKGDataset
+    return getattr(module, recbole_model_name(config) + "Dataset", None) or getattr(module, _TYPE2CLASS[config["MODEL_TYPE"]])
 
 
 def dataset_class(config: Any) -> type:

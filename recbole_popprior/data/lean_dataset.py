@@ -36,6 +36,7 @@ from recbole_popprior.data.inter_codes import InterCodes, read_inter_codes
 from recbole_popprior.data.remap import remap
 from recbole_popprior.data.sequences import LEAVE_ONE_OUT, RowsView, SequenceStore, SequenceView
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model.registry import recbole_model_name
 
 #: RecBole settings the lean path does not reproduce (each changes loading or splitting).
 _UNSET_KEYS = ("benchmark_filename", "rm_dup_inter", "val_interval", "threshold", "discretization", "preload_weight",
@@ -49,7 +50,7 @@ _WHOLE_LIST_READERS = {
 
 def lean_unsupported(config: Any) -> str | None:
     """Why ``sequence_data: lean`` cannot promise RecBole's exact data for this config, or ``None``."""
-    model = config["model"]
+    model = recbole_model_name(config)  # a user's subclass reads as its registered parent
     own = getattr(recbole_datasets, f"{model}Dataset", None)
     if own is not None:
         return f"{model} has its own dataset class ({own.__name__})"
@@ -78,7 +79,7 @@ def list_fields(config: Any) -> list[str]:
     """The ``.inter`` fields whose lists a batch carries: the item id, and the time field where the
     model reads ``<time><LIST_SUFFIX>`` (the plugin's BERT4Rec with a windowed prior)."""
     fields = [config["ITEM_ID_FIELD"]]
-    if config["model"] == "BERT4Rec" and config["prior_mode"] == "windowed":
+    if recbole_model_name(config) == "BERT4Rec" and config["prior_mode"] == "windowed":
         fields.append(config["TIME_FIELD"])
     return fields
 

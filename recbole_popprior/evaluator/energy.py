@@ -1,3 +1,4 @@
+# Over 500 lines: the DESIGN §3 formulas, their streaming statistics and the permutation nulls that reuse them.
 """Popularity-aligned score energy of the learned dot product (DESIGN.md §3).
 
 Two exact paths compute the same numbers:

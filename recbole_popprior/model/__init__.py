@@ -2,8 +2,11 @@
 
 ``get_model("SASRec")`` returns ``type("SASRec", (PriorSeparatedMixin, SASRec), {})``; the
 models that differ are plain subclasses in :mod:`~recbole_popprior.model.special_cases`. Every
-class keeps RecBole's name, so RecBole's name-based lookups (model yaml, trainer choice) keep
-working.
+class keeps its model's name, so RecBole's name-based lookups (model yaml, trainer choice) keep
+working. What the plugin does with each model is its record in the registry
+(:mod:`~recbole_popprior.model.registry`; RecBole's models are registered by importing
+:mod:`~recbole_popprior.model.zoo`, below), found by class: ``get_model`` also takes a class,
+such as a user's ``class MySASRec(SASRec)``, which gets SASRec's record.
 """
 
 from __future__ import annotations
@@ -11,22 +14,14 @@ from __future__ import annotations
 import functools
 
 from recbole.utils import InputType
-from recbole.utils import get_model as recbole_get_model
 
 from recbole_popprior import compat
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.model import zoo  # noqa: F401  (registers RecBole's models)
 from recbole_popprior.model.mixin import PriorLoss, PriorSeparatedMixin, check_loss_type, prior_term
-from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
-from recbole_popprior.model.special_cases import MODEL_NOTES, SPECIAL_CLASSES, UNSUPPORTED
-
-#: every RecBole 1.2.1 sequential model the plugin supports: the 27 that train a softmax over
-#: the items (loss_type CE or NLL; most also take BPR) and the two BPR-only ones (FPMC, TransRec)
-SUPPORTED_MODELS: tuple[str, ...] = (
-    "SASRec", "SASRecF", "GRU4Rec", "GRU4RecF", "NARM", "STAMP", "Caser", "NextItNet",
-    "SRGNN", "GCSAN", "FDSA", "FEARec", "LightSANs", "SHAN", "FOSSIL", "SINE", "HRM",
-    "BERT4Rec", "S3Rec", "CORE", "HGN", "NPE", "GRU4RecCPR", "SASRecCPR", "RepeatNet",
-    "GRU4RecKG", "KSR", "FPMC", "TransRec",
-)
+from recbole_popprior.model.pairwise import PairwisePriorLoss
+from recbole_popprior.model.registry import (ModelRecord, find_record, record_of, records, register_model,
+                                             require_record, supported_models, unregister_model)
 
 
 def trains_without_negatives(model_class: type, loss_type: str | None) -> bool:
@@ -39,49 +34,54 @@ def trains_without_negatives(model_class: type, loss_type: str | None) -> bool:
     return loss_type in ("CE", "NLL") and getattr(model_class, "input_type", None) != InputType.POINTWISE
 
 
-def supported_models() -> list[str]:
-    """Names accepted by ``--model`` (RecBole's own model names)."""
-    return list(SUPPORTED_MODELS)
-
-
-def _canonical(name: str) -> str:
-    for known in (*SUPPORTED_MODELS, *UNSUPPORTED):
-        if known.lower() == name.lower():
-            return known
-    return name
+def _record_named(name: str) -> ModelRecord:
+    record = find_record(name)
+    if record is None:
+        raise PopPriorError(f"unknown or unsupported model {name!r}; supported models: "
+                            f"{', '.join(supported_models())}")
+    require_record(record.model_class)  # a refused model: one line with the reason
+    return record
 
 
 def check_supported(name: str) -> str:
-    """Return RecBole's spelling of ``name`` or raise a one-line :class:`PopPriorError`."""
-    name = _canonical(name)
-    if name in UNSUPPORTED:
-        raise PopPriorError(f"{name} cannot take a popularity prior: {UNSUPPORTED[name]}. "
-                            f"Supported models: {', '.join(SUPPORTED_MODELS)}")
-    if name not in SUPPORTED_MODELS:
-        raise PopPriorError(f"unknown or unsupported model {name!r}; supported models: "
-                            f"{', '.join(SUPPORTED_MODELS)}")
-    return name
+    """Return the registered spelling of ``name`` (RecBole's, for its models) or raise a one-line
+    :class:`PopPriorError`."""
+    return _record_named(name).name
 
 
-def get_model(name: str, baseline: bool = False) -> type:
-    """The prior-separated class for RecBole model ``name`` (RecBole's own class if ``baseline``).
+def get_model(model: str | type, baseline: bool = False) -> type:
+    """The prior-separated class for ``model`` (RecBole's own class if ``baseline``).
 
-    The same class object is returned for every spelling of the call (one class per model).
+    ``model`` is a registered name (``"SASRec"``, any case) or a class: a registered model, a
+    subclass of one (``class MySASRec(SASRec)`` gets SASRec's record) or a prior-separated class
+    (returned as it is; ``baseline`` then gives the model class under it). The same class object
+    is returned for every spelling of the call (one class per model).
     """
-    name = check_supported(name)
-    model_class = recbole_get_model(name) if baseline else _prior_separated(name)
+    if isinstance(model, str):
+        model_class = _record_named(model).model_class
+    elif isinstance(model, type):
+        model_class = next(c for c in model.__mro__ if not issubclass(c, PriorSeparatedMixin))
+        require_record(model_class)
+        if not baseline and issubclass(model, PriorSeparatedMixin):
+            return model
+    else:
+        raise PopPriorError(f"model must be a model name or class, got {model!r}")
+    result = model_class if baseline else _prior_separated(model_class, record_of(model_class))
     compat.disable_anomaly_detection()  # importing RecBole's models switches it on (compat shim 6)
-    return model_class
+    return result
 
 
 @functools.lru_cache(maxsize=None)
-def _prior_separated(name: str) -> type:
-    if name in SPECIAL_CLASSES:
-        return SPECIAL_CLASSES[name]
-    return type(name, (PriorSeparatedMixin, recbole_get_model(name)),
-                {"__module__": __name__, "__doc__": f"Prior-separated {name} (docs/DESIGN.md §1)."})
+def _prior_separated(model_class: type, record: ModelRecord) -> type:
+    # keyed by the record too, so a model registered again gets a class of its new record
+    special = record.special_class
+    if special is not None and model_class is record.model_class:
+        return special
+    # a subclass of a special model takes the special class's overrides over its own network
+    return type(model_class.__name__, (special or PriorSeparatedMixin, model_class),
+                {"__module__": __name__, "__doc__": f"Prior-separated {model_class.__name__} (docs/DESIGN.md §1)."})
 
 
 __all__ = ["get_model", "supported_models", "check_supported", "PriorSeparatedMixin", "PriorLoss",
-           "PairwisePriorLoss", "prior_term", "trains_without_negatives", "SUPPORTED_MODELS", "MODEL_NOTES",
-           "SPECIAL_CLASSES", "UNSUPPORTED", "PAIRWISE_ONLY", "NO_PAIRWISE", "check_loss_type"]
+           "PairwisePriorLoss", "prior_term", "trains_without_negatives", "check_loss_type", "ModelRecord",
+           "register_model", "unregister_model", "record_of", "records", "require_record"]

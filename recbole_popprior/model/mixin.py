@@ -38,7 +38,8 @@ from torch import nn
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
 from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
-from recbole_popprior.model.pairwise import NO_PAIRWISE, PAIRWISE_ONLY, PairwisePriorLoss
+from recbole_popprior.model.pairwise import PairwisePriorLoss
+from recbole_popprior.model.registry import require_record
 from recbole_popprior.model.remedy_objectives import remedy_objective
 from recbole_popprior.model.sampled_softmax import SampledSoftmax, sampler_distribution
 from recbole_popprior.prior import WindowedPrior, estimate_log_prior, estimate_windowed_log_prior
@@ -66,9 +67,12 @@ def prior_term(log_prior: torch.Tensor, weight: torch.Tensor | float, width: int
 class PriorLoss(nn.Module):
     """Wraps a model's loss: adds ``tau * log p_hat`` to logits whose last dim is the item table.
 
-    Why the width decides: RecBole models call the same ``self.loss_fct`` for their main
-    softmax over items and for auxiliary losses (contrastive terms over a batch, for example);
-    only the call whose classes are the item table may receive the prior.
+    Why the width decides (an implicit dispatch, DESIGN §1.1): a model may call the same
+    ``self.loss_fct`` for its softmax over items and for an auxiliary loss (an in-batch
+    contrastive term, say); adding the prior to every call would break (or, at a width that
+    matches by chance, corrupt) the auxiliary one, and the loss cannot tell the calls apart
+    otherwise (tests/test_dispatch.py pins it). A ``[B, B]`` auxiliary call with ``B`` equal to
+    the item count would be taken for the item softmax: no registered model makes one.
 
     ``log_space=True`` is for NLL-style losses that receive log-probabilities: the prior is
     added in log space and the result renormalised with ``log_softmax`` (DESIGN §1 applied
@@ -89,18 +93,19 @@ class PriorLoss(nn.Module):
         return self.inner(input, target, *args, **kwargs)
 
 
-def check_loss_type(config) -> None:
+def check_loss_type(model_class: type, loss_type: str | None) -> None:
     """The prior needs a softmax over items (CE, NLL) or a pairwise loss (BPR); refuse anything
-    else, and BPR where RecBole's model has none (its CPR models would even ``sys.exit(0)``)."""
-    name = config["model"]
-    loss_type = config["loss_type"] if "loss_type" in config else None
-    if name in PAIRWISE_ONLY:
+    else, and BPR where the model has none (RecBole's CPR models would even ``sys.exit(0)``).
+    Reads the model's record (:mod:`.registry`); an unregistered or refused model is one line."""
+    record = require_record(model_class)
+    name = model_class.__name__
+    if record.pairwise == "only":
         return
     if loss_type not in (None, "CE", "NLL", "BPR"):
         raise PopPriorError(f"{name} with loss_type={loss_type!r} has no softmax or pairwise loss to add the "
                             "prior to; use loss_type: CE or BPR")
-    if loss_type == "BPR" and name in NO_PAIRWISE:
-        raise PopPriorError(f"{name} cannot train with loss_type BPR: {NO_PAIRWISE[name]}; use loss_type: CE")
+    if loss_type == "BPR" and record.pairwise == "none":
+        raise PopPriorError(f"{name} cannot train with loss_type BPR: {record.no_pairwise}; use loss_type: CE")
 
 
 def training_objective(config, model, dataset=None) -> TrainingObjective | None:
@@ -136,14 +141,6 @@ def _warn_full_softmax_size(config, n_items: int) -> None:
             f"(e.g. 8192, README: large catalogues)", "yellow"))
 
 
-#: the item tables ``ace_init`` initialises, per model (default ``item_embedding``), or why none
-_ACE_TABLES: dict[str, tuple[str, ...] | str] = {
-    "HGN": ("item_embedding", "item_embedding_for_prediction"),
-    "RepeatNet": ("item_matrix",),
-    "FPMC": "FPMC's items have three tables in different roles (MF and the two FMC factors); ACE gives one",
-}
-
-
 class PriorSeparatedMixin:
     """Prior separation for a RecBole sequential model; put it first in the bases.
 
@@ -164,7 +161,7 @@ class PriorSeparatedMixin:
     prior_scores_are_probabilities: bool = False
 
     def __init__(self, config, dataset):
-        check_loss_type(config)
+        check_loss_type(type(self), config["loss_type"] if "loss_type" in config else None)
         super().__init__(config, dataset)
         self._init_prior(config, dataset)
         self._wrap_prior_losses()
@@ -202,10 +199,9 @@ class PriorSeparatedMixin:
         path = config["ace_init"] if "ace_init" in config else None
         if path is None:
             return
-        name = type(self).__name__
-        attrs = _ACE_TABLES.get(name, ("item_embedding",))
+        attrs = require_record(type(self)).ace_tables
         if isinstance(attrs, str):
-            raise PopPriorError(f"{name} cannot take ace_init: {attrs}")
+            raise PopPriorError(f"{type(self).__name__} cannot take ace_init: {attrs}")
         tables = [getattr(self, attr) for attr in attrs]
         n_items = self.log_prior.shape[0]
         tokens = dataset.field2id_token[config["ITEM_ID_FIELD"]]
@@ -232,7 +228,7 @@ class PriorSeparatedMixin:
         self._term_cache: dict[tuple, torch.Tensor] = {}
         loss_type = config["loss_type"] if "loss_type" in config else None
         #: BPR training: the pairwise prior (DESIGN §6.2); the batch's item pairs while a loss runs
-        self.prior_pairwise = loss_type == "BPR" or config["model"] in PAIRWISE_ONLY
+        self.prior_pairwise = loss_type == "BPR" or require_record(type(self)).pairwise == "only"
         self._train_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
         item_field = config["ITEM_ID_FIELD"]
@@ -423,6 +419,15 @@ class PriorSeparatedMixin:
         return users if parts.kept is None else users[parts.kept.to(users.device)]
 
     def calculate_loss(self, interaction):
+        """The factorised objective's loss, or the model's own loss with the prior (DESIGN §1, §6.2).
+
+        The batch's window ids and BPR pairs are side-channel state, set only around
+        ``super().calculate_loss`` (an implicit dispatch, DESIGN §1.1): RecBole's models call
+        ``self.loss_fct(logits, targets)`` without the interaction, so the loss wrappers cannot
+        be handed them, and rewriting 29 models' losses to pass them would copy RecBole. The
+        ``finally`` matters: state left behind would be read by the next call to the loss
+        (another batch's windows or pairs; tests/test_dispatch.py pins it).
+        """
         if self.training_objective is not None:
             return self.factorised_loss(interaction)
         if self.prior_windowed:

@@ -7,7 +7,8 @@ RecBole's BPR models score the row's positive and its sampled negative and call
 ``self.bpr_loss``. :class:`PairwisePriorLoss` wraps that call: the mixin sets the batch's
 positive and negative item ids (and window ids) for the duration of ``calculate_loss``, and the
 wrapper adds ``tau log p_hat`` to each score, so RecBole's own scores, regularisers and
-reduction are kept. BERT4Rec computes its BPR inline and has its own code in
+reduction are kept. Which models train BPR (optionally, only, or not at all) is each model's
+record's ``pairwise`` (:mod:`.registry`). BERT4Rec computes its BPR inline and has its own code in
 :mod:`~recbole_popprior.model.special_cases`. Serving is unchanged (``+ beta log p_hat``).
 """
 
@@ -18,17 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-#: RecBole models that train with BPR only (``loss_type`` is BPR or not read at all)
-PAIRWISE_ONLY: tuple[str, ...] = ("FPMC", "TransRec")
-
-#: supported models that have no BPR loss in RecBole 1.2.1, with the reason
-NO_PAIRWISE: dict[str, str] = {
-    "CORE": "RecBole's CORE trains with loss_type CE only",
-    "GRU4RecCPR": "RecBole's softmax-CPR models train with loss_type CE only (BPR exits the process)",
-    "SASRecCPR": "RecBole's softmax-CPR models train with loss_type CE only (BPR exits the process)",
-    "RepeatNet": "RecBole's RepeatNet trains its own NLL loss whatever loss_type says",
-}
 
 
 class PairwisePriorLoss(nn.Module):
@@ -52,4 +42,4 @@ class PairwisePriorLoss(nn.Module):
         return self.inner(pos_score, neg_score, *args, **kwargs)
 
 
-__all__ = ["PairwisePriorLoss", "PAIRWISE_ONLY", "NO_PAIRWISE"]
+__all__ = ["PairwisePriorLoss"]

@@ -4,12 +4,12 @@ The generic path (:class:`~recbole_popprior.model.mixin.PriorSeparatedMixin`) wr
 ``self.loss_fct``; that covers every model that builds ``[B, n_items]`` logits and calls it
 (and, with ``loss_type: BPR``, every model that calls it with a positive and a negative score),
 and serving adds ``beta * log p_hat`` to ``full_sort_predict``/``predict`` (docs/DESIGN.md §1).
-Generic models are built as ``type(name, (PriorSeparatedMixin, RecBoleClass), {})``.
+Generic models are built as ``type(name, (PriorSeparatedMixin, ModelClass), {})``
+(:func:`recbole_popprior.model.get_model`).
 
-- :data:`UNSUPPORTED`: models that cannot take a popularity prior, with the reason.
-- :data:`MODEL_NOTES`: how each supported model is handled (generic or special), one line each.
-- :data:`SPECIAL_CLASSES`: the models that differ, as plain subclasses of the mixin and RecBole's
-  class (under RecBole's name, so RecBole's name-based lookups keep working).
+The classes below are the models that differ, as plain subclasses of the mixin and RecBole's
+class, under RecBole's name (so RecBole's name-based lookups keep working). Each is its model's
+``special_class`` in the registry (:mod:`.zoo`), which also holds the one-line note of every model.
 """
 
 from __future__ import annotations
@@ -27,61 +27,6 @@ from recbole_popprior.prior import WindowedPrior
 
 compat.disable_anomaly_detection()  # importing RecBole's sine.py switched it on (compat shim 6)
 
-#: RecBole sequential models that cannot take a popularity prior, with the reason.
-UNSUPPORTED: dict[str, str] = {
-    "DIN": "DIN is a click-through-rate model (pointwise BCE on labels), not a ranking over the items",
-    "DIEN": "DIEN is a click-through-rate model (pointwise BCE on labels), not a ranking over the items",
-}
-
-_GENERIC = ("generic: [B, n_items] logits through self.loss_fct (BPR: its two scores get the pairwise "
-            "prior), H = forward(...), E = item_embedding")
-
-#: how every supported model takes the prior; one line each (the "why" of each special case).
-#: Which models take which loss and remedy: docs/DESIGN.md §7.5.
-MODEL_NOTES: dict[str, str] = {
-    "SASRec": _GENERIC,
-    "SASRecF": _GENERIC + " (item features only feed H)",
-    "GRU4Rec": _GENERIC,
-    "GRU4RecF": _GENERIC + " (item features only feed H)",
-    "GRU4RecKG": _GENERIC + " (the KG entity table only feeds H)",
-    "NARM": _GENERIC,
-    "STAMP": _GENERIC,
-    "Caser": _GENERIC + "; forward(user, item_seq)",
-    "NextItNet": _GENERIC + "; forward(item_seq)",
-    "SRGNN": _GENERIC,
-    "GCSAN": _GENERIC,
-    "FDSA": _GENERIC + " (item features only feed H)",
-    "FEARec": _GENERIC + "; its own contrastive temperature self.tau is RecBole's (the prior's "
-                         "weight is prior_tau); no factorised training (its contrastive terms)",
-    "LightSANs": _GENERIC,
-    "SHAN": _GENERIC + "; forward(item_seq, user)",
-    "FOSSIL": _GENERIC + "; forward(item_seq, item_seq_len, user)",
-    "SINE": "generic in CE and BPR mode; NLL mode gets log-softmax outputs, so the prior is added in log "
-            "space and renormalised (see SINE below)",
-    "HRM": _GENERIC + "; forward(item_seq, user, item_seq_len)",
-    "BERT4Rec": "special: local CrossEntropyLoss and inline BPR in calculate_loss, output bias, mask-token row "
-                "(see BERT4Rec below)",
-    "S3Rec": "special: n_items+1 logits (mask token masked), prior in the fine-tune stage only, "
-             "pretrained weights loaded safely (see S3Rec below)",
-    "CORE": "generic: the hook sees cos(h, e) / temperature, so the prior is added OUTSIDE the "
-            "temperature (the Bayes-optimal logit is PMI + log p(i), and the temperature only scales "
-            "the learned similarity); H = normalised session / temperature, E = normalised table; CE only",
-    "HGN": _GENERIC + "; forward(item_seq, user), E = item_embedding_for_prediction",
-    "NPE": _GENERIC + "; forward(item_seq, user), E = relu(item_embedding)",
-    "KSR": _GENERIC + "; E = dense_layer_i([item_embedding, entity_embedding]); float64 "
-                      "relation matrix cast to float32 (RecBole bug, compat shim 7)",
-    "GRU4RecCPR": "probability model: CE on log(prob + 1e-8); prior in log space, renormalised; "
-                  "serving renormalises in log space (see _ProbabilityModel below); no factors; CE only",
-    "SASRecCPR": "probability model: NLL on log(prob + 1e-8); prior in log space, renormalised; "
-                 "serving renormalises in log space (see _ProbabilityModel below); no factors; CE only",
-    "RepeatNet": "probability model: F.nll_loss on log(prob + 1e-8); prior in log space, "
-                 "renormalised; serving renormalises in log space (see _ProbabilityModel below); no factors; "
-                 "trains on RecBole's sampled rows (its input type is pointwise), as RecBole's pipeline does",
-    "FPMC": "BPR only: generic pairwise prior on loss_fct's two scores; H = [UI(user), LI(last item)], "
-            "E = [IU, IL] (MF + FMC as one dot product)",
-    "TransRec": "BPR only: the pairwise prior on self.bpr_loss's two scores (see TransRec below); "
-                "score b_i - ||h - e_i|| is a distance, no factors (the energies stream the scores)",
-}
 
 class _ProbabilityModel(PriorSeparatedMixin):
     """GRU4RecCPR, SASRecCPR and RepeatNet output probabilities ``p(i|c)`` and pass
@@ -268,8 +213,3 @@ class TransRec(PriorSeparatedMixin, recbole_seq.TransRec):
     pairwise prior wraps. Its regularisers (``emb_loss``, ``reg_loss``) are left alone."""
 
     prior_loss_attrs = {"bpr_loss": False}
-
-
-#: the models that differ from the generic path, by RecBole's name
-SPECIAL_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (BERT4Rec, S3Rec, SINE, KSR, GRU4RecCPR, SASRecCPR, RepeatNet, TransRec)}
