@@ -352,8 +352,8 @@ def run_tau_sweep(model: str, dataset: str, taus: str | Sequence[Any], *, seeds:
     the same files ``--compare`` writes, without training them again. ``train=False`` only
     rebuilds the report from the runs already saved. Returns the report payload.
     """
-    from_taus = parse_taus(taus)
-    variants = plan_variants(from_taus, sources, modes)
+    tau_list = parse_taus(taus)
+    variants = plan_variants(tau_list, sources, modes)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise PopPriorError(f"--seeds must be an integer >= 1, got {seeds!r}")
     if compare_tau is not None and not any(v.tau == compare_tau and v.source == "estimate" and v.mode == "static"
