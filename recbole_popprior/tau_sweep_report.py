@@ -34,7 +34,8 @@ REFERENCE_KEY = "tau=0"  # tau_sweep.Variant(0.0).key
 #: the fine tau grid of the population optimum's curve (synthetic data)
 OPTIMUM_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 4)
 #: numeric columns summarised over seeds, in table order
-COLUMNS = ("tau", "dir_frac", "shared_frac", "dir_shared", "dir_specific", "R_dir", "R_shared", "p_value_dir",
+COLUMNS = ("tau", "dir_frac", "shared_frac", "dir_shared", "dir_specific", "p_own", "null_mean_own", "R_dir",
+           "R_shared", "p_value_dir",
            "pop_slope", "ndcg", "ndcg_beta0",
            "recall", "dir_frac_true_l", "spearman_pmi", "kl_truth", "pop_coef", "pmi_coef",
            "subspace_frac", "subspace_frac_true", "epochs", "best_epoch", "fit_seconds", "wall_seconds")
@@ -86,6 +87,9 @@ def measure_run(run: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ref_ar
         "ndcg": metrics[name].get(f"ndcg@{topk}"), "recall": metrics[name].get(f"recall@{topk}"),
         "ndcg_beta0": metrics.get(f"{name}_beta0", {}).get(f"ndcg@{topk}"),
         "pop_slope": pop_slope(arrays["E"] @ arrays["H"].mean(axis=0), l_hat),
+        # the run's own permutation test of dir_frac (PopPermutation at its test evaluation, DESIGN §3.1)
+        "p_own": run["record"]["specificity"][name].get("p_value"),
+        "null_mean_own": run["record"]["specificity"][name].get("null_mean"),
         "epochs": run["epochs"], "best_epoch": None if run["best_epoch"] is None else run["best_epoch"] + 1,
         "fit_seconds": run["fit_seconds"],
         "wall_seconds": run["wall_seconds"], "stopped_early": run["stopped_early"]}
@@ -118,7 +122,8 @@ def truth_row(ref_run: Mapping[str, Any], ref_arrays: Mapping[str, np.ndarray],
     same ``l``, its ``R_dir`` against the standard run, and the NDCG@K of the Bayes ranking ``log p(i|c)``."""
     pmi, log_p, prev = ref_arrays["truth_pmi"], ref_arrays["truth_log_p"], ref_arrays["prev"]
     l_hat = ref_arrays["log_prior_estimate"]
-    energy = table_energy(pmi, prev, l_hat, windows_log_prior=_windows(ref_arrays, "log_prior_windows"))
+    energy = table_energy(pmi, prev, l_hat, windows_log_prior=_windows(ref_arrays, "log_prior_windows"),
+                          permutations=int(ref_run["permutations"]), seed=int(ref_run["energy_seed"]))
     red = reduction_from_energies(ref_measures["E_dir"], energy["dir"], ref_measures["E_shared"], energy["shared"])
     scores = pmi[prev] + log_p[None, :]
     scores[:, 0] = -np.inf
@@ -127,7 +132,8 @@ def truth_row(ref_run: Mapping[str, Any], ref_arrays: Mapping[str, np.ndarray],
            "dir_frac_true_l": table_energy(pmi, prev, log_p)["dir_frac"], "spearman_pmi": 1.0,
            "ndcg": ndcg_at_k(scores, ref_arrays["target"], int(ref_run["topk"])),
            "pop_slope": pop_slope(np.nan_to_num(pmi[prev]).mean(axis=0), l_hat),
-           "subspace_frac": energy.get("subspace_frac")}
+           "subspace_frac": energy.get("subspace_frac"), "p_own": energy.get("p_value"),
+           "null_mean_own": energy.get("null_mean")}
     W = _windows(ref_arrays, "truth_log_p_windows")
     if W is not None:
         out["subspace_frac_true"] = table_energy(pmi, prev, log_p, windows_log_prior=W)["subspace_frac"]
@@ -309,8 +315,10 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
     out = [f"# Tau sweep: {payload['model']} on {payload['dataset']}", "",
            f"Seeds {', '.join(map(str, payload['seeds']))}; mean [{conf}% t interval over seeds]. Energies along "
            f"l = the centred log p_hat of the training targets (alpha = {payload.get('prior_alpha')}), on the test "
-           f"contexts; R against the tau=0 run of the same seed (B = {payload['permutations']}).", ""]
+           f"contexts; R against the tau=0 run of the same seed (B = {payload['permutations']}). `p (own test)`: "
+           f"the run's own item-label permutation test of its dir_frac (mean of the per-seed p).", ""]
     cols = [("tau", "trained tau", 3), ("dir_frac", "dir_frac", 4), ("shared_frac", "shared_frac", 3),
+            ("p_own", "p (own test)", 3),
             ("R_dir", "R_dir", 4), ("R_shared", "R_shared", 4), ("pop_slope", "pop slope", 3),
             ("ndcg", f"NDCG@{k}", 4),
             ("ndcg_delta", f"delta NDCG@{k} (paired p)", 4), ("ndcg_beta0", f"NDCG@{k} at beta=0", 4),
@@ -328,7 +336,8 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
                 "KL: mean KL(p(.|c) || the model's softmax), nats. pop / PMI coefficient: least squares "
                 "Zc = a PMIc + b (P_n log p).", ""]
         out += _table(rows, [("dir_frac", "dir_frac", 4), ("dir_shared", "shared part", 4),
-                             ("dir_specific", "specific part", 4), ("dir_frac_true_l", "dir_frac (true l)", 4),
+                             ("dir_specific", "specific part", 4), ("p_own", "p (own test)", 3),
+                             ("null_mean_own", "null mean", 4), ("dir_frac_true_l", "dir_frac (true l)", 4),
                              ("R_dir", "R_dir", 4), ("spearman_pmi", "Spearman(PMI)", 4),
                              ("kl_truth", "KL to truth", 4), ("pop_coef", "pop coef b", 3),
                              ("pmi_coef", "PMI coef a", 3), ("ndcg", f"NDCG@{k}", 4)])

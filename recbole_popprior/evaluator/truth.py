@@ -40,21 +40,22 @@ def _finite_table(table: Any, prev: np.ndarray) -> np.ndarray:
 
 
 def table_energy(table: Any, prev: Any, log_prior: Any, *, windows_log_prior: Any = None,
-                 subspace_energy: float = 0.95) -> dict[str, Any]:
+                 subspace_energy: float = 0.95, permutations: int = 0, seed: int = 0) -> dict[str, Any]:
     """DESIGN §3 energies of the score matrix whose row for context ``c`` is ``table[prev[c]]``.
 
     ``table`` is ``[n_items, n_items]`` in RecBole ids (row = previous item, column = next item;
     padding row/column ignored), ``prev`` the previous item of each of the ``m`` contexts. As a
     factorisation, ``H`` is the one-hot of ``prev`` and ``E = table^T``, so ``G = H^T H`` is the
     diagonal of the context counts: the energies come from :func:`energy_from_stats`, exactly
-    as a model's do, without building the ``m x n`` matrix.
+    as a model's do (its item-label permutation test too, with ``permutations``), without
+    building the ``m x n`` matrix.
     """
     prev = np.asarray(prev, dtype=np.int64).reshape(-1)
     T = _finite_table(table, prev)
     counts = np.bincount(prev, minlength=T.shape[0]).astype(np.float64)
     stats_ = ContextStats(G=np.diag(counts), hsum=counts.copy(), m=int(prev.shape[0]))
     return energy_from_stats(stats_, T.T, log_prior, windows_log_prior=windows_log_prior,
-                             subspace_energy=subspace_energy)
+                             subspace_energy=subspace_energy, permutations=permutations, seed=seed)
 
 
 def optimum_table(pmi: Any, log_p: Any, log_prior: Any, tau: float) -> np.ndarray:
