@@ -22,7 +22,8 @@ from recbole_popprior.errors import PopPriorError  # noqa: E402
 from recbole_popprior.utils import atomic_write  # noqa: E402
 
 _STYLE = {"estimate": ("tab:blue", "o", r"separated, $\hat p$ estimated"),
-          "truth": ("tab:orange", "s", "separated, true p (synthetic)")}
+          "truth": ("tab:orange", "s", "separated, true p (drawn 0.03 to the right)")}
+_DODGE = {"estimate": 0.0, "truth": 0.03, "reference": 0.0}  # so the two priors' points do not hide each other
 _REFERENCE = ("black", "D", "RecBole's model (tau = 0)")
 
 
@@ -36,7 +37,10 @@ def _points(payload: Mapping[str, Any], col: str, source: str) -> list[tuple[flo
         reference = variant["tau"] == 0.0
         if (reference and source != "reference") or (not reference and variant.get("source") != source):
             continue
-        out.append((tau["mean"], cell["mean"], cell.get("ci"), tau.get("ci"), variant["tau"] == "learned"))
+        dodge = _DODGE[source]
+        out.append((tau["mean"] + dodge, cell["mean"], cell.get("ci"),
+                    None if not tau.get("ci") else [tau["ci"][0] + dodge, tau["ci"][1] + dodge],
+                    variant["tau"] == "learned"))
     return out
 
 
@@ -82,8 +86,7 @@ def _panel(ax_dir: Any, ax_ndcg: Any, payload: Mapping[str, Any], title: str | N
                      f"({seeds} seed{'s' if seeds != 1 else ''})", fontsize=10)
     for ax in (ax_dir, ax_ndcg):
         ax.grid(alpha=0.3, which="both")
-    ax_dir.legend(fontsize=7, loc="lower left")
-    ax_ndcg.legend(fontsize=7, loc="lower right")
+
 
 
 def plot_tau_sweep(payloads: Sequence[Mapping[str, Any]], path: str | os.PathLike,
@@ -97,10 +100,16 @@ def plot_tau_sweep(payloads: Sequence[Mapping[str, Any]], path: str | os.PathLik
     fig, axes = plt.subplots(2, len(payloads), figsize=(5.6 * len(payloads), 7.4), squeeze=False, sharex="col")
     for column, payload in enumerate(payloads):
         _panel(axes[0][column], axes[1][column], payload, titles[column] if titles else None)
+    legend: dict[str, Any] = {}
+    for ax in axes.ravel():  # one legend for the figure: every entry once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     level = int(round(100 * float(payloads[0].get("confidence", 0.95))))
     fig.suptitle(f"Popularity direction of the learned scores and accuracy against tau (mean, {level}% t "
                  "interval over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=min(4, len(legend)),
+               fontsize=8, frameon=False)
     with atomic_write(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)

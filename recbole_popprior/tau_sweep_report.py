@@ -288,6 +288,10 @@ def fmt(cell: Mapping[str, Any] | None, digits: int = 4) -> str:
     return text
 
 
+#: counts and times: the mean with the seeds' range (a t interval of a wall time says little)
+_RANGE_COLUMNS = ("epochs", "best_epoch", "wall_seconds")
+
+
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, int]]) -> list[str]:
     lines = ["| run | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
@@ -298,6 +302,9 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, 
                 d = row.get(col)
                 cells.append("" if d is None else f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
                                                   f"(p={_num(d['p_value'], 2)})")
+            elif col in _RANGE_COLUMNS and row.get(col):
+                values = [float(v) for v in row[col]["per_seed"] if v is not None]
+                cells.append(f"{row[col]['mean']:.{digits}f} ({min(values):.0f}-{max(values):.0f})")
             else:
                 cells.append(fmt(row.get(col), digits))
         lines.append(f"| {row['key']} | " + " | ".join(cells) + " |")
@@ -322,7 +329,7 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
             ("R_dir", "R_dir", 4), ("R_shared", "R_shared", 4), ("pop_slope", "pop slope", 3),
             ("ndcg", f"NDCG@{k}", 4),
             ("ndcg_delta", f"delta NDCG@{k} (paired p)", 4), ("ndcg_beta0", f"NDCG@{k} at beta=0", 4),
-            ("epochs", "epochs", 1), ("wall_seconds", "wall s", 0)]
+            ("epochs", "epochs (range)", 1), ("wall_seconds", "wall s (range)", 0)]
     out += _table([r for r in rows if r["key"] != TRUTH_ROW], cols)
     if payload.get("tau_zero_slope") is not None:
         out += ["", f"pop slope: the context-shared popularity of the learned scores in units of log p_hat "
