@@ -175,14 +175,19 @@ def phase_train(out: str, negatives: int, steps: int, warmup: int, threads: int,
             "rows_per_s": rate, "epoch_s_extrapolated": examples / rate, "negatives": negatives}
 
 
-def phase_evaluate(out: str, max_batches: int, threads: int, **_) -> dict:
+def phase_evaluate(out: str, max_batches: int, threads: int, eval_path: str = "plugin", **_) -> dict:
     """Full-sort evaluation of the test split (untrained weights: the cost does not depend on them)
     with RecBole's top-k metrics and PopEnergy, in bounded memory (``eval_score_budget_mb``); with
-    ``max_batches`` the time of the first batches is extrapolated to all of them."""
+    ``max_batches`` the time of the first batches is extrapolated to all of them. ``eval_path``:
+    ``plugin`` (today's) or ``previous`` (``bench_eval_step.previous_evaluation``)."""
     import torch
 
     config, dataset, _, test, model, trainer = _pipeline(
         out, threads, metrics=["Recall", "NDCG", "PopEnergy"], valid_metric="NDCG@10", topk=[10])
+    if eval_path == "previous":
+        from bench_eval_step import previous_evaluation  # the same script folder
+
+        previous_evaluation(trainer)
     trainer.eval_collector.data_collect(test)
     batches = len(test)
     done = min(max_batches or batches, batches)
@@ -199,8 +204,9 @@ def phase_evaluate(out: str, max_batches: int, threads: int, **_) -> dict:
         result = trainer.evaluate(test, load_best_model=False)
     seconds = time.perf_counter() - start
     return {"items": int(dataset.item_num - 1), "batches": batches, "evaluated_batches": done,
-            "eval_s": seconds, "eval_s_extrapolated": seconds * batches / done,
-            "contexts": int(result.get("pop_contexts", 0)), "budget_mb": config["eval_score_budget_mb"]}
+            "eval_s": seconds, "eval_s_extrapolated": seconds * batches / done, "eval_path": eval_path,
+            "contexts": int(result.get("pop_contexts", 0)), "budget_mb": config["eval_score_budget_mb"],
+            "ndcg": float(result["ndcg@10"])}
 
 
 #: phase name -> function run in the child; it returns a dict of what it saw
@@ -247,20 +253,36 @@ def prepare(cache: Path, rows: int, zipf: float) -> tuple[Path, Path]:
 def measure(rows: int, args, startup: dict) -> list[dict]:
     raw, out = prepare(Path(args.cache), rows, args.zipf)
     results = []
-    converted = run_phase("convert", args.repeats, raw=str(raw), out=str(out))
-    results.append({"phase": "convert", "path": "plugin", **converted})
+    inter = out / "tianchi" / "tianchi.inter"
+    if "convert" in args.phases or not inter.exists():
+        converted = run_phase("convert", args.repeats if "convert" in args.phases else 1, raw=str(raw), out=str(out))
+    else:  # converted by an earlier run: its rows, without converting again
+        with open(inter, "rb") as handle:
+            converted = {"rows": sum(block.count(b"\n") for block in iter(lambda: handle.read(2**24), b"")) - 1}
+    if "convert" in args.phases:
+        results.append({"phase": "convert", "path": "plugin", **converted})
     paths = ["lean"] + (["recbole"] if rows <= args.recbole_max_rows else [])
-    for path in paths:
+    for path in paths if "load_prepare" in args.phases else []:
         r = run_phase("load_prepare", args.repeats if path == "lean" else args.recbole_repeats,
                       out=str(out), sequence_data=path)
         r["bytes_per_interaction"] = (r["peak_rss"] - startup[path]) / converted["rows"]
         results.append({"phase": "load_prepare", "path": path, **r})
-    for negatives in [args.negatives] + ([0] if rows <= args.full_softmax_max_rows else []):
+    for negatives in ([args.negatives] + ([0] if rows <= args.full_softmax_max_rows else [])
+                      if "train" in args.phases else []):
         r = run_phase("train", 1, out=str(out), negatives=negatives, steps=args.train_steps,
                       warmup=args.warmup_steps, threads=args.threads)
         results.append({"phase": "train", "path": f"K={negatives}" if negatives else "full", **r})
-    r = run_phase("evaluate", 1, out=str(out), max_batches=args.eval_batches, threads=args.threads)
-    results.append({"phase": "evaluate", "path": "lean", **r})
+    runs: dict[str, list[dict]] = {path: [] for path in args.eval_paths}
+    for i in range(args.eval_repeats if "evaluate" in args.phases else 0):  # the paths alternate, so neither always meets the same load
+        for path in (args.eval_paths if i % 2 == 0 else args.eval_paths[::-1]):
+            runs[path].append(run_phase("evaluate", 1, out=str(out), max_batches=args.eval_batches,
+                                        threads=args.threads, eval_path=path))
+    for path, done in runs.items():
+        r = dict(done[0])
+        for key in ("seconds", "eval_s", "eval_s_extrapolated"):
+            r[key] = statistics.median(d[key] for d in done)
+        r["all_seconds"] = [round(d["eval_s"], 1) for d in done]
+        results.append({"phase": "evaluate", "path": path, **r})
     for r in results:
         r.update(raw_rows=rows, inter_rows=converted["rows"])
     return results
@@ -283,6 +305,13 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--eval-batches", type=int, default=0,
                         help="evaluate only the first N test batches and extrapolate (0: all)")
+    parser.add_argument("--phases", nargs="+", default=["convert", "load_prepare", "train", "evaluate"],
+                        choices=["convert", "load_prepare", "train", "evaluate"],
+                        help="phases to time (the log is converted in any case)")
+    parser.add_argument("--eval-paths", nargs="+", default=["plugin", "previous"], choices=["plugin", "previous"],
+                        help="evaluation paths timed side by side: the plugin's, and its previous one "
+                             "(RecBole's scoring and collector in budget-sized chunks)")
+    parser.add_argument("--eval-repeats", type=int, default=1, help="alternating runs of each evaluation path")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in train/evaluate")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("PHASE", "OPTIONS"), help=argparse.SUPPRESS)
@@ -294,9 +323,11 @@ def main() -> None:
         raise SystemExit("more than 10M rows: set BENCH_SCALE_BIG=1 (needs tens of GB of disk and minutes)")
 
     _, tiny = prepare(Path(args.cache), args.startup_rows, args.zipf)
-    run_phase("convert", 1, raw=str(prepare(Path(args.cache), args.startup_rows, args.zipf)[0]), out=str(tiny))
-    startup = {path: run_phase("load_prepare", args.repeats, out=str(tiny), sequence_data=path)["peak_rss"]
-               for path in ("lean", "recbole")}
+    startup = {"lean": 0, "recbole": 0}
+    if "load_prepare" in args.phases:
+        run_phase("convert", 1, raw=str(prepare(Path(args.cache), args.startup_rows, args.zipf)[0]), out=str(tiny))
+        startup = {path: run_phase("load_prepare", args.repeats, out=str(tiny), sequence_data=path)["peak_rss"]
+                   for path in ("lean", "recbole")}
     results = []
     for rows in args.rows:
         print(f"... {rows:,} rows", file=sys.stderr)
@@ -321,7 +352,15 @@ def main() -> None:
             part = (f"{r['evaluated_batches']} of {r['batches']} test batches in {r['eval_s']:.1f} s, "
                     f"all extrapolated to {r['eval_s_extrapolated'] / 60:,.1f} min"
                     if r["evaluated_batches"] < r["batches"] else f"all {r['batches']} test batches: {r['eval_s']:.1f} s")
-            print(f"evaluate at {r['raw_rows']:,} rows ({r['items']:,} items, budget {r['budget_mb']} MB): {part}")
+            print(f"evaluate ({r['eval_path']}) at {r['raw_rows']:,} rows ({r['items']:,} items, budget "
+                  f"{r['budget_mb']} MB): {part}; NDCG@10 {r['ndcg']:.6f}")
+    for rows in sorted({r["raw_rows"] for r in results}):
+        evals = {r["eval_path"]: r for r in results if r["phase"] == "evaluate" and r["raw_rows"] == rows}
+        if {"plugin", "previous"} <= evals.keys():
+            print(f"full-sort evaluation at {rows:,} rows: the plugin's path is "
+                  f"{evals['previous']['eval_s'] / evals['plugin']['eval_s']:.2f}x the previous one's rate "
+                  f"(medians of {len(evals['plugin']['all_seconds'])} alternating runs; same NDCG: "
+                  f"{evals['plugin']['ndcg'] == evals['previous']['ndcg']})")
     for rows in sorted({r["raw_rows"] for r in results}):
         rates = {r["path"]: r["rows_per_s"] for r in results if r["phase"] == "train" and r["raw_rows"] == rows}
         if "full" in rates and len(rates) > 1:

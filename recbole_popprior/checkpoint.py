@@ -10,15 +10,19 @@ would otherwise load as a silently different model.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import pickle
 import re
+import types
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from recbole_popprior.errors import PopPriorError
@@ -123,12 +127,20 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     return Path(path)
 
 
+class PickledCheckpointError(PopPriorError):
+    """The file is a pickle of Python objects (RecBole's own checkpoint format), not a plugin checkpoint."""
+
+
+def _is_pickle_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, pickle.UnpicklingError) or str(exc).startswith("Weights only load failed")
+
+
 def _refusal(exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused the file, without torch's advice to turn
     ``weights_only`` off (which would run the pickled code this format exists to avoid)."""
     text = str(exc)
     found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
-    if isinstance(exc, pickle.UnpicklingError) or text.startswith("Weights only load failed"):
+    if _is_pickle_refusal(exc):
         what = f"it names {found.group(1)}" if found else "objects that are not plain data"
         return (f"it holds pickled Python objects, not only tensors ({what[:120]}); refused, because "
                 "loading them could run code")
@@ -158,10 +170,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if bad_member is not None:
         raise PopPriorError(f"cannot load checkpoint {path}: corrupt (member {bad_member} fails its CRC check)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on RecBole's pickle protocol 4, before it refuses the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
             zipfile.BadZipFile, pickle.UnpicklingError) as exc:
-        raise PopPriorError(f"cannot load checkpoint {path}: {_refusal(exc)}") from None
+        error = PickledCheckpointError if _is_pickle_refusal(exc) else PopPriorError
+        raise error(f"cannot load checkpoint {path}: {_refusal(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PopPriorError(f"cannot load checkpoint {path}: not a recbole-popprior checkpoint "
                             f"(expected format {CHECKPOINT_FORMAT})")
@@ -215,3 +230,98 @@ def restore_model(model: torch.nn.Module, state: dict[str, Any], path: str | os.
         raise PopPriorError(f"checkpoint {path} does not match this model: {first[:300]}") from None
     if state.get("other_parameter") and hasattr(model, "load_other_parameter"):
         model.load_other_parameter(state["other_parameter"])
+
+
+# --------------------------------------------------------------------------------------
+# RecBole's own (pickled) checkpoints, only when the user trusts the file
+# --------------------------------------------------------------------------------------
+class PickledPlaceholder:
+    """Stands in for an object of another program (RecBole's ``Config``, its enums, a yaml
+    loader) in a pickled checkpoint: it keeps the pickled state and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+
+_NUMPY_SCALAR = np.float64(0.0).__reduce__()[0]  # numpy's scalar rebuilder, in numpy 1 and 2 alike
+#: what a RecBole checkpoint's pickle may build for real: torch's own tensor rebuilding, and numpy
+#: scalars (its best validation score), which are rebuilt from a dtype and raw bytes
+_REAL_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "device"): torch.device,
+                 ("torch", "Size"): torch.Size, ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+                 ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+                 ("numpy", "dtype"): np.dtype, ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+                 ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR}
+#: packages whose objects are replaced by a :class:`PickledPlaceholder` (RecBole's Config refers to yaml)
+_PLACEHOLDER_PACKAGES = ("recbole", "yaml")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """The pickle documentation's "restricting globals": every global the file names is refused,
+    but torch's tensor rebuilding (real) and RecBole's objects (inert placeholders). So no
+    function or class of the file's choosing ever runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _REAL_GLOBALS:
+            return _REAL_GLOBALS[(module, name)]
+        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)
+        if module == "numpy.dtypes" and name.endswith("DType") and isinstance(getattr(np.dtypes, name, None), type):
+            return getattr(np.dtypes, name)
+        if module.split(".")[0] in _PLACEHOLDER_PACKAGES:
+            return type(name, (PickledPlaceholder,), {"__module__": f"placeholder:{module}"})
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a RecBole checkpoint does not hold")
+
+
+_RESTRICTED_PICKLE = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, __name__="restricted_pickle")
+
+
+def load_recbole_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load RecBole 1.2.1's own checkpoint (a pickle: ``config``, ``state_dict``, ``other_parameter``,
+    ...) in the shape of :func:`load_checkpoint`, for ``--trust-pickled-checkpoint``.
+
+    RecBole pickles its ``Config`` with protocol 4, which torch's ``weights_only`` reader cannot
+    read at all, so the file is read with :class:`_RestrictedUnpickler` instead: tensors are
+    rebuilt, RecBole's objects become inert placeholders, anything else is refused. The
+    settings come from the placeholder of RecBole's ``Config`` (its ``final_config_dict``).
+    There is no digest: a modified file loads as a different model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PopPriorError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False only because torch refuses a pickle_module otherwise: this
+        # pickle_module is the restricted unpickler above, which builds tensors and placeholders only
+        state = torch.load(path, map_location=map_location, pickle_module=_RESTRICTED_PICKLE, weights_only=False)
+    except pickle.UnpicklingError as exc:
+        raise PopPriorError(f"cannot load checkpoint {path} as RecBole's format: {exc}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PopPriorError(f"cannot load checkpoint {path}: corrupt or not RecBole's format ({first[:200]})") from None
+    config = state.get("config") if isinstance(state, dict) else None
+    settings = getattr(config, "state", None)
+    if not isinstance(state.get("state_dict") if isinstance(state, dict) else None, dict) \
+            or not isinstance(settings, dict) or not isinstance(settings.get("final_config_dict"), dict):
+        raise PopPriorError(f"cannot load checkpoint {path}: not RecBole's checkpoint format "
+                            "(expected its config, state_dict and other_parameter)")
+    meta = {key: state.get(key) for key in ("epoch", "cur_step", "best_valid_score")}
+    meta.update(config=_plain_config(settings["final_config_dict"]), source="recbole")
+    other = state.get("other_parameter")
+    return {"format": "recbole", "state_dict": state["state_dict"], "optimizer": None, "meta": meta,
+            "other_parameter": {k: v for k, v in other.items() if _is_plain(v)} if isinstance(other, dict) else None}
+
+
+def load_trained_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                            trust_pickle: bool = False) -> dict[str, Any]:
+    """A plugin checkpoint (:func:`load_checkpoint`); RecBole's pickled one only with ``trust_pickle``
+    (``--trust-pickled-checkpoint``), else one line saying why it is refused."""
+    try:
+        return load_checkpoint(path, map_location)
+    except PickledCheckpointError:
+        if not trust_pickle:
+            raise PopPriorError(f"checkpoint {path} is a pickle of Python objects (RecBole's own format), not a "
+                                "recbole-popprior checkpoint: refused, because unpickling can run code from the "
+                                "file; if you trust it, add --trust-pickled-checkpoint") from None
+    return load_recbole_checkpoint(path, map_location)

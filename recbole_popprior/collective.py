@@ -5,7 +5,8 @@ launcher (:mod:`recbole_popprior.distributed`) can all use it without import cir
 process group of more than one process every function is the identity (or a no-op).
 
 - :func:`all_reduce_array`: the float64 sum over ranks of an array (energy statistics are sums
-  over contexts, so their global value is the sum of the ranks' values);
+  over contexts, so their global value is the sum of the ranks' values); :func:`all_reduce_tensor`
+  the same for a tensor, on its device (Adap-tau's epoch sums, DESIGN §9.3);
 - :func:`map_reduce`: RecBole's ``_map_reduce`` for per-rank metrics, leaving alone the metrics
   that are computed from summed statistics and are therefore already global;
 - :func:`all_gather`: one picklable object from every rank;
@@ -55,6 +56,24 @@ def all_reduce_array(values: Any) -> np.ndarray:
     buffer = torch.from_numpy(array.reshape(-1).copy()).to(_reduce_device())
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.cpu().numpy().reshape(array.shape)
+
+
+def world_size() -> int:
+    """The number of processes (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_tensor(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``values`` (same shape and dtype on every rank), on ``values``'s device.
+
+    Collective: every rank must call it, in the same order. ``values`` itself outside a process
+    group of several processes. The sum is formed on the backend's device (CUDA for nccl).
+    """
+    if not is_distributed():
+        return values
+    buffer = values.detach().to(_reduce_device(), copy=True)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(values.device)
 
 
 def all_gather(value: Any) -> list[Any]:

@@ -9,21 +9,18 @@ permutation tests, each non-standard arm's matched reductions ``R_dir`` and ``R_
 against ``standard`` with their permutation p-values, and intervals over seeds
 (:mod:`recbole_popprior.compare_report`, DESIGN §3.2). The energies come from the same
 collector that feeds the ``PopEnergy`` metric, so the comparison's figures and the metrics'
-figures are one computation. ``run_beta_sweep`` serves one trained prior-separated model at
-several ``beta`` without retraining.
+figures are one computation.
 
 Outputs (each file atomic; ``compare.json`` last, so its presence means the set is complete):
 ``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png``, ``arms.png`` and
-``compare.json``; ``beta_sweep.{csv,md,json}``.
+``compare.json``.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
+import gc
 import hashlib
-import io
-import math
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
@@ -36,15 +33,16 @@ from recbole.utils import get_local_time
 
 from recbole_popprior import plots
 from recbole_popprior.arms import ARMS, REFERENCE, ArmSpec, arm_overrides, check_arms, parse_arms, resolve_arm
-from recbole_popprior.compare_report import SPECIFICITY_KEYS, compare_csv, summarise
-from recbole_popprior.config import parse_literal, properties_file
+from recbole_popprior.compare_report import SPECIFICITY_KEYS, compare_csv, headline_text, summarise
+from recbole_popprior.config import properties_file
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
 from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_from_energies
 from recbole_popprior.prior import estimate_log_prior
-from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
-from recbole_popprior.serving import evaluate_at, sweep_beta
-from recbole_popprior.utils import atomic_write, to_jsonable, write_json
+from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, train_and_test
+from recbole_popprior.serving import evaluate_at
+from recbole_popprior.trained import with_metrics
+from recbole_popprior.utils import atomic_write, write_json
 
 #: RecBole metrics every comparison evaluates (PopBandRecall: head/mid/tail recall; PopEnergy and
 #: EmbeddingSpectrum: the statistics the energy columns and the matched reductions are computed
@@ -70,21 +68,13 @@ class Arm:
     state: EnergyState | None = None
 
 
-def _with_energy_metrics(metrics: Any, needed: Sequence[str] = _ENERGY_METRICS) -> list[str]:
-    if isinstance(metrics, str):  # --metrics=... from the command line: a literal list, or one name
-        metrics = parse_literal(metrics)
-    names = [metrics] if isinstance(metrics, str) else list(metrics)
-    known = {str(m).lower() for m in names}
-    return names + [m for m in needed if m.lower() not in known]
-
-
 def arm_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict | None,
                *, seed: int | None, baseline: bool, run_dir: Path | None = None, tau: float | None = None,
                overrides: Mapping[str, Any] | None = None):
     """The plugin ``Config`` of one arm: the user's settings, this seed, the arm's ``prior_tau``
     and the arm's ``overrides`` (:func:`recbole_popprior.arms.arm_overrides`)."""
     settings = dict(config_dict or {})
-    settings["metrics"] = _with_energy_metrics(settings.get("metrics", COMPARE_METRICS))
+    settings["metrics"] = with_metrics(settings.get("metrics", COMPARE_METRICS), _ENERGY_METRICS)
     settings.update(popprior_baseline=bool(baseline), prior_beta=None)
     if seed is not None:
         settings["seed"] = int(seed)
@@ -151,10 +141,11 @@ def score_singular_values(G: np.ndarray, E: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------
-def _output_dir(output: str | Path | None, config: Any, kind: str) -> Path:
+def output_folder(output: str | Path | None, config_output: str | Path, kind: str, model: Any, dataset: Any) -> Path:
+    """``--output`` itself when given, else ``<config output>/<kind>-<model>-<dataset>-<time>``."""
     if output:
         return Path(output)
-    return Path(config["output"]) / f"{kind}-{config['model']}-{config['dataset']}-{get_local_time()}"
+    return Path(config_output) / f"{kind}-{model}-{dataset}-{get_local_time()}"
 
 
 def _seed_list(config: Any, seeds: int) -> list[int]:
@@ -212,8 +203,8 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     table = dict(arm_table or ARMS)
     names = parse_arms(arms, table)
     config_dict = dict(config_dict or {})
-    config_dict["metrics"] = _with_energy_metrics(config_dict.get("metrics", COMPARE_METRICS),
-                                                  (*_ENERGY_METRICS, "PopPermutation"))
+    config_dict["metrics"] = with_metrics(config_dict.get("metrics", COMPARE_METRICS),
+                                          (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
     plans = _plan(names, table, probe)
     if SEP in names and probe["prior_tau"] != "learned" and float(probe["prior_tau"]) == 0.0:
@@ -222,7 +213,7 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     permutations = int(probe["energy_permutations"])
     energy_seed = int(probe["energy_seed"])
     confidence = float(probe["compare_confidence"])
-    out_dir = _output_dir(output, probe, "compare")
+    out_dir = output_folder(output, probe["output"], "compare", probe["model"], probe["dataset"])
     seed_values = _seed_list(probe, seeds)
 
     per_seed, figures = [], {}
@@ -244,7 +235,8 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     payload["tau"] = taus.get(SEP)
     files = _write_compare(out_dir, payload, spectra, first_nulls)
     payload["files"] = {k: str(v) for k, v in files.items()}
-    print(payload["markdown"])
+    print(headline_text(payload, str(files["md"])), flush=True)
+    log_report_folder(out_dir, "compare.md, compare.csv, compare.json, *.png, runs/")
     return payload
 
 
@@ -274,37 +266,57 @@ def _arm_info(plan: _Plan, model: str, tau: float) -> dict[str, Any]:
 def _run_seed(plans: Sequence[_Plan], config_of: Callable[[_Plan], Any], permutations: int, energy_seed: int,
               figures: dict[str, Any] | None) -> dict[str, Any]:
     """Train and evaluate one seed's arms on the same contexts: accuracy, energies, own tests and
-    matched reductions. Arms are trained one after the other; only the standard arm's pipeline
-    (its test loader is every arm's) stays in memory. ``figures``: filled with the spectra and
-    the permutation nulls when given (the first seed)."""
+    matched reductions. Arms are trained one after the other, and each is released (model,
+    trainer, optimiser, its loaders) as soon as it is measured, before the next one trains: only
+    the standard arm's test loader (every arm's test contexts) and the arms' host-side energy
+    statistics stay (DESIGN §3.2). ``figures``: filled with the spectra and the permutation
+    nulls when given (the first seed)."""
     record: dict[str, Any] = {"tau": {}, "metrics": {}, "energy": {}, "specificity": {}, "reductions": {},
                               "data_digest": {}, "energy_path": {}, "best_valid_score": {}, "run_dir": {},
                               "fit_seconds": {}}
     if figures is not None:
         figures.update(spectra={}, nulls={})
-    std: Arm | None = None
+    std_state: EnergyState | None = None
+    shared_test = log_prior = None
     for plan in plans:
         name = plan.spec.name
         arm = train_arm(name, config_of(plan))
         record["data_digest"][name] = data_digest(arm.pipe)
-        if std is None:
-            std, log_prior = arm, _training_log_prior(arm)
+        if std_state is None:
+            shared_test, log_prior = arm.pipe.test_data, _training_log_prior(arm)
         elif record["data_digest"][name] != record["data_digest"][REFERENCE]:
             raise RuntimeError(f"arm {name} did not get the standard arm's data split: compare is not matched")
         else:
             _check_prior(arm, log_prior)
-        _measure_arm(record, plan, arm, std.pipe.test_data)  # one loader: same contexts, same order
-        if arm is not std:
+        _measure_arm(record, plan, arm, shared_test, permutations)  # one loader: same contexts, same order
+        model_name = type(arm.pipe.model).__name__
+        release_arm(arm)
+        if std_state is None:
+            std_state, std_model = arm.state, model_name
+        else:
             null: dict[str, np.ndarray] = {}
-            record["reductions"][name] = _matched(std.state, arm.state, log_prior, permutations, energy_seed, null)
+            record["reductions"][name] = _matched(std_state, arm.state, log_prior, permutations, energy_seed, null,
+                                                  names=((REFERENCE, std_model), (name, model_name)))
             if figures is not None:
                 figures["nulls"][name] = null or None
         if figures is not None and arm.state.contexts is not None:
             figures["spectra"][name] = score_singular_values(arm.state.contexts.G, arm.state.E)
+        del arm
     return record
 
 
-def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any) -> None:
+def release_arm(arm: Arm) -> None:
+    """Free a measured arm's pipeline (model, trainer, optimiser, data loaders and whatever they hold
+    on the device); its energy statistics move to the host first (DESIGN §3.2)."""
+    if arm.state is not None:
+        arm.state.to_host()
+    arm.pipe = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any, permutations: int) -> None:
     """Evaluate ``arm`` on the shared test contexts; fill its entries of ``record`` in place."""
     name, model = plan.spec.name, arm.pipe.model
     record["tau"][name] = model.training_tau() if hasattr(model, "training_tau") else 0.0
@@ -317,6 +329,10 @@ def _measure_arm(record: dict[str, Any], plan: _Plan, arm: Arm, shared_test: Any
     for row in plan.rows:  # beta changes serving only; the learned dot product is the same
         record["energy"][row] = values
     record["specificity"][name] = {k: energy.get(k) for k in SPECIFICITY_KEYS}
+    if energy.get("p_value") is None:
+        record["specificity"][name]["p_missing"] = (
+            "energy_permutations = 0" if permutations == 0 else
+            f"the {arm.state.path} energy path of {type(model).__name__} returned no permutation test")
     record["energy_path"][name] = arm.state.path
     record["best_valid_score"][name] = arm.result.get("best_valid_score")
     record["run_dir"][name] = arm.result.get("run_dir")
@@ -342,15 +358,24 @@ def _check_prior(arm: Arm, log_prior: np.ndarray) -> None:
 
 
 def _matched(std: EnergyState, sep: EnergyState, log_prior: np.ndarray, permutations: int,
-             seed: int, null_out: dict[str, np.ndarray]) -> dict[str, Any]:
+             seed: int, null_out: dict[str, np.ndarray], names: tuple[tuple[str, str], tuple[str, str]]
+             ) -> dict[str, Any]:
     """``matched_reduction`` on the two evaluations' statistics (docs/DESIGN.md §3); its null
-    draws go to ``null_out`` (for the plot)."""
+    draws go to ``null_out`` (for the plot). ``names``: ``(arm, model class)`` of the standard
+    and the compared arm. Where the tests cannot run, ``p_missing`` says why (the report prints it)."""
     if std.contexts is not None and sep.contexts is not None:
-        return matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
-                                 seed=seed, log_prior=log_prior, null_out=null_out)
+        out = matched_reduction((std.contexts, std.E), (sep.contexts, sep.E), permutations=permutations,
+                                seed=seed, log_prior=log_prior, null_out=null_out)
+        if permutations == 0:
+            out["p_missing"] = "energy_permutations = 0: no permutation test (p_iso_shared is still exact)"
+        return out
     # the streaming fallback (scores that are not H E^T) keeps the energies, not their factors
     e_std, e_sep = std.energy(), sep.energy()
-    return reduction_from_energies(e_std["dir"], e_sep["dir"], e_std["shared"], e_sep["shared"])
+    out = reduction_from_energies(e_std["dir"], e_sep["dir"], e_std["shared"], e_sep["shared"])
+    streaming = [f"{arm} ({model})" for (arm, model), state in zip(names, (std, sep)) if state.contexts is None]
+    out["p_missing"] = (f"the learned scores of {' and '.join(streaming)} are not H E^T (streaming energy path): "
+                        "R is exact, but its permutation tests need both models' factors")
+    return out
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -364,74 +389,24 @@ def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": _write_text(out_dir / "compare.csv", compare_csv(payload)),
              "md": _write_text(out_dir / "compare.md", payload["markdown"])}
+    first, seeds = payload["per_seed"][0], payload["seeds"]
     if spectra:
-        files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png")
-    first = payload["per_seed"][0]
+        files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png", seed=first["seed"])
     labels = {arm["name"]: arm["label"] for arm in payload["arms"]}
-    files["energy"] = plots.plot_energy({labels[name]: first["energy"][name] for name in labels},
-                                        out_dir / "energy.png")
+    files["energy"] = plots.plot_energy({labels[name]: [rec["energy"][name] for rec in payload["per_seed"]]
+                                         for name in labels}, out_dir / "energy.png", seeds)
     panels = {labels[name]: (null, {"dir": first["reductions"][name]["R_dir"],
                                     "shared": first["reductions"][name]["R_shared"]})
               for name, null in nulls.items() if null is not None}
     if panels:
-        files["permutation"] = plots.plot_permutation_nulls(panels, out_dir / "permutation.png")
+        files["permutation"] = plots.plot_permutation_nulls(panels, out_dir / "permutation.png",
+                                                            seed=first["seed"], n_seeds=len(seeds))
     files["arms"] = plots.plot_arms(payload["summary"], out_dir / "arms.png",
-                                    (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"))
+                                    (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"), seeds)
     payload["files"] = {k: str(v) for k, v in {**files, "json": out_dir / "compare.json"}.items()}
     files["json"] = write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"})
     return files
 
 
-# --------------------------------------------------------------------------------------
-# The beta sweep command
-# --------------------------------------------------------------------------------------
-def run_beta_sweep(model: str, dataset: str, betas: Sequence[float], config_file_list: list[str] | None = None,
-                   config_dict: dict | None = None, output: str | Path | None = None) -> list[dict[str, Any]]:
-    """Train one prior-separated model, then serve it at every ``beta`` (no retraining).
-
-    Writes ``beta_sweep.{json,csv,md}``; returns one row per beta (RecBole's test metrics).
-    """
-    if not betas:
-        raise PopPriorError("--beta-sweep needs at least one beta value")
-    probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
-    out_dir = _output_dir(output, probe, "beta_sweep")
-    config = arm_config(model, dataset, config_file_list, config_dict, seed=int(probe["seed"]),
-                        baseline=False, run_dir=out_dir / "run")
-    arm = train_arm(SEP, config)
-    rows = sweep_beta(arm.pipe.trainer, arm.pipe.test_data, betas)
-    tau = arm.pipe.model.training_tau()
-    for row in rows:
-        row["tau"] = tau
-    _write_sweep(out_dir, model, dataset, rows)
-    return rows
-
-
-def _write_sweep(out_dir: Path, model: str, dataset: str, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["beta", "tau"] + sorted({k for row in rows for k in row} - {"beta", "tau"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in keys})
-    md = [f"# Serve-time beta sweep: prior-separated {model} on {dataset}", "",
-          "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    for row in rows:
-        md.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
-    text = "\n".join(md) + "\n"
-    print(text)
-    files = {"csv": _write_text(out_dir / "beta_sweep.csv", buffer.getvalue()),
-             "md": _write_text(out_dir / "beta_sweep.md", text)}
-    files["json"] = write_json(out_dir / "beta_sweep.json", {"model": model, "dataset": dataset,
-                                                            "rows": to_jsonable(rows)})  # last: the set is complete
-    return files
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else "n/a"
-    return "" if value is None else str(value)
-
-
-__all__ = ["run_compare", "run_beta_sweep", "arm_config", "train_arm", "measure", "score_singular_values",
-           "COMPARE_METRICS", "Arm"]
+__all__ = ["run_compare", "output_folder", "arm_config", "train_arm", "measure", "score_singular_values",
+           "release_arm", "COMPARE_METRICS", "Arm"]

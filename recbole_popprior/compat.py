@@ -17,29 +17,42 @@ Nothing else in the plugin patches RecBole.
 4. pandas 3 copy-on-write turns RecBole's ``fillna(..., inplace=True)`` into a no-op:
    handled by pinning ``pandas<3`` in setup.cfg and checked by :func:`check_pandas`.
 5. ``Config._init_device`` hard-codes the NCCL backend and asserts one GPU per
-   process, so distributed runs cannot use gloo on CPU.  -> :func:`init_distributed`.
+   process, so distributed runs cannot use gloo on CPU; and the trainer's
+   ``DistributedDataParallel`` broadcasts every buffer from rank 0 on every step.
+   -> :func:`init_distributed`, :func:`_ddp_any_device`.
 6. RecBole's ``sine.py`` turns on torch anomaly detection for the whole process at
    import, slowing every training 2-3x.  -> :func:`disable_anomaly_detection`.
 7. KSR keeps its relation matrix in float64 and fails on a dtype error in ``forward``.
    -> :func:`ksr_relation_float32`.
+8. ``Trainer.__init__`` calls ``get_tensorboard`` (utils.py ~L208), which creates
+   ``log_tensorboard/<run>/`` under the *current directory* on every run, whatever the output
+   folder (and fails in a read-only working directory). -> :func:`tensorboard_writer`: off
+   unless ``tensorboard: True``, then under the run's own folder.
+9. GRU4RecCPR, SASRecCPR and RepeatNet ``scatter_`` autocast-cast values into float32
+   tensors (or the reverse) and fail under ``enable_amp``. -> :func:`breaks_under_autocast`:
+   the trainer mixin runs their training step without autocast (in float32) and says so.
 
 Three more fixes of RecBole behaviour live next to the code they belong to, listed here so
 that this list stays complete:
 
-8. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
+10. SASRecF, GRU4RecF and FDSA put a layer object (holding the dataset) in
    ``other_parameter()``, which RecBole pickles into checkpoints.
    -> ``checkpoint._other_parameters`` keeps plain values only.
-9. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
+11. Only rank 0 saves the best checkpoint under DDP, and other ranks may load it before it
    is written (trainer.py ~L296). -> the barrier in ``PopPriorTrainerMixin.fit``.
-10. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
+12. A ``.inter`` file whose rows all fail RecBole's filters ends in RecBole's
     "Some feat is empty" error. -> ``data.dataset.create_dataset`` turns it into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import inspect
+import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,6 +60,7 @@ import recbole.trainer.trainer as recbole_trainer
 import torch
 import torch.distributed as dist
 from recbole.evaluator.collector import Collector
+from torch.utils.tensorboard import SummaryWriter
 
 from recbole_popprior.errors import PopPriorError
 
@@ -175,14 +189,30 @@ def _int_setting(config_dict: dict[str, Any], key: str, default: int) -> int:
 
 def _ddp_any_device(module: torch.nn.Module, device_ids: list[int] | None = None,
                     **kwargs: Any) -> torch.nn.parallel.DistributedDataParallel:
-    """``DistributedDataParallel`` that passes ``device_ids`` only for a CUDA module.
+    """``DistributedDataParallel`` that passes ``device_ids`` only for a CUDA module, and that
+    does not broadcast the buffers (docs/DESIGN.md §9.3).
 
-    torch raises for ``device_ids`` with a CPU module, which RecBole always passes.
+    torch raises for ``device_ids`` with a CPU module, which RecBole always passes. RecBole keeps
+    torch's default ``broadcast_buffers=True``, and its ``set_reduce_hook`` runs the DDP forward
+    once per step: every buffer was re-sent from rank 0 on every step (the log priors, the
+    sampled-softmax tables, Adap-tau's per-user temperatures: about 83 MB per step at 4M items),
+    and each rank's own Adap-tau state was overwritten with rank 0's. No buffer needs it: the
+    priors are checked identical on every rank at start (``distributed.check_prior_across_ranks``),
+    the sampler tables derive from them, and Adap-tau sums its statistics over the ranks itself,
+    once an epoch. Parameters stay in step through DDP's gradient all-reduce, as before.
     """
     param = next(module.parameters(), None)
     if param is None or param.device.type != "cuda":
         device_ids = None
+    if "broadcast_buffers" not in kwargs and "forward_sync_buffers" not in kwargs:
+        # torch >= 2.13 names it forward_sync_buffers (the buffers are still synced once, at init:
+        # harmless, every rank builds the same ones); older torch has broadcast_buffers only
+        kwargs[_BUFFER_SYNC_KEY] = False
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+_BUFFER_SYNC_KEY = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+    torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 
 def _patch_trainer_ddp() -> None:
@@ -213,6 +243,59 @@ def ksr_relation_float32(model: torch.nn.Module) -> None:
     model.relation_Matrix = model.relation_Matrix.float()
 
 
+# --- 8. log_tensorboard/ in the working directory ------------------------------------------
+class NoTensorboard:
+    """What RecBole's trainer writes its tensorboard scalars to when tensorboard is off: nothing."""
+
+    def __getattr__(self, name: str) -> Any:  # add_scalar, add_hparams, flush, close, ...
+        return lambda *args, **kwargs: None
+
+
+#: the folder the next trainer's SummaryWriter writes to (None: no tensorboard files at all)
+_TENSORBOARD_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("tensorboard_dir", default=None)
+
+
+def tensorboard_writer(logger: Any) -> Any:
+    """Replaces ``recbole.trainer.trainer.get_tensorboard`` (utils.py ~L208), which writes
+    ``log_tensorboard/`` into the current directory: a ``SummaryWriter`` on the folder that
+    :func:`tensorboard_under` set, or a :class:`NoTensorboard` (also for RecBole's own trainers)."""
+    folder = _TENSORBOARD_DIR.get()
+    return NoTensorboard() if folder is None else SummaryWriter(folder)
+
+
+@contextlib.contextmanager
+def tensorboard_under(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Trainers built in this block write tensorboard files under ``folder`` (None: none)."""
+    token = _TENSORBOARD_DIR.set(None if folder is None else os.fspath(folder))
+    try:
+        yield
+    finally:
+        _TENSORBOARD_DIR.reset(token)
+
+
+# --- 9. models that fail under autocast ----------------------------------------------------------
+#: RecBole 1.2.1 models whose forward mixes dtypes in ``scatter_`` / ``scatter_add_`` under autocast
+#: (gru4reccpr.py ~L335, sasreccpr.py likewise, repeatnet.py ~L256: "Expected self.dtype to be equal
+#: to src.dtype"), by class name: the plugin's classes keep RecBole's names
+AUTOCAST_BROKEN = ("GRU4RecCPR", "SASRecCPR", "RepeatNet")
+
+
+def breaks_under_autocast(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is (a subclass of) one of :data:`AUTOCAST_BROKEN`."""
+    return any(cls.__name__ in AUTOCAST_BROKEN and cls.__module__.startswith("recbole.")
+               for cls in type(model).__mro__)
+
+
+def without_autocast(loss_func: Any, device_type: str) -> Any:
+    """``loss_func`` run with autocast switched off (float32), for :func:`breaks_under_autocast` models."""
+
+    def run(interaction):
+        with torch.autocast(device_type=device_type, enabled=False):
+            return loss_func(interaction)
+
+    return run
+
+
 def quiet_upstream_warnings() -> None:
     """Silence RecBole 1.2.1's known-harmless warnings on today's stack.
 
@@ -226,7 +309,14 @@ def quiet_upstream_warnings() -> None:
 
 
 def apply() -> None:
-    """Apply the process-wide shims (numpy aliases, pandas guard, warning filters). Idempotent."""
+    """Apply the process-wide shims (numpy aliases, pandas guard, warning filters, no
+    ``log_tensorboard/`` in the working directory). Idempotent."""
     numpy_aliases()
     check_pandas()
     quiet_upstream_warnings()
+    recbole_trainer.get_tensorboard = tensorboard_writer
+
+
+# Importing this module applies the process-wide shims: every plugin module that runs RecBole
+# code imports it (the package itself stays light, so that --help loads no torch).
+apply()

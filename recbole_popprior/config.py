@@ -1,3 +1,4 @@
+# Over 500 lines: every plugin key is checked here, in config._validate (a bad value is one line, exit 2).
 """The plugin's ``Config``: RecBole's config, numpy-2 safe, aware of the plugin's models, its
 ``properties/`` defaults and its ``dataset_configs/``.
 
@@ -34,10 +35,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import recbole
+import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_popprior import compat
+from recbole_popprior import evaluator as _evaluator  # noqa: F401  (importing it registers the energy metrics)
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_loss_type, get_model, trains_without_negatives
 from recbole_popprior.model.registry import ModelRecord, record_of, require_record
@@ -268,7 +271,7 @@ def _is_int(value: Any) -> bool:
 # --- unknown settings ------------------------------------------------------------------------
 #: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
 PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_")
+                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "tensorboard", "amp_")
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,6 +348,7 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
     _validate_running(config)
+    _validate_precision(config)
     _validate_training(config)
     _validate_remedies(config, model_class, require_record(model_class))
     _validate_energy(config)
@@ -383,6 +387,32 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "stopping_step", low=0, integer=True)
     _number(config, "eval_step", integer=True)  # <= 0: no validation (RecBole)
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
+    if not isinstance(config.get("tensorboard"), bool):
+        raise PopPriorError(f"tensorboard must be True or False, got {config.get('tensorboard')!r}")
+
+
+#: autocast dtypes the trainer takes (``amp_dtype``; None = the device's own default)
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+def _validate_precision(config: dict[str, Any]) -> None:
+    """RecBole's ``enable_amp`` / ``enable_scaler`` and the plugin's ``amp_dtype`` (DESIGN §9.2)."""
+    for key in ("enable_amp", "enable_scaler"):
+        if not isinstance(config.get(key, False), bool):
+            raise PopPriorError(f"{key} must be True or False, got {config.get(key)!r}")
+    _choice(config, "amp_dtype", (None, *AMP_DTYPES))
+    device = config.get("device")
+    on_cuda = getattr(device, "type", str(device or "cpu").split(":")[0]) == "cuda"
+    dtype = config.get("amp_dtype")
+    if not config.get("enable_amp", False):
+        return
+    if dtype == "float16" and not on_cuda:
+        raise PopPriorError("amp_dtype: float16 needs a CUDA device (CPU autocast trains in bfloat16, and float16 "
+                            "on CPU is emulated and needs a gradient scaler, which RecBole builds for CUDA only); "
+                            "use amp_dtype: bfloat16 or ~")
+    if dtype == "bfloat16" and on_cuda and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise PopPriorError("amp_dtype: bfloat16 is not supported by this GPU; use amp_dtype: float16 with "
+                            "enable_scaler: True")
 
 
 def _validate_training(config: dict[str, Any]) -> None:
@@ -458,6 +488,7 @@ def _validate_energy(config: dict[str, Any]) -> None:
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)
     _number(config, "energy_seed", integer=True)
     _number(config, "eval_score_budget_mb", low=0.0, strict=True)
+    _choice(config, "eval_score_dtype", ("float32", "bfloat16", "float16"))
 
 
 def _validate_tuning(config: dict[str, Any]) -> None:

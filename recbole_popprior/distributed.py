@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import socket
-from logging import getLogger
 from typing import Any, Mapping
 
 import torch
@@ -43,7 +42,7 @@ from torch.multiprocessing.spawn import ProcessException
 from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.prior import estimate_log_prior
-from recbole_popprior.quick_start import build_config, build_pipeline, make_run_dir, train_and_test
+from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, make_run_dir, train_and_test
 from recbole_popprior.utils import write_json
 
 
@@ -183,8 +182,8 @@ def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | No
                                  "backend": dist.get_backend(), "ranks": ranks,
                                  "trained_weights_sha256": pipe.trainer.trained_weight_digests}
         if rank == 0:
-            path = write_json(pipe.run_dir / "results.json", result)
-            getLogger().info(f"results saved to: {path}")
+            write_json(pipe.run_dir / "results.json", result)
+            log_report_folder(pipe.run_dir, "results.json, model.pth, run.log")
         dist.barrier()
         return result
     finally:

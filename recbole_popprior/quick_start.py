@@ -27,6 +27,19 @@ from recbole_popprior.trainer import get_trainer
 from recbole_popprior.utils import to_jsonable, write_json
 
 _HANDLER_TAG = "_recbole_popprior"
+#: ``extra=`` of the long dumps (config, dataset, model): run.log always, the console only when verbose
+DUMP = {"popprior_dump": True}
+_console = {"dumps": False}
+
+
+def show_dumps_on_console(show: bool = True) -> None:
+    """Print RecBole's config, dataset and model dumps on the console too (``--verbose``); they
+    always go to the run's ``run.log``. Applies to the loggers set up afterwards in this process."""
+    _console["dumps"] = bool(show)
+
+
+def _not_a_dump(record: logging.LogRecord) -> bool:
+    return not getattr(record, "popprior_dump", False)
 
 
 @dataclass
@@ -59,6 +72,8 @@ def init_logger(config: Config, run_dir: Path | None = None) -> logging.Logger:
     stream = logging.StreamHandler()
     stream.setFormatter(colorlog.ColoredFormatter(
         "%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M", log_colors=log_colors_config))
+    if not _console["dumps"]:
+        stream.addFilter(_not_a_dump)
     handlers: list[logging.Handler] = [stream]
     if run_dir is not None:
         file_handler = logging.FileHandler(run_dir / "run.log")
@@ -140,13 +155,14 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
         logger = getLogger()
         for line in getattr(config, "unknown_key_warnings", ()):
             logger.warning(line)
+        logger.info(config, extra=DUMP)
         init_seed(config["seed"], config["reproducibility"])
         dataset = create_dataset(config)
-        logger.info(dataset)
+        logger.info(dataset, extra=DUMP)
         train_data, valid_data, test_data = data_preparation(config, dataset)
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model = config.model_class(config, train_data._dataset).to(config["device"])
-        logger.info(model)
+        logger.info(model, extra=DUMP)
         trainer = get_trainer(config)(config, model)
     except BaseException:
         _undo_run_dir(run_dir, created)
@@ -195,9 +211,13 @@ def run_recbole_popprior(model: str | None = None, dataset: str | None = None,
     """
     config = build_config(model, dataset, config_file_list, config_dict)
     pipe = build_pipeline(config)
-    getLogger().info(config)
     result = train_and_test(pipe, saved=saved)
     if config["local_rank"] == 0:
-        path = write_json(pipe.run_dir / "results.json", result)
-        getLogger().info(set_color("results saved to", "blue") + f": {path}")
+        write_json(pipe.run_dir / "results.json", result)
+        log_report_folder(pipe.run_dir, "results.json, model.pth, run.log")
     return result
+
+
+def log_report_folder(folder: Path, what: str) -> None:
+    """A command's last log line: where its outputs are."""
+    getLogger().info(set_color("outputs in", "blue") + f": {folder} ({what})")

@@ -1,5 +1,5 @@
 """The tau sweep: one model trained per prior weight ``tau`` and seed, every run measured against the
-``tau = 0`` run of its seed on the same contexts (docs/DESIGN.md §9).
+``tau = 0`` run of its seed on the same contexts (docs/DESIGN.md §10).
 
 ``run_tau_sweep`` trains, for every seed, the reference ``tau = 0`` (RecBole's own model, as the
 ``standard`` arm of ``--compare``) and one prior-separated model per variant: a ``tau`` (a number
@@ -39,7 +39,7 @@ import torch
 
 from recbole_popprior.arms import ARMS, ArmSpec, resolve_arm
 from recbole_popprior.compare import (COMPARE_METRICS, Arm, _ENERGY_METRICS, _measure_arm, _Plan,
-                                      _training_log_prior, _with_energy_metrics, arm_config, data_digest)
+                                      _training_log_prior, arm_config, data_digest, release_arm)
 from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.energy import ContextStats
@@ -49,6 +49,7 @@ from recbole_popprior.prior_source import PRIOR_SOURCES
 from recbole_popprior.quick_start import build_pipeline, train_and_test
 from recbole_popprior.tau_sweep_plot import plot_tau_sweep
 from recbole_popprior.tau_sweep_report import compare_from_runs, summarise_sweep, sweep_csv, sweep_markdown
+from recbole_popprior.trained import with_metrics
 from recbole_popprior.utils import atomic_write, write_json
 
 REFERENCE_NAME = "standard"  # the tau = 0 run's name inside its record (the comparison's reference arm)
@@ -262,16 +263,18 @@ def train_run(setup: SweepSetup, variant: Variant, seed: int) -> dict[str, Any]:
     plan = _Plan(spec, {}, 0.0 if variant.reference else variant.tau)
     record: dict[str, Any] = {k: {} for k in ("tau", "metrics", "energy", "specificity", "energy_path",
                                               "best_valid_score", "run_dir", "fit_seconds")}
-    _measure_arm(record, plan, arm, pipe.test_data)
+    _measure_arm(record, plan, arm, pipe.test_data, int(config["energy_permutations"]))
     rows = context_rows(pipe.model, pipe.test_data)
     _check_rows(rows, arm)
     arrays = _arrays(arm, rows)
     bigger = bool(config["valid_metric_bigger"])
     best = max(curve, key=lambda c: c[1] if bigger else -c[1])[0] if curve else None
-    epochs = len(pipe.trainer.train_loss_dict)
+    epochs, split_digest = len(pipe.trainer.train_loss_dict), data_digest(pipe)
+    release_arm(arm)  # the model, trainer and loaders go before the next run trains (what it needs is saved)
+    del pipe
     run = {"key": variant.key, "variant": variant.as_dict(), "seed": int(seed), "name": name,
            "digest": run_digest(setup, variant, seed), "model": setup.model, "dataset": setup.dataset,
-           "record": record, "data_digest": data_digest(pipe), "epochs": epochs, "best_epoch": best,
+           "record": record, "data_digest": split_digest, "epochs": epochs, "best_epoch": best,
            "max_epochs": int(config["epochs"]), "stopped_early": epochs < int(config["epochs"]),
            "valid_curve": curve, "valid_metric": config["valid_metric"],
            "fit_seconds": result.get("fit_seconds"), "wall_seconds": time.perf_counter() - start,
@@ -326,8 +329,7 @@ def prepare(model: str, dataset: str, config_file_list: list[str] | None, config
     if chosen:
         raise PopPriorError(f"{chosen[0]} is chosen per run by the tau sweep (--taus, --prior-sources, "
                             f"--prior-modes); remove --{chosen[0]}")
-    settings["metrics"] = _with_energy_metrics(settings.get("metrics", COMPARE_METRICS),
-                                               (*_ENERGY_METRICS, "PopPermutation"))
+    settings["metrics"] = with_metrics(settings.get("metrics", COMPARE_METRICS), (*_ENERGY_METRICS, "PopPermutation"))
     probe = arm_config(model, dataset, config_file_list, settings, seed=None, baseline=False)
     if probe["energy_max_contexts"] is not None:
         raise PopPriorError("the tau sweep measures every test context: remove energy_max_contexts")

@@ -1,5 +1,5 @@
 """The tau sweep's report: per-run measures from the saved runs, intervals over seeds, the markdown,
-the figure, and the comparison report of two of its runs (docs/DESIGN.md §9).
+the figure, and the comparison report of two of its runs (docs/DESIGN.md §10).
 
 Pure functions of what :mod:`recbole_popprior.tau_sweep` saves (each run's ``run.json`` record and
 its ``contexts.npz`` arrays), so the report can be rebuilt, and tested, without training. Every
@@ -59,7 +59,7 @@ def pop_slope(mean_row: np.ndarray, log_prior: np.ndarray) -> float:
 
 def _split(energy: Mapping[str, Any]) -> dict[str, float]:
     """``dir_frac`` cut into its context-shared and context-specific parts, ``E_shared / T + E_specific / T``
-    (DESIGN §9: estimating ``p`` and mis-weighting it can only add to the shared part)."""
+    (DESIGN §10: estimating ``p`` and mis-weighting it can only add to the shared part)."""
     total = energy["total"]
     return {"dir_shared": energy["shared"] / total, "dir_specific": energy["specific"] / total}
 
@@ -94,7 +94,8 @@ def measure_run(run: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ref_ar
         "fit_seconds": run["fit_seconds"],
         "wall_seconds": run["wall_seconds"], "stopped_early": run["stopped_early"]}
     if arrays is not ref_arrays:
-        red = _matched(_state(ref_arrays), state, l_hat, int(run["permutations"]), int(run["energy_seed"]), {})
+        red = _matched(_state(ref_arrays), state, l_hat, int(run["permutations"]), int(run["energy_seed"]), {},
+                       names=(("tau=0", run["model"]), (run["key"], run["model"])))
         out.update({k: red.get(k) for k in ("R_dir", "R_shared", "p_value_dir", "p_value_shared")})
     if "truth_pmi" in arrays:
         out.update(_truth_measures(arrays, out["tau"]))
@@ -415,7 +416,8 @@ def compare_from_runs(pairs: Sequence[tuple[tuple, tuple]], out_dir: Any, *, sta
         null: dict[str, np.ndarray] = {}
         l_hat = ref_arrays["log_prior_estimate"]
         record["reductions"]["separated"] = _matched(_state(ref_arrays), _state(arrays), l_hat,
-                                                     int(run["permutations"]), int(run["energy_seed"]), null)
+                                                     int(run["permutations"]), int(run["energy_seed"]), null,
+                                                     names=(("standard", run["model"]), ("separated", run["model"])))
         if not per_seed:
             taus = record["tau"]
             nulls["separated"] = null or None

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import recbole_popprior  # noqa: E402,F401  (applies the compat shims, registers metrics)
+import recbole_popprior.config  # noqa: E402,F401  (applies the compat shims, registers the metrics)
 
 
 def free_port() -> int:

@@ -306,7 +306,7 @@ CLI_CASES = [
     Case("epochs=0", run("--epochs=0"), 2, ("epochs must be >= 1", "got 0"), cli_setup(), "cli"),
     Case("epochs=-1", run("--epochs=-1"), 2, ("epochs must be >= 1", "got -1"), cli_setup(), "script"),
     Case("nproc=0", run("--nproc=0"), 2, ("--nproc must be >= 1",), cli_setup(), "cli"),
-    Case("world_size=0", run("--world_size=0"), 2, ("--world-size must be >= 1",), cli_setup(), "cli"),
+    Case("world_size=0", run("--world_size=0"), 2, ("--world_size must be >= 1",), cli_setup(), "cli"),
     Case("prior_alpha=-1", run("--prior_alpha=-1"), 2, ("prior_alpha must be > 0",), cli_setup(), "cli"),
     Case("prior_mode=sometimes", run("--prior_mode=sometimes"), 2, ("prior_mode must be one of",), cli_setup(), "cli"),
     Case("prior_tau=abc", run("--prior_tau=abc"), 2, ("prior_tau must be a number",), cli_setup(), "cli"),

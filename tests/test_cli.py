@@ -4,6 +4,9 @@ plugin settings, derived defaults. Bad input to the command line is one table in
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,28 +14,98 @@ import pytest
 import recbole
 import yaml
 
-from recbole_popprior.cli import main, parse_args
+from recbole_popprior.cli import COMMANDS, OPTIONS, main, parse_args
 from recbole_popprior.config import PLUGIN_PREFIXES, properties_file, unknown_key_warnings
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.quick_start import build_config, build_pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY_ARGS = ["--epochs=1", "--hidden_size=8", "--inner_size=16", "--n_layers=1", "--n_heads=1",
              "--MAX_ITEM_LIST_LENGTH=8", "--train_batch_size=64", "--show_progress=False", "--gpu_id=''"]
 
 
 def test_parse_args_splits_plugin_options_from_recbole_overrides():
     options, overrides = parse_args(["--model=SASRec", "--dataset=ml-100k", "--learning_rate=0.01",
-                                     "--compare", "--seeds=2", "--beta-sweep=-1,0,0.5"])
-    assert options["model"] == "SASRec" and options["compare"] is True and options["seeds"] == 2
-    assert options["beta_sweep"] == [-1.0, 0.0, 0.5]
-    assert overrides == {"learning_rate": "0.01"}
+                                     "--compare", "--seeds=2", "--output=out", "--data-path=data"])
+    assert options["command"] == "compare" and options["model"] == "SASRec" and options["seeds"] == 2
+    assert overrides == {"learning_rate": "0.01", "output": "out", "data_path": "data"}  # both spellings
+    options, overrides = parse_args(["--beta-sweep=-1,0,0.5", "--model=SASRec", "--dataset=x", "--checkpoint=m.pth"])
+    assert options["command"] == "beta-sweep" and options["beta_sweep"] == [-1.0, 0.0, 0.5]
+    assert options["checkpoint"] == "m.pth" and options["trust_pickled_checkpoint"] is False and overrides == {}
+    options, _ = parse_args(["--tune", "--n_trials=3", "--study-name=s", "--multi-objective=true", "--pruner=none"])
+    assert (options["n_trials"], options["study_name"], options["multi_objective"], options["pruner"]) == \
+        (3, "s", True, "none")
+    assert parse_args(["--model=SASRec"])[0]["command"] == "train"
 
 
-@pytest.mark.parametrize("argv", [["--seeds=x"], ["stray"], ["--compare=maybe"], ["--unknownflag"],
-                                  ["--beta-sweep=a,b"], ["--lr=1", "--lr=2"]])
-def test_parse_args_rejects_bad_input(argv):
-    with pytest.raises(PopPriorError):
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds=x", "--compare"], "--seeds must be an integer"), (["stray"], "unexpected argument 'stray'"),
+    (["--compare=maybe"], "--compare is a flag"), (["--unknownflag"], "unknown flag --unknownflag"),
+    (["--beta-sweep=a,b"], "--beta-sweep takes numbers"), (["--lr=1", "--lr=2"], "given twice"),
+    (["--compare", "--tune"], "choose one command"), (["--seeds=2"], "add --compare"),
+    (["--compare", "--checkpoint=x"], "not an option of --compare"), (["--pruner=fast", "--tune"], "--pruner must be"),
+    (["--timeout=0", "--tune"], "--timeout must be a positive number"),
+    (["--beta-sweep", "--model=SASRec"], "--beta-sweep needs a value: --beta-sweep=...")])
+def test_parse_args_rejects_bad_input(argv, words):
+    with pytest.raises(PopPriorError, match=re.escape(words)):
         parse_args(argv)
+
+
+def _run(*argv: str, program: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(program or [sys.executable, str(ROOT / "run_recbole_popprior.py")]), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--help"], "train"), (["--model=SASRec", "-h"], "train"), (["--compare", "--help"], "compare"),
+    (["--help", "--compare"], "compare"), (["--beta-sweep", "--help"], "beta-sweep"),
+    (["--beta-sweep=0,1", "--help"], "beta-sweep"), (["--tune", "--model=x", "--n-trials=2", "--help"], "tune")])
+def test_help_in_every_position_lists_every_option_of_the_command_with_its_default(argv, command):
+    proc = _run(*argv)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    spec = next(c for c in COMMANDS if c.name == command)
+    usage = proc.stdout.splitlines()[0]
+    assert usage.startswith("usage: python run_recbole_popprior.py") and (spec.flag or "") in usage
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for group in spec.groups:
+        for option in OPTIONS[group]:
+            assert option.flag in text, option.flag
+            assert " ".join(option.help.split()) in text, option.flag
+    defaults = [o for g in spec.groups for o in OPTIONS[g] if not o.switch]
+    assert text.count("(default: ") >= len(defaults)
+    others = {o.flag for c in COMMANDS if c is not spec for g in c.groups for o in OPTIONS[g]} - \
+        {o.flag for g in spec.groups for o in OPTIONS[g]} - {c.flag for c in COMMANDS}  # the epilog names commands
+    assert not [flag for flag in others if f" {flag} " in text], "options of other commands listed"
+
+
+def test_the_usage_line_names_the_command_that_was_run():
+    console = Path(sys.executable).with_name("recbole-popprior")
+    assert _run("--compare", "--help", program=[str(console)]).stdout.startswith("usage: recbole-popprior --compare")
+    converter = _run("--help", program=[sys.executable, "-m", "recbole_popprior.convert"])
+    assert converter.returncode == 0 and converter.stdout.startswith("usage: python -m recbole_popprior.convert")
+
+
+def test_the_converters_help_shows_each_sources_input_layout():
+    text = _run("--help", program=[sys.executable, "-m", "recbole_popprior.convert"]).stdout
+    from recbole_popprior.converters.read import ALIBABA_COLUMNS, TIANCHI_COLUMNS
+    assert ",".join(TIANCHI_COLUMNS) in text and ",".join(ALIBABA_COLUMNS) in text
+    assert "NO header" in text and "WITH the header" in text and "unix seconds" in text and "'YYYY-MM-DD HH'" in text
+
+
+def test_importing_the_command_line_loads_neither_torch_nor_recbole():
+    """What --help needs is the standard library: torch and RecBole load only after parsing."""
+    code = ("import sys, recbole_popprior, recbole_popprior.cli, recbole_popprior.convert;"
+            "from recbole_popprior.cli import parse; parse(['--model=SASRec', '--compare', '--seeds=2']);"
+            "print(sorted(m for m in ('torch', 'recbole', 'scipy', 'matplotlib', 'optuna') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_a_bad_option_is_one_error_line_and_exit_2_before_anything_heavy_loads():
+    proc = _run("--model=SASRec", "--dataset=ml-100k", "--compare", "--seeds=0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --seeds must be >= 1, got 0", proc.stderr
+    assert proc.stdout == ""
 
 
 def test_cli_trains_saves_results_json_and_warns_about_a_misspelled_setting(tiny_data, tmp_path, monkeypatch, capfd):

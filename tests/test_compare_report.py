@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from recbole_popprior.compare_report import p_cell, specificity_lines, summarise
+from recbole_popprior.compare_report import delta_cell, p_cell, seed_cell, specificity_lines, summarise
 
 STILL_DIR = "still carries a significant popularity direction"
 STILL_SHARED = "still carries significant context-shared popularity energy"
@@ -31,7 +32,7 @@ def test_specificity_sentence_appears_exactly_when_the_p_values_say_so(p_dir, p_
     assert (STILL_DIR in sep) == (p_dir <= alpha)
     assert (STILL_SHARED in sep) == (p_dir > alpha and p_shared <= alpha)
     assert ("carries no significant popularity direction" in sep) == (p_dir > alpha and p_shared > alpha)
-    assert f"p = {p_dir:.3g} for dir_frac" in sep
+    assert f"p = {p_dir:#.2g} for dir_frac" in sep  # two significant figures, trailing zeros kept
 
 
 def _record(seed: int, rng: np.random.Generator, p_sep: float) -> dict:
@@ -66,10 +67,17 @@ def test_report_uses_fisher_over_seeds_for_the_specificity_sentence() -> None:
     payload = summarise("SASRec", "toy", ARMS_INFO, records, topk=10, permutations=999, confidence=0.95)
     fisher = stats.chi2.sf(-6 * np.log(0.06), 6)
     assert payload["specificity"]["separated"]["p_value"]["combined"] == pytest.approx(fisher, rel=1e-12)
-    assert f"**the separated arm {STILL_DIR}** (p = {fisher:.3g} for dir_frac" in payload["markdown"]
+    assert f"**the separated arm {STILL_DIR}** (p = {fisher:#.2g} for dir_frac" in payload["markdown"]
     assert "Fisher over 3 seeds" in payload["markdown"]
     one = summarise("SASRec", "toy", ARMS_INFO, records[:1], topk=10, permutations=999, confidence=0.95)
-    assert STILL_DIR not in one["markdown"] and "1 seed: no interval" in one["markdown"]
+    assert STILL_DIR not in one["markdown"] and "n = 1 seed: interval not shown" in one["markdown"]
+
+
+def _logit_t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The t interval of the mean logit, mapped back through the logistic function (written out)."""
+    y = np.log(x / (1 - x))
+    half = stats.t.ppf(0.5 + confidence / 2, y.size - 1) * y.std(ddof=1) / np.sqrt(y.size)
+    return 1 / (1 + np.exp(-(y.mean() - half))), 1 / (1 + np.exp(-(y.mean() + half)))
 
 
 def test_report_intervals_and_paired_deltas_from_hand_made_records() -> None:
@@ -81,11 +89,66 @@ def test_report_intervals_and_paired_deltas_from_hand_made_records() -> None:
         x = np.array([r["metrics"][row["row"]]["mrr@10"] for r in records])
         cell = row["mrr@10"]
         assert cell["mean"] == pytest.approx(x.mean(), rel=1e-12)
-        assert cell["ci"]["half_width"] == pytest.approx(t * x.std(ddof=1) / 2, rel=1e-12)
+        low, high = _logit_t_interval(x, 0.9)
+        assert (cell["ci"]["low"], cell["ci"]["high"]) == (pytest.approx(low, rel=1e-10), pytest.approx(high, rel=1e-10))
+        pop = np.log([r["metrics"][row["row"]]["averagepopularity@10"] for r in records])  # positive: log scale
+        half = t * pop.std(ddof=1) / 2
+        assert row["averagepopularity@10"]["ci"]["low"] == pytest.approx(np.exp(pop.mean() - half), rel=1e-10)
     beta0 = next(d for d in payload["deltas"] if d["row"] == "separated_beta0")
     d = np.array([r["metrics"]["separated_beta0"]["ndcg@10"] - r["metrics"]["standard"]["ndcg@10"] for r in records])
     assert beta0["ndcg@10"]["p_value"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue, rel=1e-10)
     assert beta0["ndcg@10"]["ci"]["low"] == pytest.approx(d.mean() - t * d.std(ddof=1) / 2, rel=1e-10)
+    R = np.array([r["reductions"]["separated"]["R_dir"] for r in records])  # R <= 1: log of 1 - R
+    half = t * np.log1p(-R).std(ddof=1) / 2
+    cell = payload["reductions"]["separated"]["R_dir"]
+    assert cell["ci"]["high"] == pytest.approx(1 - np.exp(np.log1p(-R).mean() - half), rel=1e-10)
     ratio = payload["summary"][1]["fit_ratio"]
     assert ratio["per_seed"] == [1.0, 1.5, 2.0, 2.5]
-    assert "mean [90% t-interval over 4 seeds]" in payload["markdown"]
+    assert "mean [90% interval over 4 seeds" in payload["markdown"]
+
+
+def test_intervals_stay_inside_the_range_of_their_quantity() -> None:
+    """Small, skewed, near-bound seed values (the case the plain t interval gets wrong)."""
+    rng = np.random.default_rng(2)
+    below = 0
+    for _ in range(200):
+        n = int(rng.integers(3, 7))
+        unit = rng.beta(0.3, 8.0, size=n)
+        cell = seed_cell(list(unit), 0.95, "unit")
+        assert 0 < cell["ci"]["low"] <= cell["ci"]["high"] < 1
+        plain_low = unit.mean() - stats.t.ppf(0.975, n - 1) * unit.std(ddof=1) / np.sqrt(n)
+        below += plain_low < 0
+        positive = seed_cell(list(rng.lognormal(4.0, 1.5, size=n)), 0.95, "positive")
+        assert positive["ci"]["low"] > 0
+        R = 1 - rng.lognormal(-3.0, 1.0, size=n)
+        red = seed_cell(list(R), 0.95, "reduction")
+        assert red["ci"]["high"] < 1
+    assert below > 100  # the plain t interval leaves [0, 1] in most of these draws; the report's never does
+    at_zero = seed_cell([0.0, 0.02, 0.01], 0.95, "unit")  # a tail recall of 0: no logit, the t interval cut at 0
+    assert at_zero["ci"]["cut"] and at_zero["ci"]["low"] == 0.0
+
+
+def test_few_seeds_and_no_spread_give_no_interval_and_no_degenerate_test() -> None:
+    two = seed_cell([0.0117, 0.02], 0.95, "unit")
+    assert two["ci"] is None and two["note"] == "n = 2 seeds: interval not shown"
+    same = delta_cell([0.25, 0.35, 0.45], [1 / 6, 1 / 6 + 0.1, 1 / 6 + 0.2], 0.95)  # the same +0.0833 each seed
+    assert same["p_value"] is None and same["ci"] is None and "same difference" in same["note"]
+    assert same["mean_diff"] == pytest.approx(0.25 - 1 / 6)
+    assert delta_cell([0.2, 0.3], [0.1, 0.1], 0.95)["p_value"] is None
+
+
+def test_markdown_leads_with_the_headline_and_never_prints_a_negative_bound_for_a_share() -> None:
+    rng = np.random.default_rng(3)
+    records = [_record(s, rng, 0.5) for s in range(3)]
+    for rec in records:  # small accuracies, as on a tiny test set: the plain t interval would go below 0
+        for row in rec["metrics"].values():
+            row["ndcg@10"] = float(rng.uniform(0.001, 0.03))
+    md = summarise("SASRec", "toy", ARMS_INFO, records, topk=10, permutations=999, confidence=0.95)["markdown"]
+    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Headline"
+    headline = md[md.index("## Headline"):md.index(sections[1])]
+    assert "NDCG@10" in headline and "dir_frac" in headline and "R_dir vs standard (p)" in headline
+    assert "(same model)" in headline  # the beta = 0 row does not repeat the energies of its model
+    accuracy = md[md.index("## Accuracy\n"):md.index("## Accuracy minus")]
+    bounds = [float(x) for x in re.findall(r"\[(-?[0-9.e-]+),", accuracy)]
+    assert bounds and min(bounds) >= 0

@@ -88,6 +88,7 @@ def test_a_command_line_value_never_runs_code(tiny_data, tmp_path):
     ("energy_permutations", float("nan"), "integer"), ("tune_beta_grid", "a,b", "tune_beta_grid"),
     ("tune_beta_grid", [0.0, math.inf], "tune_beta_grid"), ("tune_max_failures", -1, ">= 0"),
     ("tune_plots", "yes", "tune_plots"), ("tune_search_space", [1, 2], "tune_search_space"),
+    ("eval_score_dtype", "int8", "bfloat16"), ("eval_score_budget_mb", math.inf, "finite"),
 ])
 def test_bad_plugin_settings_are_one_line_errors(tiny_data, key, value, words):
     with pytest.raises(PopPriorError, match=key) as info:

@@ -28,6 +28,7 @@ from conftest import free_port, tiny_config, tiny_rows, write_inter
 
 ROOT = Path(__file__).resolve().parent.parent
 N_USERS = 59  # odd: with 2 ranks, torch's DistributedSampler would repeat one context
+MAX_CONTEXTS = 41  # energy_max_contexts of the 2-process run
 
 
 def energy_metrics_available() -> bool:
@@ -113,6 +114,9 @@ def ddp_run(tmp_path_factory):
     if energy_metrics_available():
         overrides["metrics"] = overrides["metrics"] + ["PopEnergy"]
     overrides["energy_permutations"] = 0
+    # fewer than all contexts, odd: the same first MAX_CONTEXTS contexts must count under DDP as in
+    # one process (each rank capping its own shard would count up to 2 x 41, and other contexts)
+    overrides["energy_max_contexts"] = MAX_CONTEXTS
     args = [f"--{key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in overrides.items()]
     cmd = [sys.executable, str(ROOT / "run_recbole_popprior.py"), "--model=SASRec", "--dataset=tiny",
            "--nproc=2", "--ddp_backend=gloo", f"--port={free_port()}", *args]
@@ -197,15 +201,15 @@ def test_energy_metrics_match_a_single_process_evaluation_of_the_saved_model(ddp
 
     monkeypatch.chdir(tmp_path)  # RecBole's trainer writes log_tensorboard/ under the cwd
     result = _results(ddp_run)
-    # the statistics were summed over both ranks: every test context counted once
-    assert result["test_result"]["pop_contexts"] == N_USERS
+    # the statistics were summed over both ranks: each of the first MAX_CONTEXTS test contexts counted once
+    assert result["test_result"]["pop_contexts"] == MAX_CONTEXTS
     config = build_config("SASRec", "tiny", config_dict={**ddp_run.overrides, "run_dir": str(tmp_path)})
     pipe = build_pipeline(config, log=False)
     pipe.trainer.eval_collector.data_collect(pipe.train_data)
     pipe.trainer.load_model_file(result["checkpoint"])
     single = pipe.trainer.evaluate(pipe.test_data, load_best_model=False)
     energy_keys = [key for key in single if key.startswith("pop_")]
-    assert "pop_dir_frac" in energy_keys and single["pop_contexts"] == N_USERS
+    assert "pop_dir_frac" in energy_keys and single["pop_contexts"] == MAX_CONTEXTS
     for key in energy_keys:
         assert result["test_result"][key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
 

@@ -289,3 +289,26 @@ def test_large_mean_item_table_keeps_precision():
     ref = _dense(H, E, lp)
     for key in ("total", "dir", "shared"):
         assert got[key] == pytest.approx(ref[key], rel=1e-6), key
+
+
+def test_row_0_is_padding_and_a_wrong_length_prior_is_blamed_on_log_prior():
+    """30 rows of E are 29 items: row 0 and entry 0 are RecBole's padding item, never counted
+    (a dense reference over rows 1..29 gives the same energy whatever row 0 holds)."""
+    rng = np.random.default_rng(11)
+    H, E, lp = _problem(rng, m=40, n_items=30, d=4)
+    out = popularity_energy(H, E, lp)
+    assert out["n"] == 29 and out["m"] == 40
+    E_other = E.copy()
+    E_other[0] = 1e3  # whatever the padding row holds
+    lp_other = lp.copy()
+    lp_other[0] = 5.0
+    assert popularity_energy(H, E_other, lp_other)["dir"] == pytest.approx(out["dir"], rel=1e-12)
+    Zc = H @ E[1:].T
+    Zc = Zc - Zc.mean(axis=1, keepdims=True)
+    l = lp[1:] - lp[1:].mean()
+    assert out["dir"] == pytest.approx(float(np.sum((Zc @ (l / np.linalg.norm(l))) ** 2)), rel=1e-9)
+    for short in (lp[:-1], np.append(lp, -3.0)):
+        with pytest.raises(PopPriorError, match=r"^log_prior has \d+ entries but E has 30 rows"):
+            popularity_energy(H, E, short)
+        with pytest.raises(PopPriorError, match=r"^log_prior has \d+ entries but E has 30 rows"):
+            matched_reduction((H, E), (H, E), log_prior=short, permutations=0)

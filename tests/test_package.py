@@ -167,3 +167,51 @@ def test_the_wheel_lists_the_console_command(tmp_path):
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         text = archive.read(entry_points).decode()
     assert "recbole-popprior = recbole_popprior.cli:main" in text
+
+
+def test_the_package_init_is_the_only_lazy_import_point():
+    """``importlib.import_module`` (or ``__import__``) of a package module happens in
+    ``recbole_popprior/__init__.py`` only: that is what keeps the command lines light, and a
+    second such point would hide imports from the cycle check above."""
+    late = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called not in ("import_module", "__import__"):
+                continue
+            target = node.args[0] if node.args else None
+            literal = isinstance(target, ast.Constant) and isinstance(target.value, str)
+            if (not literal or target.value.startswith(PACKAGE)) and name != PACKAGE:
+                late.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not late, "lazy imports of package modules outside recbole_popprior/__init__.py: " + "; ".join(late)
+
+
+def test_every_module_that_imports_recbole_applies_the_compat_shims():
+    """The package itself no longer imports RecBole, so each module that does must reach
+    ``recbole_popprior.compat`` (which applies the shims when imported) through its imports or
+    those of its parent packages (Python runs ``data/__init__.py`` before ``data/sequences.py``)."""
+    modules = _modules()
+    graph = {name: {target for target, _, _ in _imports(name, path, modules)} for name, path in modules.items()}
+
+    def reaches(start: str) -> set[str]:
+        parts = start.split(".")
+        parents = {".".join(parts[:k]) for k in range(2, len(parts)) if ".".join(parts[:k]) in modules}
+        seen, todo = set(parents), [start, *parents]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    missing = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports_recbole = any(
+            (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "recbole" for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "recbole") for n in tree.body)
+        if imports_recbole and name != f"{PACKAGE}.compat" and f"{PACKAGE}.compat" not in reaches(name):
+            missing.append(name)
+    assert not missing, "import RecBole without reaching recbole_popprior.compat: " + ", ".join(missing)

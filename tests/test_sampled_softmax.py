@@ -51,23 +51,32 @@ def test_inclusion_probabilities_are_the_water_filled_min_1_cq(k):
     np.testing.assert_allclose(pi, _water_level(q, min(k, 12)) if k < 12 else (q > 0), rtol=1e-9, atol=1e-12)
 
 
-def test_draws_include_each_item_with_its_probability_and_never_padding():
+def test_draws_have_a_fixed_size_and_each_item_its_expected_count_pi():
+    """K draws with replacement, item i with probability pi_i / K each: E[count_i] = pi_i per batch,
+    the same number of candidates every batch (no data-dependent shape), never padding."""
     q = torch.tensor([0.0, 0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01], dtype=torch.float64)
     objective = SampledSoftmax(q, 4)
     pi = objective.inclusion.numpy()
-    assert pi[1] == 1.0  # 4 * 0.4 > 1: the head item is always in
+    assert pi[1] == 1.0  # 4 * 0.4 > 1: the head item is capped at one expected draw a batch
     torch.manual_seed(0)
     draws = 4000
-    counts, sizes = np.zeros(len(q)), []
+    counts = np.zeros(len(q))
     for _ in range(draws):
         negatives = objective.draw()
-        assert torch.all(negatives[1:] > negatives[:-1])  # sorted, no duplicates
-        counts[negatives.numpy()] += 1
-        sizes.append(len(negatives))
+        assert negatives.shape == (4,) and negatives.dtype == torch.int64
+        counts += np.bincount(negatives.numpy(), minlength=len(q))
     assert counts[0] == 0
-    sd = np.sqrt(draws * pi * (1 - pi)) + 1e-9
+    r = pi / 4
+    sd = np.sqrt(draws * 4 * r * (1 - r)) + 1e-9  # multinomial counts over all batches
     assert np.all(np.abs(counts - draws * pi) <= 4.5 * sd), (counts / draws, pi)
-    assert np.mean(sizes) == pytest.approx(4.0, abs=4.5 * np.sqrt((pi * (1 - pi)).sum() / draws))
+
+
+def test_k_covering_every_item_draws_nothing_and_takes_each_item_once():
+    q = torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64)
+    objective = SampledSoftmax(q, 3)
+    assert objective.every_item
+    assert objective.draw().tolist() == [1, 2, 3]
+    assert not SampledSoftmax(q, 2).every_item
 
 
 # --- the logits against a hand computation (tiny SASRec) -----------------------------------------
@@ -103,12 +112,14 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def _reference_loss(H, E, targets, negatives, log_prior_rows, tau, log_pi) -> float:
-    """float64 numpy: CE over [target] + negatives with logits h.e + tau log p_hat - log pi, hits out."""
+    """float64 numpy: over [target] + the draws (duplicates and hits kept), logits
+    h.e + tau log p_hat - log pi; loss = logsumexp(all) - logsumexp(columns holding the target)."""
     rows = []
     for r, y in enumerate(targets):
-        candidates = [y] + [j for j in negatives if j != y]
+        candidates = np.array([y] + list(negatives))
         z = np.array([H[r] @ E[j] + tau * log_prior_rows[r][j] - log_pi[j] for j in candidates])
-        rows.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[0])
+        lse = lambda v: np.log(np.exp(v - v.max()).sum()) + v.max()  # noqa: E731
+        rows.append(lse(z) - lse(z[candidates == y]))
     return float(np.mean(rows))
 
 
@@ -117,8 +128,8 @@ def test_sampled_logits_are_the_hand_computed_ones(tiny_data, sampler):
     tiny = _Tiny(tiny_data, softmax_sampler=sampler)
     model, batch = tiny.model, tiny.batch
     targets = batch["item_id"].numpy()
-    # shared negatives that include some rows' targets (accidental hits) and not others
-    negatives = torch.tensor(sorted({1, 2, 4, 7, int(targets[0]), int(targets[3])}))
+    # shared draws with a duplicate, and some rows' targets (accidental hits, one of them twice)
+    negatives = torch.tensor([1, 2, 4, 7, 2, int(targets[0]), int(targets[3]), int(targets[3])])
     loss = tiny.loss_with(negatives)
     assert len(tiny.drawn) == 1  # one draw for the whole batch
 
@@ -136,7 +147,7 @@ def test_sampled_logits_are_the_hand_computed_ones(tiny_data, sampler):
 def test_windowed_rows_use_their_own_window_prior(tiny_data):
     tiny = _Tiny(tiny_data, prior_mode="windowed", prior_windows=3, prior_window_by="time")
     model, batch = tiny.model, tiny.batch
-    negatives = torch.tensor([1, 3, 5, 9, 11, 20])
+    negatives = torch.tensor([1, 3, 5, 9, 11, 20, 3])
     loss = tiny.loss_with(negatives)
     with torch.no_grad():
         H = model.forward(batch["item_id_list"], batch["item_length"]).double().numpy()
@@ -167,28 +178,27 @@ class _FreeLogits:
 
 
 def _expected_loss(objective, model, u, p_true) -> torch.Tensor:
-    """E over y ~ p(.|c) and over every subset N of the items (Poisson probabilities) of the loss."""
+    """E over y ~ p(.|c) and over every ordered K-tuple of draws (probability prod pi_j / K) of the loss."""
     n_ctx, n = p_true.shape
     H = torch.eye(n_ctx, dtype=torch.float64)
     E = u.T  # [n, contexts]; row 0 is padding
-    pi = objective.inclusion
+    r = objective.inclusion / objective.negatives
     total = torch.zeros((), dtype=torch.float64)
-    for members in itertools.product([False, True], repeat=n - 1):
-        chosen = torch.tensor([False, *members])
-        weight = torch.prod(torch.where(chosen, pi, 1 - pi)[1:])
-        if weight == 0:
-            continue
-        negatives = torch.nonzero(chosen).squeeze(1)
+    for draw in itertools.product(range(1, n), repeat=objective.negatives):
+        negatives = torch.tensor(draw)
+        weight = torch.prod(r[negatives])
         for c in range(n_ctx):
             targets = torch.arange(1, n)
             batch = TrainingBatch(H[[c] * (n - 1)], E, targets)
-            rows = -torch.log_softmax(objective.logits(model, batch, negatives), dim=1)[:, 0]
+            logits = objective.logits(model, batch, negatives).double()
+            mask = objective.target_mask(batch, negatives)
+            rows = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~mask, -torch.inf), 1)
             total = total + weight * (p_true[c, 1:] * rows).sum()
     return total / n_ctx
 
 
 def test_logq_makes_log_p_given_c_the_minimiser_for_small_k():
-    """With K = 3 of 6 items and a popularity sampler (the head item always drawn), the expected
+    """With K = 3 of 6 items and a popularity sampler (the head item capped at pi = 1), the expected
     sampled loss is stationary at h.e = log p(i|c) - tau log p_hat(i) (DESIGN §6), and without
     the -log pi correction it is not."""
     torch.manual_seed(3)

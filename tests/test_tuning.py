@@ -337,3 +337,47 @@ def test_an_s3rec_trial_pretrains_for_epochs_not_500_and_completes(tmp_path_fact
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     saved = sorted(p.name for p in Path(trial.user_attrs["run_dir"]).glob("S3Rec-zoo-*.pth"))
     assert saved == ["S3Rec-zoo-2.pth"]  # pretrained for epochs=2 epochs, the last one saved
+
+
+def test_tuning_plots_name_study_and_model_count_trials_in_whole_numbers_and_caveat_few_trials(tmp_path,
+                                                                                               monkeypatch):
+    """What the PNGs show, read off the matplotlib axes the report draws (a study of 3 made-up trials)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from recbole_popprior.tuning import report
+
+    study = optuna.create_study(study_name="demo-study", direction="maximize")
+    for k, (tau, value) in enumerate([(0.2, 0.30), (1.1, 0.35), (1.7, 0.33)]):
+        study.add_trial(create_trial(params={"prior_tau": tau, "prior_alpha": 0.5 + k},
+                                     distributions={"prior_tau": FloatDistribution(0.0, 2.0),
+                                                    "prior_alpha": FloatDistribution(0.01, 10.0, log=True)},
+                                     value=value))
+    drawn = {}
+
+    def keep(ax, path):
+        drawn[path.stem] = ax.flat[0] if hasattr(ax, "flat") else ax
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(report, "_save_matplotlib", keep)
+    report.write_plots(study, tmp_path, "SASRec", "ndcg@10")
+    history, importances = drawn["SASRec_history"], drawn["SASRec_importances"]
+    assert "demo-study" in history.get_title() and "SASRec" in history.get_title() and "ndcg@10" in history.get_title()
+    assert history.get_title(loc="left") == "" == importances.get_title(loc="left")  # not Optuna's generic one
+    ticks = [t for t in history.get_xticks() if history.get_xlim()[0] <= t <= history.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert history.get_xlabel() == "trial"
+    assert "demo-study" in importances.get_title() and "from 3 completed trials: rough" in importances.get_title()
+    html = (tmp_path / "SASRec_history.html").read_text()
+    assert "demo-study, SASRec: validation ndcg@10 per trial" in html
+    assert "Optimization History Plot" not in html
+
+
+def test_the_summary_says_in_words_why_a_column_is_empty():
+    rows = [{"model": "SASRec", "best_trial": 2, "shared_frac": None}, {"model": "GRU4Rec", "best_trial": None}]
+    from recbole_popprior.tuning.report import empty_column_notes
+
+    notes = empty_column_notes(rows)
+    assert any(n.startswith("shared_frac is empty: it comes from the PopEnergy metric") for n in notes)
+    assert any("no completed trial" in n for n in notes)
+    assert empty_column_notes([{"model": "SASRec", "best_trial": 0, "shared_frac": 0.4}]) == []

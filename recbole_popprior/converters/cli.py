@@ -19,10 +19,12 @@ import contextlib
 import io
 import os
 import sys
+from datetime import datetime
 from typing import NoReturn, Sequence, TextIO
 
 from recbole_popprior.converters.pipeline import (DEFAULT_MAX_BAD_ROWS, KINDS, ConversionInterrupted, convert,
                                               format_summary)
+from recbole_popprior.converters.read import ALIBABA_COLUMNS, BEHAVIORS, TIANCHI_COLUMNS, TIANCHI_WINDOW, UTC8
 from recbole_popprior.errors import PopPriorError
 
 __all__ = ["convert", "main"]
@@ -34,9 +36,33 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def input_layouts() -> str:
+    """The raw layout each ``kind`` reads (columns, header, time format), from the reader's own tables."""
+    codes = ", ".join(f"{code}={name}" for code, name in BEHAVIORS["alibaba"].items())
+    start, end = (datetime.fromtimestamp(t, UTC8).strftime("%Y-%m-%d %H:%M:%S") for t in TIANCHI_WINDOW)
+    return "\n".join([
+        "input layouts (comma separated; .csv, .csv.gz or a single-member .zip):",
+        "  tianchi  UserBehavior.csv (Tianchi dataset 649), NO header line; columns",
+        f"           {','.join(TIANCHI_COLUMNS)}",
+        f"           behavior_type as a word ({', '.join(BEHAVIORS['tianchi'].values())}); timestamp in unix seconds;",
+        f"           default window {start} .. {end} (UTC+8), the official one; default --behaviors pv",
+        "  alibaba  tianchi_mobile_recommend_train_user.csv (Tianchi 2015), WITH the header line",
+        f"           {','.join(ALIBABA_COLUMNS)}",
+        f"           behavior_type as a code ({codes}); user_geohash may be empty;",
+        "           time as 'YYYY-MM-DD HH' (e.g. 2014-12-01 10) in UTC+8; no default window; default --behaviors click",
+        "  ids are non-negative decimal integers (007 and 7 are one id); --start/--end take unix seconds or",
+        "  YYYY-MM-DD[ HH[:MM[:SS]]] in UTC+8 for either kind.",
+        "",
+        "output: OUTPUT/NAME/NAME.inter (tab separated, header user_id:token item_id:token timestamp:float",
+        "behavior_type:token category_id:token; rows by user, then time) and NAME.summary.json (counts per",
+        "drop reason, the .inter's size and SHA-256), committed as one pair.",
+    ])
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m recbole_popprior.convert",
-                description="Convert the Tianchi UserBehavior or Alibaba mobile log into RecBole atomic files.")
+    p = _Parser(prog="python -m recbole_popprior.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Convert the Tianchi UserBehavior or Alibaba mobile log into RecBole atomic files.",
+                epilog=input_layouts())
     p.add_argument("kind", choices=KINDS, help="tianchi: UserBehavior.csv; alibaba: tianchi_mobile_recommend_train_user.csv")
     p.add_argument("--input", required=True, help="raw .csv, .csv.gz or single-member .zip")
     p.add_argument("--output", required=True, help="writes OUTPUT/NAME/NAME.inter")

@@ -34,6 +34,7 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.diagnostics import embedding_diagnostics
 from recbole_popprior.evaluator.energy import (ContextStats, ScoreStats, as_float64, energy_from_stats,
                                                item_table)
+from recbole_popprior.evaluator.topk import exact_topk, topk_hits
 from recbole_popprior.model.factors import factors
 from recbole_popprior.prior import estimate_log_prior, estimate_windowed_log_prior
 
@@ -43,7 +44,65 @@ SUBSPACE_KEY = "popprior.subspace"
 EMBEDDING_KEY = "popprior.embedding"
 TARGETS_KEY = "popprior.target_items"
 
-_FACTOR_RTOL = 1e-5
+#: entries of the first batch the factor check compares (rows x items), bounding its float64 temporaries
+_FACTOR_CHECK_ENTRIES = 2 ** 22
+#: how many standard deviations of the rounding error the check allows (a sum of many independent errors)
+_FACTOR_SIGMAS = 6.0
+
+
+def score_roundoff(dtype: torch.dtype, device_type: str, matmul_precision: str) -> tuple[float, float, float]:
+    """``(u_in, u_acc, u_out)``: the unit roundoffs of a matmul that produced ``dtype`` scores.
+
+    ``u_in``: the inputs' rounding (0 for float32 on CPU and at ``highest`` precision; TF32's
+    ``2^-11`` on CUDA at ``torch.get_float32_matmul_precision() == "high"``, bf16's ``2^-8`` at
+    ``medium``; a half type's own under autocast); ``u_acc``: float32 accumulation, ``2^-24``
+    (float64: ``2^-53``); ``u_out``: the result's rounding to ``dtype``.
+    """
+    u_out = float(torch.finfo(dtype).eps) / 2
+    if dtype in (torch.float16, torch.bfloat16):
+        u_in = u_out
+    elif device_type == "cuda" and dtype == torch.float32:
+        u_in = {"highest": 0.0, "high": 2.0 ** -11}.get(matmul_precision, 2.0 ** -8)
+    else:
+        u_in = 0.0
+    u_acc = float(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps) / 2
+    return u_in, u_acc, u_out
+
+
+def factor_tolerance(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor,
+                     roundoff: tuple[float, float, float]) -> torch.Tensor:
+    """Per-entry bound on ``|h_c . e_i - ref[c, i]|`` from rounding alone (DESIGN §9.4).
+
+    Each of the ``d`` products ``h_k e_k`` carries an input-rounding error of at most
+    ``2 u_in |h_k e_k|``, and the float32 accumulation adds errors of the order of ``u_acc``
+    times the partial sums; independent and of mean zero, they sum to a standard deviation of
+    at most ``(2 u_in + d u_acc) s`` with ``s = sqrt(sum_k h_k^2 e_k^2)`` (for random factors
+    ``s ~ ||h|| ||e|| / sqrt(d)``: the ``sqrt(d) eps ||h|| ||e||`` of the usual estimate). The
+    result's own rounding adds ``u_out |ref|``. The check allows :data:`_FACTOR_SIGMAS` of the
+    first and twice the second: about ``1.2e-2 s`` under TF32 and ``4.7e-2 s`` under bf16, where
+    the former fixed ``rtol = 1e-5`` failed both.
+    """
+    u_in, u_acc, u_out = roundoff
+    s = torch.sqrt(H.detach().double().square() @ E.detach().double().square().T)
+    return (_FACTOR_SIGMAS * (2 * u_in + H.shape[-1] * u_acc) * s + 2 * u_out * reference.detach().double().abs()
+            + torch.finfo(torch.float32).tiny)
+
+
+_STREAMING_COST = ("using the streaming score path (slower: every score chunk is copied to the host as float64; "
+                   "--compare then reports no matched-reduction p-values)")
+
+#: the data-struct keys RecBole's own ``eval_batch_collect`` still fills for the plugin's collector
+_RECBOLE_KEYS = frozenset({"rec.meanrank", "rec.score", "data.label"})
+
+
+class _Only:
+    """A view of a RecBole ``Register`` that needs only ``keys`` (of what it needed)."""
+
+    def __init__(self, register: Any, keys: frozenset[str]) -> None:
+        self._register, self._keys = register, keys
+
+    def need(self, key: str) -> bool:
+        return key in self._keys and bool(self._register.need(key))
 
 
 def learned_scores(model: torch.nn.Module, interaction: Any) -> torch.Tensor:
@@ -81,6 +140,20 @@ class EnergyState:
         if self.contexts is not None:
             return self.contexts.m
         return self.scores.m if self.scores is not None else 0
+
+    def to_host(self) -> None:
+        """Keep nothing on the model's device: ``E`` and the priors become float64 numpy (DESIGN §3.2:
+        a finished ``--compare`` arm keeps these statistics, not its model)."""
+        self._item_table()
+        for name in ("log_prior", "windows_log_prior"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, as_float64(value))
+        if self.scores is not None:
+            for name in ("log_prior", "windows_log_prior"):
+                value = getattr(self.scores, name)
+                if isinstance(value, torch.Tensor):
+                    setattr(self.scores, name, as_float64(value))
 
     def _item_table(self) -> np.ndarray:
         """``E`` as float64 numpy, converted once for every metric."""
@@ -154,6 +227,8 @@ class PopPriorCollector(FixedCollector):
         self._target_rows: list[torch.Tensor] = []
         self._target_items: list[torch.Tensor] = []
         self._rows_seen = 0
+        #: this evaluation's ``rec.items`` / ``rec.topk`` rows, concatenated in get_data_struct
+        self._parts: dict[str, list[torch.Tensor]] = {}
 
     # --- RecBole hooks ---------------------------------------------------------------------
     def data_collect(self, train_data: Any) -> None:
@@ -174,15 +249,43 @@ class PopPriorCollector(FixedCollector):
                 alpha=alpha).log_prior
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i) -> None:
-        """RecBole's per-batch collection; ``scores_tensor=None`` means the trainer already
-        collected this batch chunk by chunk (bounded-memory evaluation), so nothing is added."""
+        """RecBole's per-batch collection, with ``rec.items`` and ``rec.topk`` computed without a
+        ``[rows, n_items]`` temporary (:mod:`~recbole_popprior.evaluator.topk`, DESIGN §3.3): one
+        exact top-k for both, the hits read at the top-k indices. ``rec.meanrank``, ``rec.score``
+        and ``data.label`` are RecBole's own code. ``scores_tensor=None`` means the trainer
+        already collected this batch chunk by chunk, so nothing is added."""
         if scores_tensor is None:
             return
-        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        need = self.register.need
+        top = exact_topk(scores_tensor, max(self.topk)) if need("rec.items") or need("rec.topk") else None
+        self.topk_collect(top, positive_u, positive_i, scores_tensor.shape[1], rows=scores_tensor.shape[0])
+        if self.needs_scores:
+            register, self.register = self.register, _Only(self.register, _RECBOLE_KEYS)
+            try:  # RecBole's method reads self.register.need; the two keys above are done already
+                super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+            finally:
+                self.register = register
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether a metric reads more of the scores than their top-k (``rec.meanrank``,
+        ``rec.score``, ``data.label``: RecBole's own collection)."""
+        return any(self.register.need(key) for key in _RECBOLE_KEYS)
+
+    def topk_collect(self, top: torch.Tensor | None, positive_u: torch.Tensor, positive_i: torch.Tensor,
+                     n_items: int, rows: int | None = None) -> None:
+        """``rec.items`` and ``rec.topk`` of a chunk from its top-k indices ``[rows, max(topk)]``
+        (what :meth:`eval_batch_collect` computes from the scores; the trainer's low-precision
+        scoring computes it itself, DESIGN §3.3)."""
+        need = self.register.need
+        if top is not None and need("rec.items"):
+            self._parts.setdefault("rec.items", []).append(top)
+        if top is not None and need("rec.topk"):
+            self._parts.setdefault("rec.topk", []).append(topk_hits(top, positive_u, positive_i, n_items))
         if self._need_targets:
             self._target_rows.append(positive_u.detach().cpu().long() + self._rows_seen)
             self._target_items.append(positive_i.detach().cpu().long())
-            self._rows_seen += int(scores_tensor.shape[0])
+            self._rows_seen += int(rows if rows is not None else top.shape[0])
 
     @property
     def wants_contexts(self) -> bool:
@@ -200,8 +303,8 @@ class PopPriorCollector(FixedCollector):
         if not self._need_model:
             return
         state = self._state or self._new_state(model)
-        limit = scores.shape[0] if self.max_contexts is None else min(
-            scores.shape[0], self.max_contexts - state.m)
+        cap = self.context_cap()
+        limit = scores.shape[0] if cap is None else min(scores.shape[0], cap - state.m)
         if limit <= 0:
             return
         if factors is None:
@@ -227,6 +330,20 @@ class PopPriorCollector(FixedCollector):
                                       subspace_energy=state.subspace_energy)
         state.scores.update(Z[:limit])
 
+    def context_cap(self) -> int | None:
+        """How many contexts this process keeps: ``energy_max_contexts`` in one process, and under
+        DDP this rank's share of the same first ``energy_max_contexts`` contexts (DESIGN §9.3).
+
+        The evaluation shards are unpadded and unshuffled (``distributed.unpad_eval_sampler``):
+        rank ``r`` of ``W`` holds the contexts ``r, r + W, r + 2W, ...`` of the single-process
+        order, so its ``k``-th context is one of the first ``M`` exactly when ``r + k W < M``.
+        """
+        if self.max_contexts is None:
+            return None
+        if not collective.is_distributed():
+            return int(self.max_contexts)
+        return len(range(collective.rank(), int(self.max_contexts), collective.world_size()))
+
     def model_collect(self, model: torch.nn.Module) -> None:
         """Item table for the embedding diagnostics when the contexts did not bring one."""
         if not self._need_embedding:
@@ -241,6 +358,11 @@ class PopPriorCollector(FixedCollector):
         """RecBole's struct (non-tensors left alone) plus this evaluation's ``popprior.*`` entries."""
         if self._need_model and collective.is_distributed():
             self.reduce_energy_stats(collective.all_reduce_array)
+        for key, parts in self._parts.items():  # one concatenation per evaluation, not one per batch
+            if key in self.data_struct:
+                parts = [self.data_struct[key], *parts]
+            self.data_struct.set(key, torch.cat(parts) if len(parts) > 1 else parts[0])
+        self._parts = {}
         struct = super().get_data_struct()
         state, self._state = self._state, None
         if self._need_model:
@@ -314,37 +436,51 @@ class PopPriorCollector(FixedCollector):
         if method is not None:
             return method(interaction)
         key = id(model)
+        name = type(model).__name__
         if self._default_factor_ok.get(key) is False:
             return None
         try:
             pair = factors(model, interaction)
         except Exception as exc:  # any model that does not fit its pattern takes the score path
-            self.logger.debug(f"energy metrics: factors unavailable for {type(model).__name__}: {exc}")
+            self.logger.warning(f"energy metrics: the (H, E) factorisation of {name} failed "
+                                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                                f"{_STREAMING_COST}")
             pair = None
         if pair is None:
+            if key not in self._default_factor_ok:
+                self.logger.info(f"energy metrics: {name} has no H E^T factorisation; {_STREAMING_COST}")
             self._default_factor_ok[key] = False
             return None
         H, E = pair
         if key not in self._default_factor_ok:
-            ok = self._verify_factors(H, E, learned_scores(model, interaction))
-            self._default_factor_ok[key] = ok
-            self.logger.info(f"energy metrics: {type(model).__name__} uses the "
-                             f"{'factorised' if ok else 'streaming score'} path")
-            if not ok:
+            reason = self._verify_factors(H, E, learned_scores(model, interaction))
+            self._default_factor_ok[key] = reason is None
+            if reason is None:
+                self.logger.info(f"energy metrics: {name} uses the factorised path")
+            else:
+                self.logger.warning(f"energy metrics: the factor check of {name} failed ({reason}); {_STREAMING_COST}")
                 return None
         return H, E
 
     @staticmethod
-    def _verify_factors(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> bool:
-        """Does ``H E^T`` reproduce the learned scores, to 1e-5 relative (padding column excluded)?"""
+    def _verify_factors(H: torch.Tensor, E: torch.Tensor, reference: torch.Tensor) -> str | None:
+        """Why ``H E^T`` does not reproduce the learned scores within the rounding bound of
+        :func:`factor_tolerance` (padding column excluded), or ``None`` when it does. Only the
+        first rows are compared (at most :data:`_FACTOR_CHECK_ENTRIES` entries)."""
         if reference.dim() != 2 or reference.shape != (H.shape[0], E.shape[0]):
-            return False
-        Z = (H.detach().double() @ E.detach().double().T)[:, 1:]
-        ref = reference.detach().double()[:, 1:]
+            return f"H E^T is {tuple(H.shape[:1]) + tuple(E.shape[:1])}, the learned scores {tuple(reference.shape)}"
+        rows = max(1, min(H.shape[0], _FACTOR_CHECK_ENTRIES // max(1, E.shape[0])))
+        H, ref, E = H[:rows], reference[:rows, 1:], E[1:]
         if not torch.isfinite(ref).all():
-            return False
-        scale = float(ref.abs().max()) or 1.0
-        return bool(torch.allclose(Z, ref, rtol=_FACTOR_RTOL, atol=_FACTOR_RTOL * scale))
+            return "its learned scores are not all finite"
+        Z = H.detach().double() @ E.detach().double().T
+        roundoff = score_roundoff(reference.dtype, reference.device.type, torch.get_float32_matmul_precision())
+        excess = (Z - ref.double()).abs() / factor_tolerance(H, E, ref, roundoff)
+        worst = float(excess.max())
+        if worst <= 1.0:
+            return None
+        return (f"|H E^T - scores| reaches {worst:.3g} times the rounding bound of {reference.dtype} scores "
+                "(DESIGN §9.4)")
 
     @staticmethod
     def _learned_scores_batch(model, interaction, scores: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,11 @@ same ``seed`` gives the same permutations (and the same p-values) on either path
 single-model tests use the raw label permutations (exact); the matched reduction of two
 models uses them with ``l``'s own component removed (DESIGN §3.1 says why).
 
-Conventions: item 0 is padding and is excluded everywhere (rows of ``E``, entries of
-``log_prior``, columns of ``Z``); ``n`` below is the number of real items.
+Conventions: everything is indexed by RecBole's item id, and item id 0 is RecBole's padding
+item, excluded everywhere: row 0 of ``E``, entry 0 of ``log_prior`` and column 0 of ``Z`` are
+ignored. So ``E`` has ``n_items = n + 1`` rows for ``n`` real items (an ``E`` of 30 rows gives
+``n = 29``), and ``log_prior`` has one entry per row of ``E``. ``n`` below is the number of real
+items.
 """
 
 from __future__ import annotations
@@ -256,11 +259,21 @@ class ContextStats:
         return self
 
 
+def check_prior_length(E: Any, log_prior_entries: int) -> None:
+    """``log_prior`` needs one entry per row of ``E`` (both indexed by item id, 0 = padding)."""
+    shape = tuple(np.shape(E))
+    if len(shape) != 2:
+        raise PopPriorError(f"E must be a 2-d item table [n_items, d] (row 0: padding), got shape {shape}")
+    if shape[0] != log_prior_entries:
+        raise PopPriorError(f"log_prior has {log_prior_entries} entries but E has {shape[0]} rows: log_prior needs "
+                            f"one entry per row of E (entry and row 0 are the padding item; {shape[0] - 1} real items)")
+
+
 def item_table(E: Any, n_items: int, d: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``E1`` (padding row dropped, float64), its mean row and its centred Gram ``C``."""
+    """``E1`` (padding row 0 dropped, float64), its mean row and its centred Gram ``C``."""
     E = as_float64(E)
     if E.ndim != 2 or E.shape[0] != n_items:
-        raise PopPriorError(f"E must be [n_items={n_items}, d], got shape {E.shape}")
+        raise PopPriorError(f"E must be [n_items={n_items}, d] (row 0: padding), got shape {E.shape}")
     if d is not None and E.shape[1] != d:
         raise PopPriorError(f"E has width {E.shape[1]} but the contexts have width {d}")
     E1 = E[1:]
@@ -298,6 +311,8 @@ def energy_from_stats(stats: ContextStats, E: Any, log_prior: Any, *, permutatio
     if stats.G is None or stats.m == 0:
         raise PopPriorError("no evaluation contexts were collected")
     l = popularity_direction(log_prior)
+    if _table is None:
+        check_prior_length(E, l.shape[0] + 1)
     E1, ebar, C = _table if _table is not None else item_table(E, l.shape[0] + 1, stats.G.shape[0])
     if E1.shape != (l.shape[0], stats.G.shape[0]):
         raise PopPriorError(f"E has {E1.shape[0] + 1} rows of width {E1.shape[1]}; expected "
@@ -331,8 +346,11 @@ def popularity_energy(H: Any, E: Any, log_prior: Any, *, permutations: int = 0, 
     """Popularity-aligned energy of ``Z = H E^T`` (DESIGN §3), without building ``Z``.
 
     Args:
-        H: contexts ``[m, d]``; E: item table ``[n_items, d]`` whose row 0 (padding) is
-            excluded; log_prior: ``[n_items]``, entry 0 ignored. Numpy or torch, any device.
+        H: contexts ``[m, d]``.
+        E: item table ``[n_items, d]`` indexed by RecBole item id: row 0 is the padding item and
+            is excluded, so 30 rows are 29 items (``n`` in the result).
+        log_prior: ``[n_items]``, one entry per row of ``E``; entry 0 (padding) is ignored.
+            Numpy or torch, any device.
         permutations: B item-label permutations of ``log_prior`` for the single-model tests
             of ``dir_frac`` and of ``shared_total_frac`` (DESIGN §3.1).
         windows_log_prior: ``[T, n_items]`` windowed priors for the popularity subspace.
@@ -397,7 +415,8 @@ class ScoreStats:
         """Add learned scores ``[b, n_items]`` of ``b`` contexts (numpy or torch)."""
         Z = as_float64(Z_batch)
         if Z.ndim != 2 or Z.shape[1] != self._l.shape[0] + 1:
-            raise PopPriorError(f"score batch must be [b, {self._l.shape[0] + 1}], got {Z.shape}")
+            raise PopPriorError(f"score batch must be [b, {self._l.shape[0] + 1}] (one column per log_prior entry, "
+                                f"column 0: padding), got {Z.shape}")
         Zc = Z[:, 1:] - Z[:, 1:].mean(axis=1, keepdims=True)
         if not np.all(np.isfinite(Zc)):
             raise PopPriorError("learned scores have non-finite entries beyond the padding column")
@@ -450,6 +469,7 @@ def _reduction_models(std: Any, sep: Any, l: np.ndarray) -> list[tuple[ContextSt
     models = []
     for pair in (std, sep):
         first, E = pair
+        check_prior_length(E, l.shape[0] + 1)
         stats = first if isinstance(first, ContextStats) else ContextStats.from_H(first)
         if stats.G is None or stats.m == 0:
             raise PopPriorError("matched_reduction needs at least one context per model")
@@ -521,7 +541,8 @@ def matched_reduction(std: Any, sep: Any, *, permutations: int = 2000, seed: int
     """``R = 1 - E(sep) / E(std)`` for ``E_dir`` and ``E_shared`` and their tests (DESIGN §3.1).
 
     ``std`` and ``sep`` are ``(H, E)`` pairs (or ``(ContextStats, E)``) of the standard and
-    the prior-separated model on the same contexts. Every permuted direction is applied to
+    the prior-separated model on the same contexts; each ``E`` has one row per entry of
+    ``log_prior``, row and entry 0 being the padding item (excluded). Every permuted direction is applied to
     BOTH models, with ``l``'s own component removed first (``permuted_directions(...,
     orthogonal=True)``); the p-values count ``R_b >= R_obs``: is the reduction along ``l``
     larger than along directions that carry no popularity?

@@ -2,7 +2,9 @@
 
 The permutation tests of :mod:`recbole_popprior.evaluator.energy` hold two trained models
 fixed; how much a number moves from one training seed to the next is measured here, from
-one value per seed. Pure functions of plain sequences of floats.
+one value per seed. Pure functions of plain sequences of floats. The reports use
+:func:`range_interval`, whose intervals respect the range of the quantity (an NDCG interval
+stays in [0, 1]) and are not shown below :data:`MIN_SEEDS` seeds.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -134,6 +136,73 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
                       interval.high, alternative, True)
 
 
+#: fewer seeds than this: no interval is shown (with 2 seeds the 95% t quantile is 12.7)
+MIN_SEEDS = 3
+
+#: the ranges of the reported quantities and the scale their interval is computed on:
+#: ``unit`` in [0, 1] (logit), ``positive`` in [0, inf) (log), ``reduction`` R = 1 - E'/E in
+#: (-inf, 1] (log of 1 - R, the energy ratio), ``real`` (no transform)
+SCALES: dict[str, tuple[float, float, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "unit": (0.0, 1.0, lambda x: np.log(x) - np.log1p(-x), lambda y: 1.0 / (1.0 + np.exp(-y))),
+    "positive": (0.0, math.inf, np.log, np.exp),
+    "reduction": (-math.inf, 1.0, lambda x: np.log1p(-x), lambda y: -np.expm1(y)),
+    "real": (-math.inf, math.inf, lambda x: x, lambda y: y),
+}
+
+
+@dataclass(frozen=True)
+class RangeInterval:
+    """An interval over seeds that stays inside the range of its quantity (:data:`SCALES`).
+
+    ``mean`` is the plain mean of the seeds. ``low``/``high`` are the Student-t interval of the
+    mean on the transformed scale, mapped back (so e.g. an NDCG interval never leaves [0, 1]):
+    an interval for the centre of the seeds' distribution. Where a seed sits on a bound of the
+    range (a tail recall of 0), the transform is undefined and the raw t interval is cut at the
+    bound (``cut`` True). ``None`` bounds with ``note`` saying why: fewer than ``MIN_SEEDS``
+    seeds, or no spread at all.
+    """
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+    confidence: float
+    scale: str
+    cut: bool = False
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seeds_note(n: int) -> str:
+    return f"n = {n} seed{'s' if n != 1 else ''}: interval not shown"
+
+
+def range_interval(values: Sequence[float], scale: str = "real", confidence: float = 0.95,
+                   min_seeds: int = MIN_SEEDS) -> RangeInterval:
+    """The mean of ``values`` (one per seed) and its interval on ``scale`` (:class:`RangeInterval`)."""
+    if scale not in SCALES:
+        raise PopPriorError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    x = _values(values, "values")
+    confidence = _check_confidence(confidence)
+    low_bound, high_bound, forward, back = SCALES[scale]
+    n, mean = x.size, float(x.mean())
+    if np.any(x < low_bound) or np.any(x > high_bound):
+        raise PopPriorError(f"values {x.tolist()} leave the range [{low_bound}, {high_bound}] of scale {scale!r}")
+    if n < max(int(min_seeds), 2):
+        return RangeInterval(mean, None, None, n, confidence, scale, note=seeds_note(n))
+    if float(np.ptp(x)) <= 1e-9 * float(np.abs(x).max()):  # equal up to rounding: no spread
+        return RangeInterval(mean, None, None, n, confidence, scale, note=f"the same in all {n} seeds")
+    inside = bool(np.all((x > low_bound) & (x < high_bound)))
+    y = forward(x) if inside else x
+    iv = mean_interval(y, confidence)
+    if inside:
+        low, high = sorted((float(back(np.float64(iv.low))), float(back(np.float64(iv.high)))))  # back may decrease
+        return RangeInterval(mean, low, high, n, confidence, scale)
+    return RangeInterval(mean, max(iv.low, low_bound), min(iv.high, high_bound), n, confidence, scale, cut=True)
+
+
 def combined_p_value(p_values: Sequence[float]) -> float:
     """Fisher's combination ``-2 sum log p_k ~ chi^2_{2K}`` of independent per-seed p-values.
 
@@ -148,4 +217,5 @@ def combined_p_value(p_values: Sequence[float]) -> float:
     return float(stats.combine_pvalues(p, method="fisher").pvalue)
 
 
-__all__ = ["MeanInterval", "PairedTest", "mean_interval", "paired_test", "combined_p_value"]
+__all__ = ["MeanInterval", "PairedTest", "RangeInterval", "mean_interval", "paired_test", "range_interval",
+           "combined_p_value", "seeds_note", "SCALES", "MIN_SEEDS"]

@@ -54,14 +54,16 @@ def model_factors(model: Any, interaction) -> tuple[torch.Tensor, torch.Tensor] 
 class TrainingFactors:
     """One training batch in factorised form (see the module docstring).
 
-    ``kept`` marks, among the rows the model's own loss would build (BERT4Rec: every masked
-    slot), those that count; ``H`` and ``targets`` hold the kept rows only. ``None`` = all.
+    ``weights`` marks, among the rows the model's own loss builds (BERT4Rec: every masked slot),
+    those that count (1) and those that do not (0, with a real item as their target so that
+    their term is finite); ``None`` = all count. Rows are weighted rather than indexed away, so
+    that a training step has no data-dependent shape and never waits for the device (DESIGN §9.1).
     """
 
     H: torch.Tensor  # [r, d]
     E: torch.Tensor  # [n_items, d]
     targets: torch.Tensor  # [r]
-    kept: torch.Tensor | None = None  # [rows of the model's own loss] bool
+    weights: torch.Tensor | None = None  # [r] float, 1 = counts, 0 = padding row
     auxiliary: torch.Tensor | float = 0.0  # the model's own loss terms besides the item softmax
 
 

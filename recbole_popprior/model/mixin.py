@@ -37,7 +37,7 @@ from torch import nn
 
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.factors import factorised_training_refusal, factors, training_factors
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32
 from recbole_popprior.model.pairwise import PairwisePriorLoss
 from recbole_popprior.model.registry import require_record
 from recbole_popprior.model.remedy_objectives import remedy_objective
@@ -264,6 +264,13 @@ class PriorSeparatedMixin:
         """The serving weight of ``log p_hat``: ``prior_beta``, or the training weight."""
         return self.prior_beta if self.prior_beta is not None else self.training_tau()
 
+    def _serving_weight(self) -> torch.Tensor | float:
+        """``beta`` for scoring: :meth:`effective_beta`, except that a learned ``tau`` serving as
+        ``beta`` stays a tensor, so that scoring never reads it back to the host (DESIGN §9.1)."""
+        if self.prior_beta is None and self.prior_tau_learned:
+            return self.prior_tau.detach()
+        return self.effective_beta()
+
     def serving_log_prior(self) -> torch.Tensor:
         """``log p_hat`` used at serving time: the static prior, or the configured window's."""
         if self.prior_windowed:
@@ -310,6 +317,7 @@ class PriorSeparatedMixin:
         tau = self.prior_tau
         if not self.prior_tau_learned and tau == 0.0:
             return logits
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §9.2)
         if self.prior_windowed and self._train_window_ids is not None:
             rows = logits.numel() // width
             if self.prior_tau_learned:
@@ -335,17 +343,32 @@ class PriorSeparatedMixin:
         pointwise scores become ``p(i|c) * p_hat(i)^beta`` (the same ranking, unnormalised,
         since one item does not see the row's normaliser).
         """
-        beta = self.effective_beta()
-        if beta == 0.0:
+        beta = self._serving_weight()
+        if isinstance(beta, float) and beta == 0.0:
             return scores
-        log_prior = self.serving_log_prior()
+        scores = at_least_float32(scores)
         if items is not None:
-            term = prior_term(log_prior, beta)[items]
+            term = prior_term(self.serving_log_prior(), beta)[items]
             return scores * torch.exp(term) if self.prior_scores_are_probabilities else scores + term
-        term = self._cached_term(log_prior, beta, scores.shape[-1], scores)[: scores.shape[-1]]
+        term = self.serving_prior_term(scores.shape[-1], scores)
         if self.prior_scores_are_probabilities:
             return torch.softmax(torch.log(scores) + term, dim=-1)
+        if not torch.is_grad_enabled() and scores._base is None and scores.dim() == 2:
+            # evaluation: the learned scores are a fresh matrix, so the sum needs no second one
+            return scores.add_(term)
         return scores + term
+
+    def serving_prior_term(self, width: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``beta * log p_hat`` over ``width`` full-sort columns (padding ``-inf``), cast like
+        ``like`` (cached for a fixed ``beta``); ``None`` when ``beta = 0`` (nothing is added). The
+        full-sort scorer (:mod:`recbole_popprior.evaluator.full_sort`) adds it in place into its
+        score buffer."""
+        beta = self._serving_weight()
+        if isinstance(beta, float):
+            if beta == 0.0:
+                return None
+            return self._cached_term(self.serving_log_prior(), beta, width, like)[:width]
+        return prior_term(self.serving_log_prior(), beta, width).to(like.dtype)[:width]
 
     def add_pairwise_prior(self, pos_score: torch.Tensor, neg_score: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,6 +388,7 @@ class PriorSeparatedMixin:
             window_ids = self._aligned_window_ids(pos_items.numel()).to(pos_items.device)
         pos_term = self.prior_at_targets(pos_items.reshape(-1), window_ids).reshape(pos_score.shape)
         neg_term = self.prior_at_targets(neg_items.reshape(-1), window_ids).reshape(neg_score.shape)
+        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §9.2
         return pos_score + pos_term.to(pos_score.dtype), neg_score + neg_term.to(neg_score.dtype)
 
     def prior_logit_term(self, window_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -403,20 +427,19 @@ class PriorSeparatedMixin:
         window_ids = None
         if self.prior_windowed:
             window_ids = self.training_window_ids(interaction).to(parts.targets.device)
-            window_ids = window_ids if parts.kept is None else window_ids[parts.kept]
         users = None
         if self.training_objective.needs_users:
             users = self._row_users(interaction, parts).to(parts.targets.device)
-        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids, users)
+        batch = TrainingBatch(parts.H, parts.E, parts.targets, window_ids, users, parts.weights)
         return self.training_objective.loss(self, batch) + parts.auxiliary
 
     def _row_users(self, interaction, parts) -> torch.Tensor:
-        """The user of every kept training row (BERT4Rec: each masked slot of the user's sequence)."""
+        """The user of every training row (BERT4Rec: each masked slot of the user's sequence)."""
         users = interaction[self.USER_ID]
-        rows = parts.kept.numel() if parts.kept is not None else parts.targets.numel()
+        rows = parts.targets.numel()
         if rows != users.numel():
             users = users.repeat_interleave(rows // users.numel())
-        return users if parts.kept is None else users[parts.kept.to(users.device)]
+        return users
 
     def calculate_loss(self, interaction):
         """The factorised objective's loss, or the model's own loss with the prior (DESIGN §1, §6.2).

@@ -18,6 +18,16 @@ import torch
 from torch import nn
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is a half type (an autocast matmul's bf16/fp16 output), else as it is.
+
+    Where a loss adds the prior or the logQ term to logits, it adds them to this: ``log p_hat``
+    near -17 keeps 3 significant digits in bf16 (-17.322 becomes -17.375), so the sum must be
+    formed in float32 whatever the autocast dtype (docs/DESIGN.md §9.2). float64 stays float64.
+    """
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @dataclass
 class TrainingBatch:
     """What an objective sees of one training batch.
@@ -32,6 +42,21 @@ class TrainingBatch:
     targets: torch.Tensor  # [r] target item ids (never 0)
     window_ids: torch.Tensor | None = None  # [r] window of each row's target (prior_mode windowed)
     users: torch.Tensor | None = None  # [r] user id of each row (objectives with needs_users only)
+    #: [r] 1 for a row that counts, 0 for one that does not (BERT4Rec's empty mask slots); None = all.
+    #: Rows are weighted, not indexed away: a step then has no data-dependent shape (DESIGN §9.1)
+    weights: torch.Tensor | None = None
+
+
+def row_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values [r]`` over the rows that count (all of them when ``weights`` is None).
+
+    Rows with weight 0 must hold finite values (give them a real target): their term is
+    multiplied by 0, as RecBole's BERT4Rec does, and ``0 * inf`` would be NaN.
+    """
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum()
 
 
 class TrainingObjective(nn.Module):

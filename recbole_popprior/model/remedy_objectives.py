@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.model.objective import TrainingBatch, TrainingObjective
+from recbole_popprior.model.objective import TrainingBatch, TrainingObjective, at_least_float32, row_mean
 from recbole_popprior.remedies import (AdapTauStats, adap_tau_active_users, adap_tau_batch_stats,
                                        adap_tau_global_temperature, adap_tau_loss, adap_tau_t0,
                                        adap_tau_temperatures, directspec_loss, resn_penalty)
@@ -40,8 +41,11 @@ def full_softmax_loss(model: Any, batch: TrainingBatch, logits: torch.Tensor) ->
     """
     term = model.prior_logit_term(batch.window_ids)
     if term is not None:
+        logits = at_least_float32(logits)  # an autocast matmul's bf16/fp16: the sum is float32 (DESIGN §9.2)
         logits = logits + term.to(device=logits.device, dtype=logits.dtype)
-    return F.cross_entropy(logits, batch.targets)
+    if batch.weights is None:
+        return F.cross_entropy(logits, batch.targets)
+    return row_mean(F.cross_entropy(logits, batch.targets, reduction="none"), batch.weights)
 
 
 class DirectSpecObjective(TrainingObjective):
@@ -52,7 +56,8 @@ class DirectSpecObjective(TrainingObjective):
         self.alpha, self.kappa, self.shrink_norm, self.plus = float(alpha), float(kappa), float(shrink_norm), bool(plus)
 
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
-        return directspec_loss(batch.H, batch.E, batch.targets, self.alpha, self.kappa, self.shrink_norm, self.plus)
+        return directspec_loss(batch.H, batch.E, batch.targets, self.alpha, self.kappa, self.shrink_norm, self.plus,
+                               weights=batch.weights)
 
 
 class ReSNObjective(TrainingObjective):
@@ -73,9 +78,10 @@ class ReSNObjective(TrainingObjective):
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
         H, E = batch.H, batch.E
         if self.base is not None:
-            return self.base.loss(model, batch) + self.weight * resn_penalty(H, E, "identity", self.n_power_iter)
+            return self.base.loss(model, batch) + self.weight * resn_penalty(H, E, "identity", self.n_power_iter,
+                                                                             weights=batch.weights)
         logits = H @ E.T
-        penalty = resn_penalty(H, E, self.link, self.n_power_iter, logits=logits)
+        penalty = resn_penalty(H, E, self.link, self.n_power_iter, logits=logits, weights=batch.weights)
         return full_softmax_loss(model, batch, logits) + self.weight * penalty
 
 
@@ -85,8 +91,9 @@ class AdapTauObjective(TrainingObjective):
     State: the global temperature ``t0`` (a persistent buffer: serving divides by it, so it
     travels with the checkpoint) and the per-user ``t_user``. During an epoch the objective sums
     :func:`adap_tau_batch_stats` over the training steps (active users only) and each user's
-    plain loss; :meth:`on_epoch_start` turns the last epoch's sums into the new temperatures:
-    ``t0`` from the summed cosines and the item table of the epoch's last step (the warm-up gap
+    plain loss, all on the device (a step never waits for it, DESIGN §9.1); :meth:`on_epoch_start`
+    sums them over the DDP ranks (DESIGN §9.3) and turns them into the new temperatures: ``t0``
+    from the summed cosines and the item table as the epoch's last step left it (the warm-up gap
     while ``epoch < warmup_epochs``), ``t_u`` by Lambert's W from the users' mean plain losses.
     """
 
@@ -110,42 +117,71 @@ class AdapTauObjective(TrainingObjective):
         t0 = adap_tau_t0(self.warmup_gap, 1, 1, self.n_items)
         self.register_buffer("t0", torch.tensor(t0, dtype=torch.float64))
         self.register_buffer("t_user", torch.full((n_users,), t0, dtype=torch.float64), persistent=False)
+        # the epoch's sums (buffers, so they live on the model's device)
+        self.register_buffer("epoch_loss_sum", torch.zeros(n_users, dtype=torch.float64), persistent=False)
+        self.register_buffer("epoch_loss_count", torch.zeros(n_users, dtype=torch.float64), persistent=False)
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
         self.epoch_stats: AdapTauStats | None = None
-        self.epoch_loss_sum = torch.zeros(self.n_users, dtype=torch.float64)
-        self.epoch_loss_count = torch.zeros(self.n_users, dtype=torch.float64)
+        self.epoch_loss_sum.zero_()
+        self.epoch_loss_count.zero_()
+        #: the item table of the epoch's last step, by reference (no copy per step): where the table
+        #: is the embedding weight itself, it holds the values after that step's update
         self.epoch_last_E: torch.Tensor | None = None
 
     def on_epoch_start(self, model, epoch: int) -> None:
+        self._sum_over_ranks()
         if epoch < self.warmup_epochs:
             self.t0.fill_(adap_tau_t0(self.warmup_gap, 1, 1, self.n_items))
         elif self.epoch_last_E is not None:
-            stats = self.epoch_stats if self.epoch_stats is not None else AdapTauStats.empty(self.epoch_last_E.shape[1])
-            self.t0.fill_(adap_tau_global_temperature(stats, self.epoch_last_E, warmup_gap=self.warmup_gap))
+            E = self.epoch_last_E
+            stats = self.epoch_stats if self.epoch_stats is not None else AdapTauStats.empty(E.shape[1], E.device)
+            self.t0.fill_(adap_tau_global_temperature(stats, E, warmup_gap=self.warmup_gap))
         # else (no step since the last epoch start: a resumed run) the checkpoint's t0 stays
         user_loss = self.epoch_loss_sum / self.epoch_loss_count  # NaN for users without a row
         self.t_user.copy_(adap_tau_temperatures(user_loss, float(self.t0), self.rho, self.base).to(self.t_user))
         self._reset_epoch()
 
+    def _sum_over_ranks(self) -> None:
+        """Under DDP: every rank's epoch sums become their sum over the ranks (DESIGN §9.3), so
+        that each rank computes the temperatures of the whole epoch, the same on every rank.
+        A no-op in one process."""
+        if not collective.is_distributed():
+            return
+        has = collective.all_reduce_tensor(torch.tensor([float(self.epoch_stats is not None)]))
+        if float(has) not in (0.0, float(collective.world_size())):
+            raise RuntimeError("Adap-tau: some DDP ranks ran training steps this epoch and others did not")
+        parts = [self.epoch_loss_sum, self.epoch_loss_count]
+        if self.epoch_stats is not None:
+            parts.append(self.epoch_stats.packed())
+        summed = collective.all_reduce_tensor(torch.cat(parts))
+        n = self.n_users
+        self.epoch_loss_sum.copy_(summed[:n])
+        self.epoch_loss_count.copy_(summed[n:2 * n])
+        if self.epoch_stats is not None:
+            self.epoch_stats = AdapTauStats.unpacked(summed[2 * n:])
+
     def loss(self, model, batch: TrainingBatch) -> torch.Tensor:
         H, E, targets, users = batch.H, batch.E, batch.targets, batch.users
         t_ctx = self.t_user[users]
-        rows, plain = adap_tau_loss(H, E, targets, float(self.t0), t_ctx)
+        rows, plain = adap_tau_loss(H, E, targets, self.t0, t_ctx)
         if model.training:
-            self._collect(H, E, targets, users, plain)
-        return rows.mean()
+            self._collect(H, E, targets, users, plain, batch.weights)
+        return row_mean(rows, batch.weights)
 
     @torch.no_grad()
-    def _collect(self, H, E, targets, users, plain) -> None:
+    def _collect(self, H, E, targets, users, plain, weights: torch.Tensor | None = None) -> None:
         keep = self.active[users]
+        if weights is not None:
+            keep = keep & (weights > 0)
         step = adap_tau_batch_stats(H, E, targets, keep)
         self.epoch_stats = step if self.epoch_stats is None else self.epoch_stats + step
-        users = users.cpu()
-        self.epoch_loss_sum.index_add_(0, users, plain.detach().double().cpu())
-        self.epoch_loss_count.index_add_(0, users, torch.ones(len(users), dtype=torch.float64))
-        self.epoch_last_E = E.detach().clone()
+        plain = plain.detach().double()
+        counts = torch.ones_like(plain) if weights is None else weights.to(plain.dtype)
+        self.epoch_loss_sum.index_add_(0, users, plain * counts)
+        self.epoch_loss_count.index_add_(0, users, counts)
+        self.epoch_last_E = E.detach()
 
     def serving_factors(self, H: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h^ / t0, e^)``: cosines on the scale of the training logits (DESIGN §7.2)."""

@@ -23,6 +23,7 @@ from torch import nn
 from recbole_popprior import checkpoint, compat
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.mixin import PriorSeparatedMixin
+from recbole_popprior.model.objective import at_least_float32
 from recbole_popprior.prior import WindowedPrior
 
 compat.disable_anomaly_detection()  # importing RecBole's sine.py switched it on (compat shim 6)
@@ -100,8 +101,14 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
             logits = self.add_training_prior(logits)
         finally:
             self._train_window_ids = None
-        keep = (masked_index > 0).reshape(-1)
-        return F.cross_entropy(logits[keep], pos_items.reshape(-1)[keep], reduction="sum") / keep.sum()
+        # RecBole's reduction, sum(CE * w) / sum(w) over every slot (bert4rec.py ~L200): rows are
+        # weighted, not indexed away (a boolean index waits for the device, DESIGN §9.1); an empty
+        # slot looks up item 1, since its own target 0 has a -inf prior and 0 * inf is NaN
+        weights = (masked_index > 0).reshape(-1)
+        targets = pos_items.reshape(-1)
+        rows = F.cross_entropy(logits, torch.where(weights, targets, torch.ones_like(targets)), reduction="none")
+        weights = weights.to(rows.dtype)
+        return torch.sum(rows * weights) / torch.sum(weights)
 
     def _pairwise_loss(self, interaction) -> torch.Tensor:
         """RecBole's inline BPR over the masked slots (bert4rec.py ~L183), each score plus
@@ -110,11 +117,12 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
         pos_items, neg_items = interaction[self.POS_ITEMS], interaction[self.NEG_ITEMS]
         masked_index = interaction[self.MASK_INDEX]
         seq_output = self.forward(masked_item_seq)
-        pred_index_map = self.multi_hot_embed(masked_index, masked_item_seq.size(-1))
-        pred_index_map = pred_index_map.view(masked_index.size(0), masked_index.size(1), -1)
-        seq_output = torch.bmm(pred_index_map, seq_output)  # [B mask_len H]
+        # the masked slots' outputs: RecBole multiplies by a one-hot map (bmm), built with a host
+        # index tensor (multi_hot_embed); a gather gives the same numbers on the device
+        seq_output = seq_output.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, seq_output.shape[-1]))
         pos_score = torch.sum(seq_output * self.item_embedding(pos_items), dim=-1) + self.output_bias[pos_items]
         neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1) + self.output_bias[neg_items]
+        pos_score, neg_score = at_least_float32(pos_score), at_least_float32(neg_score)  # DESIGN §9.2
         if self.prior_tau_learned or self.prior_tau != 0.0:
             window_ids = None
             if self.prior_windowed:
@@ -123,6 +131,15 @@ class BERT4Rec(PriorSeparatedMixin, recbole_seq.BERT4Rec):
             neg_score = neg_score + self._slot_prior(neg_items, window_ids)
         targets = (masked_index > 0).float()
         return -torch.sum(torch.log(1e-14 + torch.sigmoid(pos_score - neg_score)) * targets) / torch.sum(targets)
+
+    def reconstruct_test_data(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """RecBole's (bert4rec.py ~L110): the mask token after each sequence's last item. RecBole
+        writes it row by row in a Python loop over ``item_seq_len``, which reads every length back
+        from the device; one scatter writes the same tokens (DESIGN §9.1)."""
+        padded = torch.cat((item_seq, item_seq.new_zeros(item_seq.size(0), 1)), dim=-1)  # [B max_len+1]
+        padded = padded.scatter(1, item_seq_len.reshape(-1, 1).long(),
+                                torch.full_like(padded[:, :1], self.mask_token))
+        return padded[:, 1:]
 
     def _slot_prior(self, items: torch.Tensor, window_ids: torch.Tensor | None) -> torch.Tensor:
         # padding slots hold item 0, whose log prior is -inf; they carry weight 0 in the loss, but

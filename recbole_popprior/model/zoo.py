@@ -72,13 +72,15 @@ def _fpmc_factors(m, i):
 def _bert4rec_training(m, i) -> TrainingFactors:
     # RecBole's BERT4Rec scores the masked slots against E[:n_items] plus an output bias and
     # averages CE over the slots with masked_index > 0 (padding slots carry index 0)
+    # (every slot is a row; the empty ones get weight 0 and look up item 1, so their term is finite)
     masked_index = i[m.MASK_INDEX]
     output = m.forward(i[m.MASK_ITEM_SEQ])  # [B L d]
     H = output.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, output.shape[-1])).reshape(-1, output.shape[-1])
-    kept = (masked_index > 0).reshape(-1)
-    H = torch.cat([H[kept], H.new_ones(int(kept.sum()), 1)], dim=1)
+    counts = (masked_index > 0).reshape(-1)
+    H = torch.cat([H, H.new_ones(H.shape[0], 1)], dim=1)
     E = torch.cat([m.item_embedding.weight[: m.n_items], m.output_bias.unsqueeze(1)], dim=1)
-    return TrainingFactors(H, E, i[m.POS_ITEMS].reshape(-1)[kept], kept)
+    targets = i[m.POS_ITEMS].reshape(-1)
+    return TrainingFactors(H, E, torch.where(counts, targets, torch.ones_like(targets)), counts.float())
 
 
 def _core_training(m, i) -> TrainingFactors:

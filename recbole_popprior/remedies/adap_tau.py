@@ -32,31 +32,48 @@ WARMUP_GAP = 0.7
 
 @dataclass(frozen=True)
 class AdapTauStats:
-    """Sums over training pairs needed by :func:`adap_tau_global_temperature`; add batches with ``+``."""
+    """Sums over training pairs needed by :func:`adap_tau_global_temperature`; add batches with ``+``.
 
-    pos_cos_sum: float  # sum over pairs of cos(h_c, e_pos(c))
+    All three are float64 tensors on the device of the batches (``n_pairs`` too: a count kept as
+    a tensor, so that summing a step's pairs never waits for the device, DESIGN §9.1).
+    """
+
+    pos_cos_sum: torch.Tensor  # [] sum over pairs of cos(h_c, e_pos(c))
     ctx_dir_sum: torch.Tensor  # [d] sum over pairs of h_c / ||h_c||
-    n_pairs: int
+    n_pairs: torch.Tensor  # [] number of pairs
 
     @classmethod
-    def empty(cls, d: int) -> "AdapTauStats":
+    def empty(cls, d: int, device: torch.device | str | None = None) -> "AdapTauStats":
         """No pairs yet: the start of an epoch's accumulation."""
-        return cls(0.0, torch.zeros(d, dtype=torch.float64), 0)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(zero, torch.zeros(d, dtype=torch.float64, device=device), zero.clone())
 
     def __add__(self, other: "AdapTauStats") -> "AdapTauStats":
         return AdapTauStats(self.pos_cos_sum + other.pos_cos_sum, self.ctx_dir_sum + other.ctx_dir_sum,
                             self.n_pairs + other.n_pairs)
 
+    def packed(self) -> torch.Tensor:
+        """``[2 + d]``: ``(pos_cos_sum, n_pairs, ctx_dir_sum)`` in one tensor (one all-reduce)."""
+        return torch.cat([self.pos_cos_sum.reshape(1), self.n_pairs.reshape(1), self.ctx_dir_sum])
+
+    @classmethod
+    def unpacked(cls, packed: torch.Tensor) -> "AdapTauStats":
+        return cls(packed[0], packed[2:], packed[1])
+
 
 def adap_tau_batch_stats(H: torch.Tensor, E: torch.Tensor, pos_items: torch.Tensor,
                          keep: torch.Tensor | None = None) -> AdapTauStats:
-    """This batch's contribution to ``t0``: ``keep`` (bool ``[B]``) marks the pairs of active users."""
+    """This batch's contribution to ``t0``: ``keep`` (bool ``[B]``) marks the pairs of active users.
+
+    The pairs left out get weight 0 instead of being indexed away: the result has the same
+    shape whatever ``keep`` holds, and nothing waits for the device.
+    """
     with torch.no_grad():
         h = F.normalize(H.double(), dim=-1)
         e = F.normalize(E[pos_items].double(), dim=-1)
-        if keep is not None:
-            h, e = h[keep], e[keep]
-        return AdapTauStats(float((h * e).sum()), h.sum(dim=0), int(h.shape[0]))
+        w = torch.ones(h.shape[0], dtype=torch.float64, device=h.device) if keep is None \
+            else keep.to(device=h.device, dtype=torch.float64)
+        return AdapTauStats(((h * e).sum(-1) * w).sum(), (h * w[:, None]).sum(dim=0), w.sum())
 
 
 def adap_tau_active_users(counts: torch.Tensor, quantile: float = 0.2) -> torch.Tensor:
@@ -81,11 +98,12 @@ def adap_tau_global_temperature(stats: AdapTauStats, E: torch.Tensor, warmup: bo
     """
     n_items = E.shape[0] - 1
     gap = warmup_gap
-    if not warmup and stats.n_pairs > 0:
+    n_pairs = float(stats.n_pairs)
+    if not warmup and n_pairs > 0:
         with torch.no_grad():
             item_dir = F.normalize(E[1:].double(), dim=-1).mean(dim=0)
-            all_mean = float(stats.ctx_dir_sum.double() @ item_dir) / stats.n_pairs
-        measured = stats.pos_cos_sum / stats.n_pairs - all_mean
+            all_mean = float(stats.ctx_dir_sum.double().to(item_dir.device) @ item_dir) / n_pairs
+        measured = float(stats.pos_cos_sum) / n_pairs - all_mean
         if measured > 0:
             gap = measured
     return adap_tau_t0(gap, 1, 1, n_items)
@@ -112,15 +130,18 @@ def adap_tau_temperatures(user_loss: torch.Tensor, t0: float, rho: float = 1.0,
     return torch.from_numpy(out).to(user_loss.device)
 
 
-def adap_tau_loss(H: torch.Tensor, E: torch.Tensor, pos_items: torch.Tensor, t0: float,
+def adap_tau_loss(H: torch.Tensor, E: torch.Tensor, pos_items: torch.Tensor, t0: float | torch.Tensor,
                   t_ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row Adap-tau loss and the plain (``t = 1``) loss that feeds next epoch's ``l_u``.
 
-    ``t_ctx`` [B] is the temperature of each row's user. As released, the positive is scaled by
-    the global ``t0`` and is not in the denominator; the denominator runs over every real item
-    but the target (full softmax here, sampled negatives in the paper). Padding never scores.
+    ``t_ctx`` [B] is the temperature of each row's user, ``t0`` the global one (a number or a
+    tensor on the device, so that the step never reads it back). As released, the positive is
+    scaled by the global ``t0`` and is not in the denominator; the denominator runs over every
+    real item but the target (full softmax here, sampled negatives in the paper). Padding never
+    scores. The cosines may come from an autocast matmul; the scaled logits are float32.
     """
     s = F.normalize(H, dim=-1) @ F.normalize(E, dim=-1).T
+    s = s if s.dtype in (torch.float32, torch.float64) else s.float()
     rows = torch.arange(s.shape[0], device=s.device)
     s_pos = s[rows, pos_items]
     drop = torch.zeros_like(s, dtype=torch.bool)
@@ -128,6 +149,8 @@ def adap_tau_loss(H: torch.Tensor, E: torch.Tensor, pos_items: torch.Tensor, t0:
     drop[rows, pos_items] = True
     neg = s.masked_fill(drop, -torch.inf)
     t_ctx = t_ctx.to(s.dtype)
+    if isinstance(t0, torch.Tensor):
+        t0 = t0.to(s.dtype)
     loss = -s_pos / t0 + torch.logsumexp(neg / t_ctx.unsqueeze(1), dim=1)
     with torch.no_grad():
         plain = -s_pos + torch.logsumexp(neg, dim=1)

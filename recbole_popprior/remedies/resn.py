@@ -16,12 +16,25 @@ penalty is ``sigma_1(Y)^2 / B`` and its gradient ``2 sigma_1 u_1 v_1^T / B`` is 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from recbole_popprior.errors import PopPriorError
 
 LINKS = ("sigmoid", "identity", "softmax")
+
+
+def _autocast_off(device_type: str):
+    """No autocast within the block (a no-op context where the device has no autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _check_iters(n_power_iter: int) -> None:
@@ -45,29 +58,38 @@ def resn_penalty_from_scores(Y: torch.Tensor, n_power_iter: int = 1) -> torch.Te
 
 
 def resn_penalty(H: torch.Tensor, E: torch.Tensor, link: str = "sigmoid", n_power_iter: int = 1,
-                 logits: torch.Tensor | None = None) -> torch.Tensor:
+                 logits: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The ReSN penalty of the batch (DESIGN §7.4). ``E`` has padding in row 0, which is left out.
 
     ``link``: ``sigmoid`` (released), ``softmax`` (the CE model's own probabilities) or
     ``identity`` (raw logits ``H E^T``, computed from the factors in ``O(n d)`` without an
     ``[B, n]`` matrix). ``logits`` [B, n_items] reuses the logits the loss already built.
+    ``weights`` [B] (0 or 1): rows with weight 0 are zero rows of ``Y`` and ``B`` counts the others.
     """
     if link not in LINKS:
         raise PopPriorError(f"resn link must be one of {', '.join(LINKS)}, got {link!r}")
     _check_iters(n_power_iter)
     if link == "identity" and logits is None:
-        # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q)))
-        items = E[1:]
-        with torch.no_grad():
-            q = F.normalize(items @ H.sum(dim=0), dim=0)
-            for _ in range(n_power_iter - 1):
-                q = F.normalize(items @ (H.T @ (H @ (items.T @ q))), dim=0)
-        return (H @ (items.T @ q)).pow(2).sum() / H.shape[0]
+        # Y = H E^T is never built: Y^T 1 = E (H^T 1), Y q = H (E^T q), Y^T Y q = E (H^T (H (E^T q))).
+        # In float32 with autocast off: H^T 1 sums B rows, and E (H^T 1) easily passes fp16's 65504
+        with _autocast_off(H.device.type):
+            H32, items = _at_least_float32(H), _at_least_float32(E[1:])
+            rows = H.shape[0]
+            if weights is not None:
+                H32, rows = H32 * weights.to(H32.dtype)[:, None], weights.sum()
+            with torch.no_grad():
+                q = F.normalize(items @ H32.sum(dim=0), dim=0)
+                for _ in range(n_power_iter - 1):
+                    q = F.normalize(items @ (H32.T @ (H32 @ (items.T @ q))), dim=0)
+            return (H32 @ (items.T @ q)).pow(2).sum() / rows
     Z = (H @ E[1:].T) if logits is None else logits[:, 1:]
+    Z = _at_least_float32(Z)  # ||Y q||^2 reaches B * n: past fp16's range
     if link == "sigmoid":
         Y = torch.sigmoid(Z)
     elif link == "softmax":
         Y = torch.softmax(Z, dim=1)
     else:
         Y = Z
-    return resn_penalty_from_scores(Y, n_power_iter)
+    if weights is None:
+        return resn_penalty_from_scores(Y, n_power_iter)
+    return resn_penalty_from_scores(Y * weights.to(Y.dtype)[:, None], n_power_iter) * Y.shape[0] / weights.sum()

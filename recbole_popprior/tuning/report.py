@@ -20,8 +20,10 @@ import plotly.io as pio
 from optuna import visualization as vis
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as vis_mpl
+from matplotlib.ticker import MaxNLocator
 from plotly.offline import get_plotlyjs
 
+from recbole_popprior.formatting import fmt
 from recbole_popprior.utils import atomic_write, to_jsonable, write_json
 
 matplotlib.use("Agg")  # files only, no display
@@ -79,7 +81,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else str(value)
+        return fmt(value) if math.isfinite(value) else str(value)
     return str(value)
 
 
@@ -90,6 +92,19 @@ def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMN
     return "\n".join(lines) + "\n"
 
 
+def empty_column_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a column of the summary is empty, in words (one line per reason)."""
+    notes = []
+    if any(row.get("best_trial") is None for row in rows):
+        notes.append("A model with no completed trial has no best_* values, test_value or checkpoint: its trials "
+                     "were pruned, failed or are still running (see the counts; summary.json lists each failure's "
+                     "reason).")
+    if any(row.get("best_trial") is not None and row.get("shared_frac") is None for row in rows):
+        notes.append("shared_frac is empty: it comes from the PopEnergy metric on validation, which these trials "
+                     "did not compute. Add PopEnergy to `metrics`, or tune with --multi-objective (which adds it).")
+    return notes
+
+
 def write_tables(rows: list[dict[str, Any]], folder: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """``summary.csv``, ``summary.json`` and ``summary.md`` in ``folder`` (atomic writes)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,12 +113,16 @@ def write_tables(rows: list[dict[str, Any]], folder: Path, meta: dict[str, Any])
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: _cell(row.get(c)) for c in COLUMNS})
+            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in COLUMNS})  # full precision
     write_json(paths["json"], {**meta, "models": rows})
     with atomic_write(paths["md"], "w") as handle:
         handle.write(f"# Tuning study `{meta['study_name']}` on `{meta['dataset']}`\n\n")
-        handle.write(f"Objective: {meta['objective']} on validation, at the best serving beta per trial.\n\n")
+        handle.write(f"Objective: {meta['objective']} on validation, at the best serving beta per trial; "
+                     "test_value: the best trial's test score at that beta.\n\n")
         handle.write(markdown_table(rows))
+        notes = empty_column_notes(rows)
+        if notes:
+            handle.write("\n" + "\n".join(f"- {note}" for note in notes) + "\n")
     return paths
 
 
@@ -124,9 +143,49 @@ def _save_matplotlib(ax: Any, path: Path) -> None:
     plt.close(figure)
 
 
+#: below this many completed trials the parameter importances are said to be rough
+FEW_TRIALS = 10
+
+
+def _titles(study: optuna.Study, model: str, metric: str, n_complete: int) -> dict[str, str]:
+    few = (f" (from {n_complete} completed trial{'s' if n_complete != 1 else ''}: rough, "
+           f"needs {FEW_TRIALS}+)" if n_complete < FEW_TRIALS else f" (from {n_complete} completed trials)")
+    name = study.study_name  # <study-name>.<Model>: it names the model already
+    head = name if name.endswith(f".{model}") else f"{name}, {model}"
+    return {"history": f"{head}: validation {metric} per trial",
+            "importances": f"{head}: parameter importances for {metric}{few}",
+            "pareto": f"{head}: Pareto front, {metric} vs shared_frac"}
+
+
+def _integer_trials(ax: Any) -> None:
+    """Trial numbers are integers: no 0.5 ticks on the trial axis."""
+    for axis in ax.flat if hasattr(ax, "flat") else [ax]:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _dress_plotly(fig: Any, name: str, title: str, n_trials: int) -> Any:
+    fig.update_layout(title=title)
+    if name == "history":
+        fig.update_xaxes(title="trial", tickformat="d", dtick=max(1, math.ceil(n_trials / 10)))
+    return fig
+
+
+def _dress_matplotlib(ax: Any, name: str, title: str) -> Any:
+    first = ax.flat[0] if hasattr(ax, "flat") else ax
+    for side in ("left", "right"):  # Optuna's own generic title sits on the left
+        first.set_title("", loc=side)
+    first.set_title(title.replace(": ", ":\n", 1), fontsize=9)
+    if name == "history":
+        _integer_trials(ax)
+        first.set_xlabel("trial")
+    return ax
+
+
 def write_plots(study: optuna.Study, folder: Path, model: str, metric: str,
                 multi_objective: bool = False) -> list[Path]:
-    """History, parameter importances and (multi-objective) Pareto front, as HTML and PNG.
+    """History, parameter importances and (multi-objective) Pareto front, as HTML and PNG; each
+    titled with the study and the model, the history with integer trial ticks, the importances
+    said to be rough below :data:`FEW_TRIALS` completed trials.
 
     A plot that cannot be drawn (no completed trial, a single trial for importances, a search
     space that never varied) is skipped with a logged note.
@@ -148,12 +207,16 @@ def write_plots(study: optuna.Study, folder: Path, model: str, metric: str,
                         f"{', no parameter varied' if name == 'importances' and not varying else ''})")
             continue
         stem = folder / f"{model}_{name}"
+        title = _titles(study, model, metric, len(complete))[name]
+        n_trials = len(study.get_trials(deepcopy=False))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _save_plotly(getattr(vis, func)(study, **kwargs), stem.with_suffix(".html"))
+                _save_plotly(_dress_plotly(getattr(vis, func)(study, **kwargs), name, title, n_trials),
+                             stem.with_suffix(".html"))
                 written.append(stem.with_suffix(".html"))
-                _save_matplotlib(getattr(vis_mpl, func)(study, **kwargs), stem.with_suffix(".png"))
+                _save_matplotlib(_dress_matplotlib(getattr(vis_mpl, func)(study, **kwargs), name, title),
+                                 stem.with_suffix(".png"))
                 written.append(stem.with_suffix(".png"))
         except Exception as exc:  # noqa: BLE001 - a plot must never fail the study
             logger.info(f"{model}: skipping the {name} plot: {type(exc).__name__}: {exc}")
@@ -170,6 +233,8 @@ def write_report(studies: dict[str, optuna.Study], folder: Path, meta: dict[str,
         for model, study in studies.items():
             plot_paths += write_plots(study, folder / "plots", model, meta["objective"], multi_objective)
     logger.info("tuning summary\n" + markdown_table(rows).rstrip())
+    for note in empty_column_notes(rows):
+        logger.info(note)
     return to_jsonable({**meta, "models": rows, "files": {k: str(v) for k, v in paths.items()},
                         "plots": [str(p) for p in plot_paths]})
 
