@@ -110,9 +110,9 @@ def main(argv: list[str]) -> int:
                 options[key] = options[key] or {"model": "SASRec", "dataset": "synthetic"}[key]
             options["taus"], options["seeds"] = "0,1,learned", 1
             options["prior_sources"] = "estimate,truth"
-            overrides = {**QUICK, "data_path": str(Path(tempfile.mkdtemp(prefix="tau_sweep_quick_")) / "data"),
-                         **overrides}
-            options["output"] = options["output"] or tempfile.mkdtemp(prefix="tau_sweep_quick_out_")
+            options["output"] = options["output"] or tempfile.mkdtemp(prefix="tau_sweep_quick_")
+            # the generated data live with the report, so the same command resumes
+            overrides = {**QUICK, "data_path": str(Path(options["output"]) / "data"), **overrides}
         if not options["model"] or not options["dataset"]:
             raise PopPriorError("--model and --dataset are required, e.g. --model=SASRec --dataset=synthetic")
         start = time.perf_counter()
