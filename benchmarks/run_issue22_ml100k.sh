@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ml-100k runs of issue 22 (docs/DESIGN.md §10): the converged matched comparison at RecBole's own
+# The ml-100k runs of issue 22 (docs/DESIGN.md §12): the converged matched comparison at RecBole's own
 # SASRec and GRU4Rec defaults (3 seeds, early stopping that stops) and SASRec's tau curve.
 # Resumable: rerun the script and every complete (tau, seed) run is kept; a killed one restarts.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The synthetic tau sweeps of docs/results/synthetic-tau-sweep.md (docs/DESIGN.md §10), one after the
+# The synthetic tau sweeps of docs/results/synthetic-tau-sweep.md (docs/DESIGN.md §12), one after the
 # other. Resumable: rerun the script and every complete (tau, seed) run is kept, a killed one restarts.
 #   OUT=issue22-runs bash benchmarks/run_issue22_synthetic.sh           # all four sweeps, then the figure
 #   ONLY=known-truth bash benchmarks/run_issue22_synthetic.sh           # one sweep

@@ -1,4 +1,4 @@
-"""The tau sweep (docs/DESIGN.md §10): dir_frac, R_dir, NDCG@10 and the known-truth measures against the
+"""The tau sweep (docs/DESIGN.md §12): dir_frac, R_dir, NDCG@10 and the known-truth measures against the
 prior weight tau, per seed, resumable; and its figure over any number of sweeps.
 
     # a sweep (rerun the same command to resume it; complete runs are never retrained)

@@ -10,6 +10,9 @@ every ``beta``. Outputs, in the sweep's folder (``--output``, or ``<output>/beta
 - ``beta_sweep.csv``: every metric of every beta, one row per beta;
 - ``beta_sweep.json``: the same rows and the settings, written last (its presence means the set is complete);
 - ``run/``: the run's log (and, when the sweep trained the model, its ``model.pth``).
+
+The set is committed as one (:mod:`recbole_popprior.staging`): a sweep that stops half-way leaves
+the one in place as it was.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from logging import getLogger
 from pathlib import Path
 from typing import Any, Sequence
 
-from recbole_popprior.compare import SEP, arm_config, output_folder, train_arm
+from recbole_popprior.compare import SEP, arm_config, dump_json, output_folder, output_set, train_arm
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.formatting import fmt, markdown_table
 from recbole_popprior.quick_start import log_report_folder
 from recbole_popprior.serving import sweep_beta
 from recbole_popprior.trained import ENERGY_METRICS, restore_trained, trained_config
-from recbole_popprior.utils import atomic_write, to_jsonable, write_json
+from recbole_popprior.staging import StagedSet
+from recbole_popprior.utils import atomic_write, to_jsonable
 
 #: the columns that lead the table, in this order (each ``<name>@<k>``); then the rest, by name
 LEAD = ("ndcg", "recall", "mrr", "hit", "precision", "map", "itemcoverage", "averagepopularity", "giniindex",
@@ -47,21 +51,24 @@ def run_beta_sweep(model: str | None, dataset: str | None, betas: Sequence[float
     if checkpoint is None:
         probe = arm_config(model, dataset, config_file_list, config_dict, seed=None, baseline=False)
         out_dir = output_folder(output, probe["output"], "beta_sweep", probe["model"], probe["dataset"])
-        config = arm_config(model, dataset, config_file_list, config_dict, seed=int(probe["seed"]),
-                            baseline=False, run_dir=out_dir / "run")
-        pipe = train_arm(SEP, config).pipe
     else:
         config, state = trained_config(checkpoint, model, dataset, config_file_list, config_dict,
                                        trust_pickle=trust_pickle, metrics=ENERGY_METRICS)
         out_dir = output_folder(output, config["output"], "beta_sweep", config["model"], config["dataset"])
-        config["run_dir"] = str(out_dir / "run")
-        pipe = restore_trained(config, state, checkpoint)
-    rows = sweep_beta(pipe.trainer, pipe.test_data, betas)
-    tau = pipe.model.training_tau()
-    for row in rows:
-        row["tau"] = tau
-    source = {"checkpoint": str(checkpoint) if checkpoint else None, "trained": checkpoint is None}
-    write_sweep(out_dir, pipe.config["model"], pipe.config["dataset"], rows, source)
+    with output_set(out_dir, "beta_sweep", "beta_sweep.json") as stage:
+        if checkpoint is None:
+            config = arm_config(model, dataset, config_file_list, config_dict, seed=int(probe["seed"]),
+                                baseline=False, run_dir=stage.path("run"))
+            pipe = train_arm(SEP, config).pipe
+        else:
+            config["run_dir"] = str(stage.path("run"))
+            pipe = restore_trained(config, state, checkpoint)
+        rows = sweep_beta(pipe.trainer, pipe.test_data, betas)
+        tau = pipe.model.training_tau()
+        for row in rows:
+            row["tau"] = tau
+        source = {"checkpoint": str(checkpoint) if checkpoint else None, "trained": checkpoint is None}
+        write_sweep(stage, pipe.config["model"], pipe.config["dataset"], rows, source)
     return rows
 
 
@@ -89,11 +96,11 @@ def sweep_markdown(model: str, dataset: str, rows: Sequence[dict[str, Any]], sou
     return "\n".join(lines) + "\n"
 
 
-def write_sweep(out_dir: Path, model: str, dataset: str, rows: list[dict[str, Any]],
+def write_sweep(stage: StagedSet, model: str, dataset: str, rows: list[dict[str, Any]],
                 source: dict[str, Any] | None = None) -> dict[str, Path]:
-    """``beta_sweep.{md,csv}``, then ``beta_sweep.json`` (last: the set is complete); logs where."""
+    """``beta_sweep.{md,csv}`` into ``stage``, then the commit (``beta_sweep.json`` last: the set is
+    complete); logs where."""
     source = source or {}
-    out_dir.mkdir(parents=True, exist_ok=True)
     columns, constant = sweep_columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns + constant, lineterminator="\n")
@@ -102,13 +109,13 @@ def write_sweep(out_dir: Path, model: str, dataset: str, rows: list[dict[str, An
         writer.writerow({k: row.get(k, "") for k in columns + constant})
     files = {}
     for name, text in (("md", sweep_markdown(model, dataset, rows, source)), ("csv", buffer.getvalue())):
-        files[name] = out_dir / f"beta_sweep.{name}"
-        with atomic_write(files[name], "w") as handle:
+        with atomic_write(stage.path(f"beta_sweep.{name}"), "w") as handle:
             handle.write(text)
-    files["json"] = write_json(out_dir / "beta_sweep.json", {"model": model, "dataset": dataset, **source,
-                                                            "rows": to_jsonable(rows)})
+        files[name] = stage.out_dir / f"beta_sweep.{name}"
+    files["json"] = stage.commit(lambda handle: dump_json(handle, {"model": model, "dataset": dataset, **source,
+                                                                   "rows": to_jsonable(rows)}))
     getLogger().info(f"beta sweep at {len(rows)} beta value(s): {files['md']}")
-    log_report_folder(out_dir, "beta_sweep.md, beta_sweep.csv, beta_sweep.json, run/")
+    log_report_folder(stage.out_dir, "beta_sweep.md, beta_sweep.csv, beta_sweep.json, run/")
     return files
 
 

@@ -5,7 +5,10 @@ RecBole 1.2.1 pickles its ``Config`` into checkpoints, which torch >= 2.6 refuse
 checkpoint here holds only tensors, plain containers and one JSON string, so it always loads
 with ``weights_only=True``. The metadata records a SHA-256 digest of every tensor and value
 saved, checked on load: torch's zip reader checks no CRC, so a flipped byte inside a tensor
-would otherwise load as a silently different model.
+would otherwise load as a silently different model. The digest is mandatory: a file of this
+format without one is refused (deleting it would otherwise let a modified file load), and the
+file's structure (a state dict of tensors, plain metadata nested a few levels at most) is checked
+before anything uses it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from recbole_popprior.utils import atomic_write
 CHECKPOINT_FORMAT = "recbole-popprior-checkpoint/1"
 #: the saved entries the digest covers (everything but the metadata that holds it)
 _DIGESTED = ("state_dict", "optimizer", "other_parameter")
+#: how deeply a checkpoint's containers may nest (an optimizer state is 4 levels; deeper is no
+#: file the plugin wrote, and would only end in a RecursionError)
+MAX_NESTING = 16
 
 
 def _plain_config(config: Any) -> dict[str, Any]:
@@ -154,14 +160,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     Returns ``{"state_dict", "optimizer", "other_parameter", "meta"}``. A missing,
     truncated, corrupt, tampered or foreign file raises :class:`PopPriorError` with one line;
     no pickled code is ever executed. Corruption is caught twice: by the zip members' CRCs
-    and by the content digest in the metadata (files written before the digest existed
-    have none and are only CRC-checked).
+    and by the content digest in the metadata, which every file must have.
     """
     path = Path(path)
     if not path.is_file():
         raise PopPriorError(f"checkpoint not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+            if packed:  # torch.save stores, never compresses: a compressed member could unpack to any size
+                raise PopPriorError(f"cannot load checkpoint {path}: its member {packed[0]} is compressed, which "
+                                    "torch.save never does (not a recbole-popprior checkpoint)")
             bad_member = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -173,24 +182,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         with warnings.catch_warnings():  # torch's note on RecBole's pickle protocol 4, before it refuses the file
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
+    except RecursionError:  # (RecursionError is a RuntimeError: before the general case)
+        raise PopPriorError(f"cannot load checkpoint {path}: its containers nest too deeply") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
-            zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+            zipfile.BadZipFile, pickle.UnpicklingError, MemoryError) as exc:
         error = PickledCheckpointError if _is_pickle_refusal(exc) else PopPriorError
         raise error(f"cannot load checkpoint {path}: {_refusal(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PopPriorError(f"cannot load checkpoint {path}: not a recbole-popprior checkpoint "
                             f"(expected format {CHECKPOINT_FORMAT})")
+    problem = _structure_problem(state)
+    if problem:
+        raise PopPriorError(f"cannot load checkpoint {path}: {problem}")
     try:
         state["meta"] = json.loads(state.get("meta") or "{}")
+    except RecursionError:
+        raise PopPriorError(f"cannot load checkpoint {path}: its metadata nests too deeply") from None
     except (TypeError, ValueError):
         raise PopPriorError(f"cannot load checkpoint {path}: its metadata is not valid JSON") from None
     if not isinstance(state["meta"], dict):
         raise PopPriorError(f"cannot load checkpoint {path}: its metadata is not a JSON object")
     recorded = state["meta"].get("digest")
-    if recorded is not None and recorded != payload_digest(state):
+    if not isinstance(recorded, str):
+        raise PopPriorError(f"cannot load checkpoint {path}: it records no content digest (every checkpoint "
+                            "the plugin writes has one): modified, or not written by recbole-popprior")
+    if recorded != payload_digest(state):
         raise PopPriorError(f"cannot load checkpoint {path}: corrupt or modified (its tensors do not match "
                             "the digest recorded when it was saved)")
     return state
+
+
+def _structure_problem(state: dict[str, Any]) -> str | None:
+    """What keeps ``state`` from being a checkpoint :func:`save_checkpoint` wrote, or ``None``."""
+    state_dict, meta = state.get("state_dict"), state.get("meta")
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        return "its state dict is not a mapping of names to tensors"
+    for key in ("optimizer", "other_parameter"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"its {key} entry is a {type(state[key]).__name__}, not a mapping"
+    if meta is not None and not isinstance(meta, str):
+        return "its metadata is not a JSON string"
+    if _depth(state, MAX_NESTING) > MAX_NESTING:
+        return f"its containers nest more than {MAX_NESTING} levels deep"
+    return None
+
+
+def _depth(value: Any, limit: int, level: int = 0) -> int:
+    """How deeply ``value``'s dicts, lists and tuples nest (stops counting past ``limit``)."""
+    if level > limit or not isinstance(value, (dict, list, tuple)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(child, limit, level + 1) for child in children), default=level + 1)
 
 
 def _shape(value: Any) -> str:

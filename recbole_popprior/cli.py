@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Sequence
 
 import recbole_popprior
+from recbole_popprior import interrupts
 from recbole_popprior.arms import ARMS, parse_arms
 from recbole_popprior.errors import PopPriorError
 
@@ -81,6 +82,8 @@ def _numbers(flag: str, text: str) -> list[float]:
 def _files(flag: str, text: str) -> list[str]:
     paths = text.split()
     for path in paths:
+        if os.path.isdir(path):
+            raise PopPriorError(f"config file {path} is a directory, not a file")
         if not os.path.isfile(path):
             raise PopPriorError(f"config file not found: {path}")
     return paths
@@ -431,8 +434,9 @@ def guarded(func: Callable[[], Any], show_traceback: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # its message, if any, says what was kept (tuning: the report)
-        print(f"error: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
-        return 130
+        by = " by SIGTERM" if isinstance(exc, interrupts.Terminated) else ""
+        print(f"error: interrupted{by}{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 143 if by else 130
     except Exception as exc:  # noqa: BLE001 - the top level of a CLI
         if show_traceback:
             raise
@@ -448,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run() -> None:
-        dispatch(parse(argv, prog))
+        with interrupts.sigterm_as_interrupt():  # SIGTERM stops a command as Ctrl-C does
+            dispatch(parse(argv, prog))
 
     wants = [a.partition("=") for a in argv if _norm(a.partition("=")[0]) == "traceback"]
     return guarded(run, show_traceback=any(not sep or value.lower() in ("true", "1") for _, sep, value in wants))

@@ -11,20 +11,23 @@ against ``standard`` with their permutation p-values, and intervals over seeds
 collector that feeds the ``PopEnergy`` metric, so the comparison's figures and the metrics'
 figures are one computation.
 
-Outputs (each file atomic; ``compare.json`` last, so its presence means the set is complete):
-``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png``, ``arms.png`` and
-``compare.json``.
+Outputs, committed as one set (:mod:`recbole_popprior.staging`: written in a staging folder, then
+renamed into place, ``compare.json`` last, so its presence means the set is complete):
+``runs/seed<k>-<arm>/``, ``compare.{csv,md}``, ``spectra.png``, ``energy.png``, ``permutation.png``,
+``arms.png`` and ``compare.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
+import json
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +42,11 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import EnergyState
 from recbole_popprior.evaluator.energy import item_table, matched_reduction, reduction_from_energies
 from recbole_popprior.prior import estimate_log_prior
-from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, train_and_test
+from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, make_folder, train_and_test
 from recbole_popprior.serving import evaluate_at
+from recbole_popprior.staging import StagedSet
 from recbole_popprior.trained import with_metrics
-from recbole_popprior.utils import atomic_write, write_json
+from recbole_popprior.utils import atomic_write, to_jsonable
 
 #: RecBole metrics every comparison evaluates (PopBandRecall: head/mid/tail recall; PopEnergy and
 #: EmbeddingSpectrum: the statistics the energy columns and the matched reductions are computed
@@ -216,28 +220,50 @@ def run_compare(model: str, dataset: str, config_file_list: list[str] | None = N
     out_dir = output_folder(output, probe["output"], "compare", probe["model"], probe["dataset"])
     seed_values = _seed_list(probe, seeds)
 
-    per_seed, figures = [], {}
-    for seed in seed_values:
-        config_of = functools.partial(_seed_config, model, dataset, config_file_list, config_dict, seed, out_dir)
-        record = _run_seed(plans, config_of, permutations, energy_seed, figures if not per_seed else None)
-        record["seed"] = seed
-        per_seed.append(record)
-        for name, red in record["reductions"].items():
-            logger.info(f"compare seed {seed} {name}: R_dir={red['R_dir']:.4f} R_shared={red['R_shared']:.4f}")
+    with output_set(out_dir, "compare", "compare.json") as stage:  # one commit: nothing half-written
+        per_seed, figures = [], {}
+        for seed in seed_values:
+            config_of = functools.partial(_seed_config, model, dataset, config_file_list, config_dict, seed,
+                                          stage.path())
+            record = _run_seed(plans, config_of, permutations, energy_seed, figures if not per_seed else None)
+            record["seed"] = seed
+            per_seed.append(record)
+            for name, red in record["reductions"].items():
+                logger.info(f"compare seed {seed} {name}: R_dir={red['R_dir']:.4f} R_shared={red['R_shared']:.4f}")
 
-    taus = per_seed[0]["tau"]  # labels and plots use the first seed
-    spectra = {_label(plan, model, taus[plan.spec.name]): figures["spectra"][plan.spec.name]
-               for plan in plans if plan.spec.name in figures["spectra"]}
-    first_nulls = figures["nulls"]
-    arms_info = [_arm_info(plan, model, taus[plan.spec.name]) for plan in plans]
-    payload = summarise(model, dataset, arms_info, per_seed, topk=topk, permutations=permutations,
-                        confidence=confidence)
-    payload["tau"] = taus.get(SEP)
-    files = _write_compare(out_dir, payload, spectra, first_nulls)
+        taus = per_seed[0]["tau"]  # labels and plots use the first seed
+        spectra = {_label(plan, model, taus[plan.spec.name]): figures["spectra"][plan.spec.name]
+                   for plan in plans if plan.spec.name in figures["spectra"]}
+        first_nulls = figures["nulls"]
+        arms_info = [_arm_info(plan, model, taus[plan.spec.name]) for plan in plans]
+        payload = summarise(model, dataset, arms_info, per_seed, topk=topk, permutations=permutations,
+                            confidence=confidence)
+        payload["tau"] = taus.get(SEP)
+        files = _write_compare(stage, payload, spectra, first_nulls)
     payload["files"] = {k: str(v) for k, v in files.items()}
     print(headline_text(payload, str(files["md"])), flush=True)
     log_report_folder(out_dir, "compare.md, compare.csv, compare.json, *.png, runs/")
     return payload
+
+
+@contextlib.contextmanager
+def output_set(out_dir: Path, kind: str, marker: str) -> Iterator[StagedSet]:
+    """The output folder (created, one line when it cannot be) and a :class:`StagedSet` in it; a
+    start that fails leaves no folder it created."""
+    created = make_folder(out_dir, "the run folder")
+    try:
+        with StagedSet(out_dir, kind, marker) as stage:
+            yield stage
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+def dump_json(handle: Any, payload: Any) -> None:
+    json.dump(to_jsonable(payload), handle, indent=2)
+    handle.write("\n")
 
 
 def _seed_config(model: str, dataset: str, config_file_list: list[str] | None, config_dict: dict, seed: int,
@@ -384,29 +410,33 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _write_compare(out_dir: Path, payload: dict[str, Any], spectra: dict[str, np.ndarray],
+def _write_compare(stage: StagedSet, payload: dict[str, Any], spectra: dict[str, np.ndarray],
                    nulls: Mapping[str, dict[str, np.ndarray] | None]) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"csv": _write_text(out_dir / "compare.csv", compare_csv(payload)),
-             "md": _write_text(out_dir / "compare.md", payload["markdown"])}
+    """Every file of the set into ``stage``, then the commit (``compare.json`` last); returns the
+    files' final paths (the payload's paths are the final ones too)."""
+    files = {"csv": _write_text(stage.path("compare.csv"), compare_csv(payload)),
+             "md": _write_text(stage.path("compare.md"), payload["markdown"])}
     first, seeds = payload["per_seed"][0], payload["seeds"]
     if spectra:
-        files["spectra"] = plots.plot_spectra(spectra, out_dir / "spectra.png", seed=first["seed"])
+        files["spectra"] = plots.plot_spectra(spectra, stage.path("spectra.png"), seed=first["seed"])
     labels = {arm["name"]: arm["label"] for arm in payload["arms"]}
     files["energy"] = plots.plot_energy({labels[name]: [rec["energy"][name] for rec in payload["per_seed"]]
-                                         for name in labels}, out_dir / "energy.png", seeds)
+                                         for name in labels}, stage.path("energy.png"), seeds)
     panels = {labels[name]: (null, {"dir": first["reductions"][name]["R_dir"],
                                     "shared": first["reductions"][name]["R_shared"]})
               for name, null in nulls.items() if null is not None}
     if panels:
-        files["permutation"] = plots.plot_permutation_nulls(panels, out_dir / "permutation.png",
+        files["permutation"] = plots.plot_permutation_nulls(panels, stage.path("permutation.png"),
                                                             seed=first["seed"], n_seeds=len(seeds))
-    files["arms"] = plots.plot_arms(payload["summary"], out_dir / "arms.png",
+    files["arms"] = plots.plot_arms(payload["summary"], stage.path("arms.png"),
                                     (f"ndcg@{payload['topk']}", "dir_frac", "shared_frac"), seeds)
-    payload["files"] = {k: str(v) for k, v in {**files, "json": out_dir / "compare.json"}.items()}
-    files["json"] = write_json(out_dir / "compare.json", {k: v for k, v in payload.items() if k != "markdown"})
+    files = {k: stage.final(Path(v)) for k, v in files.items()}
+    payload.update(stage.final({k: v for k, v in payload.items() if k != "markdown"}))
+    payload["files"] = {k: str(v) for k, v in {**files, "json": stage.out_dir / "compare.json"}.items()}
+    files["json"] = stage.commit(lambda handle: dump_json(handle, {k: v for k, v in payload.items()
+                                                                   if k != "markdown"}))
     return files
 
 
-__all__ = ["run_compare", "output_folder", "arm_config", "train_arm", "measure", "score_singular_values",
-           "release_arm", "COMPARE_METRICS", "Arm"]
+__all__ = ["run_compare", "output_folder", "output_set", "dump_json", "arm_config", "train_arm", "measure",
+           "score_singular_values", "release_arm", "COMPARE_METRICS", "Arm"]

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import difflib
-import functools
 import math
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +35,7 @@ import recbole
 import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
+from recbole.model.sequential_recommender import CORE
 
 from recbole_popprior import compat
 from recbole_popprior import evaluator as _evaluator  # noqa: F401  (importing it registers the energy metrics)
@@ -48,6 +46,9 @@ from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
 from recbole_popprior.prior_source import PRIOR_SOURCES
 from recbole_popprior.remedies.resn import LINKS
+from recbole_popprior.unknown_settings import (INTERNAL_KEYS, PLUGIN_PREFIXES, known_plugin_keys,  # noqa: F401
+                                               other_unknown_keys, summarised, unknown_key_warnings)
+from recbole_popprior.yaml_files import RecBoleYamlLoader, read_yaml_file, yaml_problem
 
 _RECBOLE_SAMPLE_YAML = (Path(recbole.__file__).parent / "properties" / "dataset" / "sample.yaml").resolve()
 
@@ -62,29 +63,6 @@ def dataset_config_file(dataset: str) -> Path:
     return Path(str(resources.files("recbole_popprior.dataset_configs").joinpath(f"{dataset}.yaml")))
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """RecBole's yaml rules (``1e-4`` is a float) on PyYAML's safe loader: RecBole's FullLoader
-    builds Python objects from tags (``!!python/name:os.system`` becomes the function)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                 |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-                 |[-+]?\.(?:inf|Inf|INF)
-                 |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a yaml error: its problem and where, without PyYAML's context lines."""
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
-
-
 class Config(RecBoleConfig):
     """RecBole ``Config`` for prior-separated models (see the module docstring for the precedence)."""
 
@@ -94,22 +72,32 @@ class Config(RecBoleConfig):
         except FileNotFoundError as exc:
             raise PopPriorError(f"config file not found: {exc.filename}") from None
         except yaml.YAMLError as exc:
-            raise PopPriorError(f"a config file is not valid yaml: {_yaml_problem(exc)}") from None
+            raise PopPriorError(f"a config file is not valid yaml: {yaml_problem(exc)}") from None
         _resolve(self.final_config_dict)
         _validate(self.final_config_dict, self.model_class)
-        #: one line per unknown setting with a plugin prefix (logged by the quick start)
-        self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict)
+        known = set(self.internal_config_dict) | {p for group in self.parameters.values() for p in group}
+        #: the given settings that nothing reads: not RecBole's, not the model's, not the plugin's
+        self.unknown_keys = [key for key in self.external_config_dict
+                             if key not in known and key not in known_plugin_keys() and key not in INTERNAL_KEYS]
+        #: one line per unknown setting with a plugin prefix, one for the others (logged by the quick start)
+        self.unknown_key_warnings = unknown_key_warnings(self.external_config_dict) + other_unknown_keys(
+            [key for key in self.unknown_keys if not key.startswith(PLUGIN_PREFIXES)], known, self["model"])
+        for key in self.unknown_keys:  # nothing reads them: never carried whole into logs or checkpoints
+            self.final_config_dict[key] = self.external_config_dict[key] = summarised(self.final_config_dict[key])
 
     # Shim 1 (compat.numpy_aliases): RecBole's version crashes under numpy 2.
     def compatibility_settings(self):
         compat.numpy_aliases()
 
     def _build_yaml_loader(self):
-        return _YamlLoader
+        return RecBoleYamlLoader
 
     # RecBole's own checks of metrics, topk, valid_metric and the sampling arguments raise
     # ValueError, TypeError, NotImplementedError or RuntimeError: bad input, so one line each.
     def _set_default_parameters(self):
+        metrics = self.final_config_dict.get("metrics")
+        if isinstance(metrics, (list, tuple)) and not metrics:  # RecBole: "pop from an empty set"
+            raise PopPriorError("metrics is empty: list at least one metric, e.g. [Recall, NDCG]")
         # RecBole refuses sampled negatives for a sequential softmax, and its BPR models need
         # them: None only where the model trains a softmax, unless the user set it (DESIGN §6.2)
         if "train_neg_sample_args" not in self.external_config_dict and trains_without_negatives(
@@ -128,21 +116,11 @@ class Config(RecBoleConfig):
 
     def _load_config_files(self, file_list):
         """RecBole's reader of ``--config_files``, with one line for a file that is not UTF-8,
-        not yaml or not a mapping of settings (RecBole raises from ``dict.update``)."""
+        not yaml, over the bounds of :mod:`recbole_popprior.yaml_files` (an alias bomb), or not a
+        mapping of settings (RecBole raises from ``dict.update``)."""
         merged: dict[str, Any] = {}
         for file in file_list or []:
-            try:
-                with open(file, encoding="utf-8") as handle:
-                    loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
-            except FileNotFoundError:
-                raise PopPriorError(f"config file not found: {file}") from None
-            except IsADirectoryError:
-                raise PopPriorError(f"config file {file} is a directory") from None
-            except UnicodeDecodeError as exc:
-                raise PopPriorError(f"config file {file} is not UTF-8 text (byte {exc.start}: "
-                                    f"{exc.object[exc.start:exc.start + 1]!r})") from None
-            except yaml.YAMLError as exc:
-                raise PopPriorError(f"config file {file} is not valid yaml: {_yaml_problem(exc)}") from None
+            loaded = read_yaml_file(file, "config file")
             if loaded is None:  # an empty file sets nothing
                 continue
             if not isinstance(loaded, dict):
@@ -268,43 +246,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# --- unknown settings ------------------------------------------------------------------------
-#: prefixes of the plugin's settings; an unknown key with one of them is most likely a typo
-PLUGIN_PREFIXES = ("prior_", "energy_", "tune_", "synthetic_", "softmax_", "eval_score_", "compare_",
-                   "directspec_", "adap_tau_", "ace_", "resn_", "remedy", "sequence_", "tensorboard", "amp_")
-
-
-@functools.lru_cache(maxsize=1)
-def known_plugin_keys() -> frozenset[str]:
-    """Every setting the plugin ships a default for: the keys of ``properties/**/*.yaml`` and
-    ``dataset_configs/*.yaml`` (read once)."""
-    roots = [properties_file(), Path(str(resources.files("recbole_popprior.dataset_configs")))]
-    keys: set[str] = set()
-    for root in roots:
-        for path in sorted(root.rglob("*.yaml")):
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.load(handle, Loader=_YamlLoader)
-            if isinstance(loaded, dict):
-                keys.update(str(key) for key in loaded)
-    return frozenset(keys)
-
-
-def unknown_key_warnings(settings: dict[str, Any]) -> list[str]:
-    """One line per given setting that starts like a plugin setting but is none of them
-    (``prior_tua`` -> did you mean ``prior_tau``?). A warning, not an error: RecBole
-    ignores keys it does not know, and models may read keys of their own."""
-    known = known_plugin_keys()
-    lines = []
-    for key in settings:
-        if not isinstance(key, str) or key in known or not key.startswith(PLUGIN_PREFIXES):
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        lines.append(f"unknown setting {key!r} has no effect{hint}")
-    return lines
-
-
 # --- checks of the plugin's settings ------------------------------------------------------
+#: the largest float32: settings end up in float32 tensors, where a larger value is infinite
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(config: dict[str, Any], key: str, *, low: float | None = None, strict: bool = False,
             allow: tuple = (), integer: bool = False, high: float | None = None, strict_high: bool = False) -> None:
     value = config.get(key)
@@ -315,6 +261,8 @@ def _number(config: dict[str, Any], key: str, *, low: float | None = None, stric
         raise PopPriorError(f"{key} must be {kind}, got {value!r}")
     if not math.isfinite(value):
         raise PopPriorError(f"{key} must be a finite number, got {value!r}")
+    if not integer and abs(value) > FLOAT32_MAX:
+        raise PopPriorError(f"{key} must be a finite float32 number (at most 3.4e38 in size), got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise PopPriorError(f"{key} must be {'>' if strict else '>='} {low}, got {value!r}")
     if high is not None and (value >= high if strict_high else value > high):
@@ -347,7 +295,7 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
         raise PopPriorError(f"valid_metric {config.get('valid_metric')!r} is not among metrics {config.get('metrics')}; "
                             "add it to metrics or choose another valid_metric")
     _choice(config, "sequence_data", ("lean", "recbole"))
-    _validate_running(config)
+    _validate_running(config, model_class)
     _validate_precision(config)
     _validate_training(config)
     _validate_remedies(config, model_class, require_record(model_class))
@@ -374,9 +322,9 @@ def _validate_prior_source(config: dict[str, Any]) -> None:
         raise PopPriorError("prior_source: truth gives one (pooled) marginal: use prior_mode: static")
 
 
-def _validate_running(config: dict[str, Any]) -> None:
+def _validate_running(config: dict[str, Any], model_class: type | None = None) -> None:
     """RecBole settings the pipeline uses before RecBole checks them (if it ever does)."""
-    _number(config, "seed", integer=True)
+    _number(config, "seed", low=0, high=2**32 - 1, integer=True)  # numpy's and torch's seeds
     _number(config, "epochs", low=1, integer=True)  # 0 or less would save an untrained model
     if "pretrain_epochs" in config:
         _number(config, "pretrain_epochs", low=1, integer=True)
@@ -389,6 +337,41 @@ def _validate_running(config: dict[str, Any]) -> None:
     _number(config, "MAX_ITEM_LIST_LENGTH", low=1, integer=True, allow=(None,))
     if not isinstance(config.get("tensorboard"), bool):
         raise PopPriorError(f"tensorboard must be True or False, got {config.get('tensorboard')!r}")
+    _validate_model_sizes(config, model_class)
+    _validate_valid_metric(config)
+
+
+def _validate_model_sizes(config: dict[str, Any], model_class: type | None) -> None:
+    """The model settings RecBole's sequential models share: sizes are positive integers (0 would
+    train an empty model, or fail after the data loads), dropout rates lie in [0, 1], and the
+    attention heads divide the width they split."""
+    for key in ("hidden_size", "embedding_size", "inner_size", "n_layers", "num_layers", "n_heads"):
+        if config.get(key) is not None:
+            _number(config, key, low=1, integer=True)
+    for key, value in config.items():
+        if isinstance(key, str) and "dropout" in key and value is not None:
+            rates = value if isinstance(value, (list, tuple)) else [value]
+            if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1
+                                    for r in rates):
+                raise PopPriorError(f"{key} must be a dropout rate in [0, 1], got {value!r}")
+    # the width the heads split: hidden_size in RecBole's model yamls, except CORE's embedding_size
+    width_key = "embedding_size" if model_class is not None and issubclass(model_class, CORE) else "hidden_size"
+    heads, width = config.get("n_heads"), config.get(width_key)
+    if heads is not None and isinstance(width, int) and width % heads:
+        raise PopPriorError(f"n_heads ({heads}) must divide {width_key} ({width}): each head takes "
+                            f"{width_key} / n_heads dimensions")
+
+
+def _validate_valid_metric(config: dict[str, Any]) -> None:
+    """``valid_metric: NDCG@20`` needs 20 in ``topk``: RecBole evaluates only the listed cut-offs and
+    fails with ``KeyError: 'ndcg@20'`` after the first epoch."""
+    metric = str(config.get("valid_metric") or "")
+    topk = config.get("topk")
+    topk = [topk] if isinstance(topk, int) else list(topk or [])
+    name, at, cut = metric.partition("@")
+    if at and cut.isdigit() and topk and int(cut) not in topk:
+        raise PopPriorError(f"valid_metric {metric} needs {cut} in topk, got topk {topk}: add it, or choose "
+                            f"{name}@{topk[0]}")
 
 
 #: autocast dtypes the trainer takes (``amp_dtype``; None = the device's own default)
@@ -482,7 +465,7 @@ def _validate_remedies(config: dict[str, Any], model_class: type, record: ModelR
 
 
 def _validate_energy(config: dict[str, Any]) -> None:
-    _number(config, "energy_permutations", low=0, integer=True)
+    _number(config, "energy_permutations", low=0, integer=True, high=10**6)  # 16 bytes a draw per model
     _choice(config, "energy_permutation_stage", ("test", "valid", "always"))
     _number(config, "energy_max_contexts", low=1, integer=True, allow=(None,))
     _number(config, "energy_subspace", low=0.0, strict=True, high=1.0)

@@ -29,9 +29,14 @@ the energy statistics, are in :mod:`recbole_popprior.collective`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import socket
-from typing import Any, Mapping
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -42,7 +47,7 @@ from torch.multiprocessing.spawn import ProcessException
 from recbole_popprior import collective
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.prior import estimate_log_prior
-from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, make_run_dir, train_and_test
+from recbole_popprior.quick_start import build_config, build_pipeline, log_report_folder, run_dir_name, train_and_test
 from recbole_popprior.utils import write_json
 
 
@@ -123,14 +128,26 @@ def run_distributed(model: str | None, dataset: str | None, config_file_list: li
     return _spawn(model, dataset, config_file_list, config_dict)
 
 
+#: seconds the other workers get to stop by themselves after one failed (the same bad input stops
+#: each of them, and each removes the run folder it made), before torch terminates them
+_GRACE_S = 10
+
+
 def _spawn(model, dataset, config_file_list, config_dict) -> dict[str, Any] | None:
+    """``nproc`` workers on this node. Ctrl-C (or any error here) stops them: SIGTERM, then SIGKILL,
+    since a worker waiting in torch's rendezvous for a rank that never comes does not return to
+    Python to see its own SIGINT, and the parent would wait on it at exit for ever."""
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
+    workers = mp.start_processes(_spawned_worker, args=(model, dataset, config_file_list, config_dict, queue),
+                                 nprocs=config_dict["nproc"], join=False, start_method="spawn")
     try:
-        mp.spawn(_spawned_worker, args=(model, dataset, config_file_list, config_dict, queue),
-                 nprocs=config_dict["nproc"], join=True)
+        with _quiet_termination_log():
+            while not workers.join(timeout=1, grace_period=_GRACE_S):
+                pass
     except ProcessException as exc:
         messages = _drain(queue)
+        _remove_unused_run_dirs(messages)
         errors = [payload for kind, payload in messages if kind == "error"]
         if errors:
             raise PopPriorError(errors[0]) from None
@@ -138,8 +155,48 @@ def _spawn(model, dataset, config_file_list, config_dict) -> dict[str, Any] | No
         if failures:
             raise RuntimeError(f"a worker failed: {failures[0]}") from exc
         raise
+    except BaseException:
+        _stop(workers.processes)
+        _remove_unused_run_dirs(_drain(queue))
+        raise
     results = [payload for kind, payload in _drain(queue) if kind == "result"]
     return results[0] if results else None
+
+
+def _stop(processes, wait_s: float = 5.0) -> None:
+    """SIGTERM every live worker, SIGKILL the ones still there after ``wait_s``; reap them all."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + wait_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+@contextlib.contextmanager
+def _quiet_termination_log():
+    """torch logs "Terminating process N via signal SIGTERM" when it stops the other workers after
+    a failure: the command's own one line says what failed."""
+    log = logging.getLogger("torch.multiprocessing.spawn")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _remove_unused_run_dirs(messages: list[tuple[str, Any]]) -> None:
+    """Rank 0's run folder, when a failed start left nothing in it but its log (rank 0 removes it
+    itself unless it was stopped first)."""
+    for kind, payload in messages:
+        path = Path(payload) if kind == "run_dir" else None
+        if path is not None and path.is_dir() and set(os.listdir(path)) <= {"run.log"}:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _drain(queue) -> list[tuple[str, Any]]:
@@ -153,7 +210,8 @@ def _spawned_worker(local_rank: int, model, dataset, config_file_list, config_di
     """``torch.multiprocessing.spawn`` target. Defined in the plugin, so unpickling it in the
     fresh interpreter imports ``recbole_popprior``: shims applied, metrics registered."""
     try:
-        result = run_worker(local_rank, model, dataset, config_file_list, config_dict)
+        result = run_worker(local_rank, model, dataset, config_file_list, config_dict,
+                            on_run_dir=lambda path: queue.put(("run_dir", str(path))))
     except PopPriorError as exc:
         queue.put(("error", str(exc)))
         raise
@@ -166,12 +224,15 @@ def _spawned_worker(local_rank: int, model, dataset, config_file_list, config_di
 
 
 def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | None,
-               config_dict: dict[str, Any]) -> dict[str, Any]:
-    """One DDP process: the quick start's pipeline with the additions in the module docstring."""
+               config_dict: dict[str, Any], on_run_dir: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One DDP process: the quick start's pipeline with the additions in the module docstring
+    (``on_run_dir``: told the run folder, on global rank 0)."""
     config_dict = dict(config_dict, local_rank=int(local_rank))
     config = build_config(model, dataset, config_file_list, config_dict)
     try:
         _share_run_dir(config)
+        if on_run_dir is not None and dist.get_rank() == 0:
+            on_run_dir(config["run_dir"])
         pipe = build_pipeline(config)
         for loader in (pipe.valid_data, pipe.test_data):
             unpad_eval_sampler(loader)
@@ -192,10 +253,11 @@ def run_worker(local_rank: int, model, dataset, config_file_list: list[str] | No
 
 
 def _share_run_dir(config) -> None:
-    """Global rank 0 picks ``<output>/<model>-<dataset>-<time>``; every rank uses it."""
+    """Global rank 0 picks ``<output>/<model>-<dataset>-<time>``; every rank uses it. It is created
+    by the pipeline (and removed again by a start that fails), as in a single process."""
     if "run_dir" in config and config["run_dir"]:
         return
-    chosen = [str(make_run_dir(config)) if dist.get_rank() == 0 else None]
+    chosen = [str(run_dir_name(config)) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     config["run_dir"] = chosen[0]
 

@@ -1,4 +1,4 @@
-"""Where the training prior comes from: ``prior_source: estimate | truth`` (docs/DESIGN.md §2, §10).
+"""Where the training prior comes from: ``prior_source: estimate | truth`` (docs/DESIGN.md §2, §12).
 
 ``estimate`` (the default) is the smoothed count of the training targets
 (:func:`recbole_popprior.prior.estimate_log_prior`). ``truth`` is the generator's own item

@@ -20,9 +20,11 @@ import colorlog
 from recbole.utils import get_local_time, init_seed, set_color
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
+from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.remedies.ace import check_ace_file
 from recbole_popprior.trainer import get_trainer
 from recbole_popprior.utils import to_jsonable, write_json
 
@@ -88,9 +90,10 @@ def init_logger(config: Config, run_dir: Path | None = None) -> logging.Logger:
     return root
 
 
-def make_folder(path: str | Path, what: str) -> list[Path]:
+def make_folder(path: str | Path, what: str, fresh: bool = False) -> list[Path]:
     """``mkdir -p path``; returns the folders it created, outermost first. A file in the way or
-    a folder that cannot be written is one :class:`PopPriorError` line naming ``what`` it is."""
+    a folder that cannot be written is one :class:`PopPriorError` line naming ``what`` it is.
+    ``fresh``: ``path`` itself must be new (``FileExistsError`` when another process made it first)."""
     path = Path(path)
     missing, probe = [], path
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
@@ -99,13 +102,36 @@ def make_folder(path: str | Path, what: str) -> list[Path]:
     if not probe.is_dir():
         raise PopPriorError(f"cannot create {what} {path}: {probe} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(exist_ok=not fresh)
+    except FileExistsError:
+        if fresh and path.is_dir():
+            raise
+        raise PopPriorError(f"cannot create {what} {path}: it exists and is not a folder") from None
     except OSError as exc:
         raise PopPriorError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
     return missing[::-1]
 
 
-def _run_dir_of(config: Config) -> Path:
+def _make_run_dir(config: Config) -> tuple[Path, list[Path]]:
+    """The run folder (:func:`run_dir_name`), made here on rank 0, and the folders made for it. A
+    folder named after the time is made exclusively: two runs started in the same second (into
+    one ``--output``) would otherwise share it, and write over each other's checkpoint and log."""
+    named = bool(config["run_dir"] if "run_dir" in config else None)
+    for _ in range(100):
+        run_dir = run_dir_name(config)
+        if config["local_rank"] != 0:
+            return run_dir, []
+        try:
+            return run_dir, make_folder(run_dir, "the run folder", fresh=not named)
+        except FileExistsError:  # taken since run_dir_name looked: the next name
+            continue
+    raise PopPriorError(f"cannot create a run folder in {config['output']}: every name is taken")
+
+
+def run_dir_name(config: Config) -> Path:
+    """The run folder a run uses (not created here): ``config["run_dir"]``, or
+    ``<output>/<model>-<dataset>-<time>[-k]`` (the first name not taken)."""
     if config["run_dir"] if "run_dir" in config else None:
         return Path(config["run_dir"])
     stem = Path(config["output"]) / f'{config["model"]}-{config["dataset"]}-{get_local_time()}'
@@ -113,14 +139,6 @@ def _run_dir_of(config: Config) -> Path:
     while run_dir.exists():
         k += 1
         run_dir = stem.with_name(f"{stem.name}-{k}")
-    return run_dir
-
-
-def make_run_dir(config: Config) -> Path:
-    """``<output>/<model>-<dataset>-<time>[-k]``, or ``config["run_dir"]`` when given (created on rank 0)."""
-    run_dir = _run_dir_of(config)
-    if config["local_rank"] == 0:
-        make_folder(run_dir, "the run folder")
     return run_dir
 
 
@@ -141,13 +159,32 @@ def _undo_run_dir(run_dir: Path, created: list[Path]) -> None:
             folder.rmdir()  # only when empty
 
 
+def check_input_files(config: Config) -> None:
+    """The files the model reads besides the dataset, checked before the data loads (one line
+    each, instead of an error after loading and logging the data): ``ace_init`` from its arrays'
+    headers, and S3Rec's fine-tune ``pre_model_path`` (loaded, digest and structure checked)."""
+    if config["ace_init"]:
+        check_ace_file(config["ace_init"])
+    if "train_stage" in config and config["train_stage"] == "finetune":
+        checkpoint.load_checkpoint(config["pre_model_path"] or "<pre_model_path is empty>")
+
+
+def build_model(config: Config, dataset: Any) -> Any:
+    """The model, on its device. RecBole's models and torch's modules check their settings in the
+    constructor (``num_layers must be greater than zero``): bad settings, so one line each."""
+    try:
+        return config.model_class(config, dataset).to(config["device"])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PopPriorError(f"cannot build {config['model']} with these settings: {message}") from None
+
+
 def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
     """Seed, load and split the data, and build the model and its trainer (as RecBole's quick start).
 
     Nothing is left on disk when this fails: the run folder is removed again if it was created here.
     """
-    run_dir = _run_dir_of(config)
-    created = make_folder(run_dir, "the run folder") if config["local_rank"] == 0 else []
+    run_dir, created = _make_run_dir(config)
     try:
         config["checkpoint_dir"] = str(run_dir)
         if log:
@@ -157,11 +194,13 @@ def build_pipeline(config: Config, *, log: bool = True) -> Pipeline:
             logger.warning(line)
         logger.info(config, extra=DUMP)
         init_seed(config["seed"], config["reproducibility"])
+        check_input_files(config)
         dataset = create_dataset(config)
-        logger.info(dataset, extra=DUMP)
+        summary = str(dataset)  # logged once the splits are checked: a bad split is then one line
         train_data, valid_data, test_data = data_preparation(config, dataset)
+        logger.info(summary, extra=DUMP)
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        model = config.model_class(config, train_data._dataset).to(config["device"])
+        model = build_model(config, train_data._dataset)
         logger.info(model, extra=DUMP)
         trainer = get_trainer(config)(config, model)
     except BaseException:

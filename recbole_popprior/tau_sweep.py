@@ -1,5 +1,5 @@
 """The tau sweep: one model trained per prior weight ``tau`` and seed, every run measured against the
-``tau = 0`` run of its seed on the same contexts (docs/DESIGN.md §10).
+``tau = 0`` run of its seed on the same contexts (docs/DESIGN.md §12).
 
 ``run_tau_sweep`` trains, for every seed, the reference ``tau = 0`` (RecBole's own model, as the
 ``standard`` arm of ``--compare``) and one prior-separated model per variant: a ``tau`` (a number

@@ -1,4 +1,4 @@
-"""The tau sweep's figure: ``dir_frac`` and NDCG@K against tau, one column per sweep (docs/DESIGN.md §10).
+"""The tau sweep's figure: ``dir_frac`` and NDCG@K against tau, one column per sweep (docs/DESIGN.md §12).
 
 Takes any number of sweep payloads (``sweep.json`` of :mod:`recbole_popprior.tau_sweep`), one
 column each, so a later data set's sweep is one more file. Points are means over seeds with their

@@ -1,5 +1,5 @@
 """The tau sweep's report: per-run measures from the saved runs, intervals over seeds, the markdown,
-the figure, and the comparison report of two of its runs (docs/DESIGN.md §10).
+the figure, and the comparison report of two of its runs (docs/DESIGN.md §12).
 
 Pure functions of what :mod:`recbole_popprior.tau_sweep` saves (each run's ``run.json`` record and
 its ``contexts.npz`` arrays), so the report can be rebuilt, and tested, without training. Every
@@ -59,7 +59,7 @@ def pop_slope(mean_row: np.ndarray, log_prior: np.ndarray) -> float:
 
 def _split(energy: Mapping[str, Any]) -> dict[str, float]:
     """``dir_frac`` cut into its context-shared and context-specific parts, ``E_shared / T + E_specific / T``
-    (DESIGN §10: estimating ``p`` and mis-weighting it can only add to the shared part)."""
+    (DESIGN §12: estimating ``p`` and mis-weighting it can only add to the shared part)."""
     total = energy["total"]
     return {"dir_shared": energy["shared"] / total, "dir_specific": energy["specific"] / total}
 

@@ -22,6 +22,7 @@ from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_popprior import checkpoint, collective, compat
+from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.collector import PopPriorCollector
 from recbole_popprior.evaluator.full_sort import ChunkPlan, FullSortScorer, mask_scores
 from recbole_popprior.model.registry import recbole_model_name
@@ -98,6 +99,12 @@ class PopPriorTrainerMixin:
             loss_func = compat.without_autocast(loss_func or self.model.calculate_loss, self.device.type)
         with autocast_dtype(self.device.type, self.amp_dtype if self.enable_amp else None):
             return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _check_nan(self, loss):
+        """RecBole's NaN check, as one line: settings that make training diverge are bad input."""
+        if torch.isnan(loss):
+            raise PopPriorError("Training loss is nan: these settings make training diverge (e.g. learning_rate, "
+                                "weight_decay or prior_tau too large)")
 
     # --- checkpoints (compat shim 3) -----------------------------------------------------
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):

@@ -1,8 +1,9 @@
-"""Small shared helpers: atomic file writes, JSON output, seeding."""
+"""Small shared helpers: atomic file writes, JSON output, an exclusive lock file."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -64,3 +65,32 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
         json.dump(to_jsonable(payload), handle, indent=2, sort_keys=False)
         handle.write("\n")
     return Path(path)
+
+
+class LockBusy(Exception):
+    """Another process holds the lock (:func:`exclusive_lock` with ``wait=False``)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Hold ``flock`` on ``path`` (created, and removed again on the way out). The kernel releases it
+    when the holder dies, even by SIGKILL, so a stale file never blocks. ``wait=False``: raise
+    :class:`LockBusy` at once when another process holds it."""
+    path = Path(path)
+    while True:  # the file may be unlinked by its last holder right after we open it: then retry
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise LockBusy(str(path)) from None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the unlock: a waiter then retries on a new file
+        os.close(fd)

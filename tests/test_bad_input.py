@@ -1,3 +1,4 @@
+# Over 500 lines: one table of every bad input, so that each case runs through the same checks of stderr and disk.
 """Bad input to the command lines, as one table: each case must end with exactly one ``error:``
 line on stderr (no traceback), its exit status, and nothing written or changed on disk.
 
@@ -14,24 +15,29 @@ makes its files under ``{tmp}``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
+import io
 import json
 import logging
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
-from conftest import tiny_rows, write_inter
+from conftest import free_port, tiny_rows, write_inter
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = "recbole_popprior.convert"
@@ -202,23 +208,42 @@ CASES = [  # the converters (python -m recbole_popprior.convert)
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
 GOOD_ROWS = "".join(f"{u}\t{i}\t{10 * u + i}\n" for u in range(1, 6) for i in range(1, 6))
+LEAVE_ONE_OUT = ("leave-one-out gives a user's first example to train",)
 MALFORMED = {  # name -> (.inter text, words of the error line)
     "badfloat": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\tabc\n", ("badfloat.inter line 27", "timestamp", "'abc'")),
-    "ragged": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\n", ("ragged.inter line 27", "2 fields", "header has 3")),
-    "longrow": (f"{INTER_HEADER}\n{GOOD_ROWS}6\t1\t2\t9\n", ("longrow.inter line 27", "4 fields", "header has 3")),
+    # (rows with more or fewer fields than the header are read as RecBole reads them, with a warning:
+    # tests/test_atomic_files.py)
     "unknowntype": ("user_id:token\titem_id:tokn\ttimestamp:float\n" + GOOD_ROWS,
                     ("unknowntype.inter", "column 'item_id'", "unknown type 'tokn'")),
     "headeronly": (f"{INTER_HEADER}\n", ("headeronly.inter", "no data rows")),
     "commas": (INTER_HEADER.replace("\t", ",") + "\n" + GOOD_ROWS.replace("\t", ","),
                ("commas.inter", "not name:type", "tab-separated")),
+    # issue 19, 5: RecBole fails later on these with AttributeError: 'NoneType' object has no attribute ...
+    "noitem": ("user_id:token\tproduct:token\ttimestamp:float\n" + GOOD_ROWS,
+               ("noitem.inter has no column 'item_id' (ITEM_ID_FIELD)", "product:token")),
+    "othernames": ("uid:token\tiid:token\tts:float\n" + GOOD_ROWS,
+                   ("othernames.inter has no column 'user_id' (USER_ID_FIELD)", "uid:token, iid:token, ts:float")),
+    "bom": ("\ufeff" + INTER_HEADER + "\n" + GOOD_ROWS, ("bom.inter starts with a byte-order mark", "utf-8-sig")),
+    "floatitem": (INTER_HEADER.replace("item_id:token", "item_id:float") + "\n" + GOOD_ROWS,
+                  ("floatitem.inter", "'item_id' (ITEM_ID_FIELD) must be of type token, got float")),
+    "sequser": (INTER_HEADER.replace("user_id:token", "user_id:token_seq") + "\n" + GOOD_ROWS,
+                ("sequser.inter", "'user_id' (USER_ID_FIELD) must be of type token, got token_seq")),
+    # issue 19, 5 and 13: one event per user fails in torch's sampler; two train on nothing and test nothing
+    "oneevent": (INTER_HEADER + "\n" + "".join(f"{u}\t{u % 5 + 1}\t{u}\n" for u in range(1, 40)),
+                 ("dataset 'oneevent': the train split is empty", *LEAVE_ONE_OUT, "2 interactions")),
+    "twoevents": (INTER_HEADER + "\n" + "".join(f"{u}\t{u % 5 + 1}\t{u}\n{u}\t{u % 3 + 1}\t{u + 1}\n" for u in range(1, 40)),
+                  ("dataset 'twoevents': the valid split is empty (39/0/0", *LEAVE_ONE_OUT, "4 interactions")),
 }
 READERS = {  # the three ways the plugin reads an .inter file
     "lean": (),
     "recbole data": ("--sequence_data=recbole",),
     "recbole reader": ("--sequence_data=recbole", "--fast_loader=False"),
 }
-SMALL = {"data_path": "{tmp}/data", "output": "{tmp}/out", "epochs": "1", "hidden_size": "8", "inner_size": "16", "n_layers": "1", "n_heads": "1",
-         "MAX_ITEM_LIST_LENGTH": "5", "train_batch_size": "64", "show_progress": "False", "gpu_id": "''"}
+SMALL = {"data_path": "{tmp}/data", "output": "{tmp}/out", "epochs": "1", "MAX_ITEM_LIST_LENGTH": "5",
+         "train_batch_size": "64", "show_progress": "False", "gpu_id": "''"}
+#: a tiny model of each kind, in the model's own settings (another model's keys would be warned about)
+TINY_MODEL = {"SASRec": {"hidden_size": "8", "inner_size": "16", "n_layers": "1", "n_heads": "1"},
+              "recurrent": {"embedding_size": "8", "hidden_size": "8", "num_layers": "1"}}
 
 
 def cli_setup(*extra: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -236,7 +261,8 @@ def cli_setup(*extra: Callable[[Path], None]) -> Callable[[Path], None]:
 def run(*extra: str, model: str = "SASRec", dataset: str = "tiny") -> tuple[str, ...]:
     """The argv of one small run; ``--key=value`` in ``extra`` replaces the small defaults."""
     given = {arg.split("=", 1)[0] for arg in extra}
-    small = tuple(f"--{k}={v}" for k, v in SMALL.items() if f"--{k}" not in given)
+    tiny = TINY_MODEL["recurrent" if model in ("KSR", "GRU4RecKG", "GRU4Rec") else "SASRec"]
+    small = tuple(f"--{k}={v}" for k, v in {**SMALL, **tiny}.items() if f"--{k}" not in given)
     return (f"--model={model}", f"--dataset={dataset}", *small, *extra)
 
 
@@ -266,6 +292,79 @@ def _interrupt_after_first_trial(case: Case, tmp: Path) -> tuple[int, str]:
     return proc.returncode, "".join(lines)
 
 
+def _interrupt_ddp_rendezvous(case: Case, tmp: Path) -> tuple[int, str]:
+    """Ctrl-C (SIGINT to the process group) once rank 0 listens for a rendezvous that the
+    missing third rank never completes (``--nproc=2 --world_size=3``); the command must end within
+    60 s, with nothing of its process group left alive (issue 19, 8)."""
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    port = int(next(a for a in argv if a.startswith("--port=")).split("=", 1)[1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_recbole_popprior.py"), *argv], cwd=tmp,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # until rank 0 serves the rendezvous
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # rank 1 joins it too
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # no worker outlives the command
+            for _ in range(20):
+                os.killpg(proc.pid, 0)
+                time.sleep(0.5)
+            raise AssertionError("a process of the command's group is still alive")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def _interrupt_while_importing(case: Case, tmp: Path) -> tuple[int, str]:
+    """Ctrl-C while the command still imports torch (its shared library is mapped, the import is not
+    done): one line and status 130, not Python's KeyboardInterrupt traceback (issue 19, 10)."""
+    command = ([str(Path(sys.executable).parent / "recbole-popprior")] if case.entry == "console"
+               else [sys.executable, str(ROOT / "run_recbole_popprior.py")])
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    proc = subprocess.Popen([*command, *argv], cwd=tmp, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                    break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def _sigterm_when_staging(case: Case, tmp: Path) -> tuple[int, str]:
+    """SIGTERM (a scheduler's stop) once a comparison trains into its staging folder: handled as
+    Ctrl-C is, the staging folder removed, status 143 (issue 19, interrupts)."""
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_recbole_popprior.py"), *argv], cwd=tmp,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not list(tmp.glob("out/.compare-*/runs/*")):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def _report_of_finished_trials(tmp: Path) -> None:
     folder = tmp / "out" / "tuning" / "popprior-tiny"
     summary = json.loads((folder / "summary.json").read_text())
@@ -279,7 +378,57 @@ def files_at(contents: dict[str, bytes]) -> Callable[[Path], None]:
     return files(contents)
 
 
+def _npy(shape: tuple, dtype: str = "<f8", body: bytes = b"") -> bytes:
+    """A ``.npy`` file whose header claims ``shape`` (followed by ``body`` only)."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + body
+
+
+def _npz(**members: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return buffer.getvalue()
+
+
+def _object_npz(tmp: Path) -> None:
+    tokens = np.array(["1", "2"], dtype=object)
+    np.savez(tmp / "objects.npz", tokens=tokens, embeddings=np.ones((2, 4)))
+
+
+def _corrupt_sqlite(tmp: Path) -> None:
+    """A SQLite file whose schema pages are overwritten with garbage."""
+    import sqlite3
+
+    path = tmp / "corrupt.db"
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("create table t (x)")
+        con.executemany("insert into t values (?)", [(k,) for k in range(1000)])
+        con.commit()
+    raw = bytearray(path.read_bytes())
+    raw[100:4096] = bytes((7 * k) % 256 for k in range(3996))
+    path.write_bytes(bytes(raw))
+
+
+def _checkpoint_without_digest(tmp: Path) -> None:
+    """A plugin checkpoint whose digest was deleted and a weight changed (issue 19, 9)."""
+    import torch
+
+    from recbole_popprior import checkpoint
+
+    path = checkpoint.save_checkpoint(tmp / "pretrained.pth", torch.nn.Linear(2, 2))
+    state = torch.load(path, weights_only=True)
+    meta = json.loads(state["meta"])
+    del meta["digest"]
+    state["state_dict"]["weight"] = state["state_dict"]["weight"] * 2
+    torch.save({**state, "meta": json.dumps(meta)}, path)
+
+
 NOT_FINITE = ("finite",)
+BOMB = ("a: &a [" + ",".join(["x"] * 9) + "]\n" + "".join(  # 271 bytes: 9^8 values when expanded
+    f"{k}: &{k} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, k in zip("abcdefg", "bcdefgh"))).encode()
 CLI_CASES = [
     # settings that are not finite numbers (issue 14, 3): refused before anything runs
     Case("prior_tau=1e999", run("--prior_tau=1e999"), 2, ("prior_tau",) + NOT_FINITE, cli_setup(), "cli"),
@@ -298,11 +447,37 @@ CLI_CASES = [
     Case("a python tag in a yaml file", run("--config_files={tmp}/tag.yaml"), 2,
          ("tag.yaml", "not valid yaml", "python/name:os.system"),
          cli_setup(files_at({"tag.yaml": b"learning_rate: !!python/name:os.system\n"})), "cli"),
+    # settings that failed after the data loaded or after an epoch (issue 19, 6 and 13)
+    Case("prior_tau=1e300 (infinite in float32)", run("--prior_tau=1e300"), 2, ("prior_tau", "finite float32"),
+         cli_setup(), "cli"),
+    Case("weight_decay=1e300 (infinite in float32)", run("--weight_decay=1e300"), 2, ("weight_decay", "finite float32"),
+         cli_setup(), "cli"),
+    Case("topk larger than the catalogue", run("--topk=[10,100]"), 2,
+         ("topk [10, 100] asks for 100 items", "ranks 30 (the catalogue)"), cli_setup(), "cli"),
+    Case("topk larger than the catalogue, recbole data", run("--topk=[10,100]", "--sequence_data=recbole"), 2,
+         ("topk [10, 100] asks for 100 items",), cli_setup(), "cli"),
+    Case("a valid_metric that is not computed", run("--valid_metric=NDCG@20", "--topk=[10]"), 2,
+         ("valid_metric NDCG@20 needs 20 in topk",), cli_setup(), "cli"),
+    Case("n_heads that does not divide hidden_size", run("--n_heads=3"), 2,
+         ("n_heads (3) must divide hidden_size (8)",), cli_setup(), "cli"),
+    Case("hidden_size=0", run("--hidden_size=0"), 2, ("hidden_size must be >= 1", "got 0"), cli_setup(), "cli"),
+    Case("n_layers=0", run("--n_layers=0"), 2, ("n_layers must be >= 1",), cli_setup(), "cli"),
+    Case("a dropout rate of 2", run("--hidden_dropout_prob=2"), 2, ("hidden_dropout_prob", "dropout rate in [0, 1]"),
+         cli_setup(), "cli"),
+    Case("num_layers=0 for GRU4Rec", run("--num_layers=0", model="GRU4Rec"), 2, ("num_layers must be >= 1",),
+         cli_setup(), "cli"),
+    Case("--compare on two events per user", ("--compare", *run(dataset="twoevents")), 2,
+         ("the valid split is empty",), cli_setup(), "cli"),
     # RecBole's own checks of its settings
     Case("an unknown metric", run("--metrics=['Recall','Nope']", "--valid_metric=Recall@10"), 2,
          ("invalid setting", "no metric named 'Nope'"), cli_setup(), "cli"),
     Case("topk=0", run("--topk=0"), 2, ("invalid setting", "topk must be a positive integer"), cli_setup(), "cli"),
     Case("seed=abc", run("--seed=abc"), 2, ("seed must be an integer", "'abc'"), cli_setup(), "console"),
+    Case("seed=-1 (numpy takes 0 .. 2**32 - 1)", run("--seed=-1"), 2, ("seed must be >= 0",), cli_setup(), "cli"),
+    Case("seed=2**40", run("--seed=1099511627776"), 2, ("seed must be <= 4294967295",), cli_setup(), "cli"),
+    Case("metrics=[]", run("--metrics=[]"), 2, ("metrics is empty",), cli_setup(), "cli"),
+    Case("energy_permutations=10**9 (16 GB of null draws, after training)", run("--energy_permutations=1000000000"), 2,
+         ("energy_permutations must be <= 1000000",), cli_setup(), "cli"),
     Case("epochs=0", run("--epochs=0"), 2, ("epochs must be >= 1", "got 0"), cli_setup(), "cli"),
     Case("epochs=-1", run("--epochs=-1"), 2, ("epochs must be >= 1", "got -1"), cli_setup(), "script"),
     Case("nproc=0", run("--nproc=0"), 2, ("--nproc must be >= 1",), cli_setup(), "cli"),
@@ -334,6 +509,17 @@ CLI_CASES = [
     # config files
     Case("a missing config file", run("--config_files={tmp}/missing.yaml"), 2, ("config file not found",),
          cli_setup(), "cli"),
+    Case("a folder as a config file", run("--config_files={tmp}/data"), 2, ("config file", "is a directory"),
+         cli_setup(), "cli"),
+    Case("a yaml alias bomb", run("--config_files={tmp}/bomb.yaml"), 2,
+         ("bomb.yaml is refused", "aliases expand it to more than 1,000,000"), cli_setup(files_at({"bomb.yaml": BOMB})),
+         "cli"),
+    Case("a yaml file with more aliases than any config needs", run("--config_files={tmp}/many.yaml"), 2,
+         ("many.yaml is refused", "more than 1000 yaml aliases"),
+         cli_setup(files_at({"many.yaml": b"a: &a 1\nb: [" + b",".join([b"*a"] * 1001) + b"]\n"})), "cli"),
+    Case("a yaml file nested too deeply", run("--config_files={tmp}/deep.yaml"), 2,
+         ("deep.yaml is refused", "more than 64 levels deep"),
+         cli_setup(files_at({"deep.yaml": b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n"})), "script"),
     Case("a malformed yaml file", run("--config_files={tmp}/bad.yaml"), 2, ("bad.yaml", "not valid yaml", "line"),
          cli_setup(files_at({"bad.yaml": b"epochs: [1, 2\n  nope: :\n"})), "cli"),
     Case("a yaml file that is a list", run("--config_files={tmp}/list.yaml"), 2,
@@ -355,6 +541,23 @@ CLI_CASES = [
            run("--prior_mode=windowed", "--load_col={'inter':['user_id','item_id']}", *flags), 2,
            ("sequential models need the time field 'timestamp'",), cli_setup(), "cli")
       for reader, flags in READERS.items()],
+    # the model's other input files, checked before the data loads (issue 19, 5 and 9)
+    Case("S3Rec fine-tune without its pre_model_path", run("--train_stage=finetune",
+                                                           "--pre_model_path={tmp}/missing.pth", model="S3Rec"), 2,
+         ("checkpoint not found", "missing.pth"), cli_setup(), "cli"),
+    Case("S3Rec fine-tune from a checkpoint without its digest", run(
+        "--train_stage=finetune", "--pre_model_path={tmp}/pretrained.pth", model="S3Rec"), 2,
+         ("pretrained.pth", "records no content digest"), cli_setup(_checkpoint_without_digest), "cli"),
+    Case("ace_init: an object array in an npz", run("--ace_init={tmp}/objects.npz"), 2,
+         ("objects.npz (tokens) holds Python objects", "without pickle"), cli_setup(_object_npz), "cli"),
+    Case("ace_init: a corrupt npz", run("--ace_init={tmp}/bad.npz"), 2,
+         ("ace_init: cannot read", "bad.npz"), cli_setup(files_at({"bad.npz": b"PK\x03\x04" + bytes(200)})), "cli"),
+    Case("ace_init: an npy header claiming a huge shape", run("--ace_init={tmp}/huge.npy"), 2,
+         ("huge.npy claims a 1000000000x1000000 array", "more than the file holds"),
+         cli_setup(files_at({"huge.npy": _npy((10**9, 10**6), body=bytes(64))})), "cli"),
+    Case("ace_init: an npz member claiming a huge shape", run("--ace_init={tmp}/huge.npz"), 2,
+         ("huge.npz (embeddings) claims",), cli_setup(files_at({"huge.npz": _npz(
+             tokens=_npy((2,), "<U1", "12".encode("utf-32-le")), embeddings=_npy((10**12, 8)))})), "cli"),
     # outputs
     Case("--output is a file", run("--output={tmp}/afile"), 2, ("cannot create the run folder", "afile is a file"),
          cli_setup(files_at({"afile": b"x"})), "cli"),
@@ -371,12 +574,52 @@ CLI_CASES = [
          ("storage file", "cannot write in /proc/self"), cli_setup(), "console"),
     Case("--storage journal in a missing folder", tune("--storage=journal:{tmp}/nope/x.journal"), 2,
          ("storage file", "does not exist"), cli_setup(), "cli"),
+    # issue 19, 3 and 5: storages that cannot hold a study, or are corrupt
+    Case("--storage sqlite:///:memory:", tune("--storage=sqlite:///:memory:"), 2, ("keeps the study in memory",),
+         cli_setup(), "cli"),
+    Case("--storage sqlite:/// (no file)", tune("--storage=sqlite:///"), 2, ("keeps the study in memory",),
+         cli_setup(), "cli"),
+    Case("--storage journal: (no file)", tune("--storage=journal:"), 2, ("names no journal file",), cli_setup(), "cli"),
+    Case("--storage journal:/dev/null", tune("--storage=journal:/dev/null"), 2,
+         ("storage file /dev/null is not a regular file",), cli_setup(), "cli"),
+    Case("--storage on a corrupt SQLite file", tune("--storage=sqlite:///{tmp}/corrupt.db"), 2,
+         ("corrupt.db", "malformed"), cli_setup(_corrupt_sqlite), "cli"),
+    Case("--storage on a file that is not SQLite", tune("--storage=sqlite:///{tmp}/text.db"), 2,
+         ("text.db", "file is not a database"), cli_setup(files_at({"text.db": b"not a database\n" * 300})), "cli"),
+    Case("--storage on a journal with a corrupt line", tune("--storage=journal:{tmp}/bad.journal"), 2,
+         ("bad.journal is corrupt at line 2", "its 1 records before it are intact", "head -n 1"),
+         cli_setup(files_at({"bad.journal": b'{"op_code": 0, "worker_id": "w"}\n{"op_code": 0, "wor{"op_code"\n'})),
+         "cli"),
+    Case("a search space file with a Latin-1 byte", tune("--search-space={tmp}/space.yaml"), 2,
+         ("space.yaml is not UTF-8 text", "byte"),
+         cli_setup(files_at({"space.yaml": "prior_tau: {type: float, low: 0, high: 1}  # d\xe9j\xe0\n".encode("latin-1")})),
+         "cli"),
+    Case("a search space file that is an alias bomb", tune("--search-space={tmp}/space.yaml"), 2,
+         ("space.yaml is refused", "aliases expand"), cli_setup(files_at({"space.yaml": BOMB})), "cli"),
+    Case("a study in which every trial failed", tune("--n-trials=2", "--search-space={tmp}/space.yaml",
+                                                     "--tune_max_failures=0"), 2,
+         ("no trial of SASRec completed: 2 failed", "prior_tau must be a finite float32", "summary.md"),
+         cli_setup(files_at({"space.yaml": b"prior_tau: {type: categorical, choices: [1.0e39]}\n"})), "cli",
+         may_leave=("out*",), logs=True),
     Case("a search space key nobody knows", tune("--search-space={tmp}/space.yaml"), 2,
          ("search space entry 'learnig_rate'", "did you mean 'learning_rate'"),
          cli_setup(files_at({"space.yaml": b"learnig_rate: {type: float, low: 0.001, high: 0.01}\n"})), "cli"),
     Case("a bad search space entry", tune("--search-space={tmp}/space.yaml"), 2, ("above high",),
          cli_setup(files_at({"space.yaml": b"x: {type: float, low: 2, high: 1}\n"})), "cli"),
     Case("--n-workers=0", ("--n-workers=0", *tune()), 2, ("--n-workers must be >= 1",), cli_setup(), "cli"),
+    # under DDP (issue 19, 8): bad input is one line and leaves no run folder; Ctrl-C ends it
+    Case("badfloat .inter under DDP", run("--nproc=2", "--ddp_backend=gloo", f"--port={free_port()}",
+                                          dataset="badfloat"), 2, ("badfloat.inter line 27", "'abc'"), cli_setup(), "cli"),
+    Case("Ctrl-C under DDP waiting for a rank that never comes",
+         run("--nproc=2", "--world_size=3", "--ddp_backend=gloo", f"--port={free_port()}"), 130, ("interrupted",),
+         cli_setup(), "script", process=_interrupt_ddp_rendezvous),
+    Case("SIGTERM during --compare", ("--compare", "--seeds=1", *run("--epochs=50")), 143,
+         ("interrupted by SIGTERM",), cli_setup(), "script", process=_sigterm_when_staging, logs=True,
+         may_leave=("log_tensorboard*",)),  # (issue 20 moves it under --output)
+    Case("Ctrl-C while the script imports torch", run(), 130, ("interrupted",), cli_setup(), "script",
+         process=_interrupt_while_importing),
+    Case("Ctrl-C while the console script imports torch", run(), 130, ("interrupted",), cli_setup(), "console",
+         process=_interrupt_while_importing),
     Case("Ctrl-C while tuning reports the finished trials", tune("--n-trials=50", "--epochs=2", "--state=WARNING"),
          130, ("interrupted", "completed trial(s)", "summary.md"), cli_setup(), "script",
          may_leave=("out*", "log_tensorboard*"), process=_interrupt_after_first_trial, logs=True, check=_report_of_finished_trials),

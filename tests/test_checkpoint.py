@@ -4,6 +4,7 @@ and never run code."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -273,3 +274,65 @@ def test_mismatch_names_the_missing_unexpected_and_misshaped_keys(tmp_path):
     assert "unexpected keys stray.weight" in message
     assert "lin.weight 2x3 (model 4x3)" in message and "lin.bias 2 (model 4)" in message
     assert "\n" not in message
+
+
+# --- issue 19, 9: the digest is mandatory and the structure is checked before use -------------------
+def _saved_state(tmp_path) -> tuple[Path, dict]:
+    path = checkpoint.save_checkpoint(tmp_path / "m.pth", _Model(), epoch=3)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_without_its_digest_is_refused_even_when_unchanged(tmp_path):
+    path, state = _saved_state(tmp_path)
+    meta = json.loads(state["meta"])
+    del meta["digest"]
+    for changed in (False, True):
+        if changed:  # the bypass of the issue: no digest, and different weights
+            state["state_dict"]["lin.weight"] = state["state_dict"]["lin.weight"] + 1.0
+        torch.save({**state, "meta": json.dumps(meta)}, path)
+        with pytest.raises(PopPriorError, match="records no content digest"):
+            checkpoint.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("a list as state dict", "state dict is not a mapping of names to tensors"),
+    ("a string in the state dict", "state dict is not a mapping of names to tensors"),
+    ("an optimizer that is a list", "optimizer entry is a list"),
+    ("metadata that is not text", "metadata is not a JSON string"),
+    ("deeply nested metadata", "metadata nests too deeply"),
+    ("deeply nested optimizer state", "nest more than 16 levels deep"),
+])
+def test_a_checkpoint_of_another_structure_is_one_line(tmp_path, damage, words):
+    path, state = _saved_state(tmp_path)
+    nested: list = []
+    for _ in range(100 if damage == "deeply nested optimizer state" else 0):
+        nested = [nested]
+    state = {**state, **{
+        "a list as state dict": {"state_dict": list(state["state_dict"].values())},
+        "a string in the state dict": {"state_dict": {"lin.weight": "x"}},
+        "an optimizer that is a list": {"optimizer": [1, 2]},
+        "metadata that is not text": {"meta": {"digest": "x"}},
+        "deeply nested metadata": {"meta": "[" * 100_000 + "]" * 100_000},
+        "deeply nested optimizer state": {"optimizer": {"state": nested}},
+    }[damage]}
+    torch.save(state, path)
+    with pytest.raises(PopPriorError, match=words) as info:
+        checkpoint.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_compressed_member_is_refused_before_it_is_unpacked(tmp_path):
+    """torch.save stores its members uncompressed; a deflated member (a zip bomb: 1 GB of zeros in
+    1 MB) is refused before anything reads it."""
+    path, state = _saved_state(tmp_path)
+    names = zipfile.ZipFile(path).namelist()
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in names:
+            archive.writestr(name, source.read(name), compress_type=zipfile.ZIP_STORED)
+        with archive.open(f"{names[0].split('/')[0]}/huge", "w") as member:  # deflated, streamed
+            for _ in range(1 << 10):
+                member.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 5 << 20
+    with pytest.raises(PopPriorError, match="huge is compressed, which torch.save never does"):
+        checkpoint.load_checkpoint(bomb)

@@ -211,3 +211,46 @@ def test_compare_refuses_zero_tau(tmp_path) -> None:
             run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, compare_confidence=bad), seeds=1,
                         output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rerun_stopped_half_way_leaves_the_complete_set_as_it_was(tmp_path, monkeypatch) -> None:
+    """``compare.json`` says the set is complete, so a set is committed as one (issue 19, 7): a rerun
+    with other settings that stops after its first arm leaves the old set byte for byte, and a
+    staging folder left by a killed run is removed by the next run in the folder."""
+    import subprocess
+    import sys
+
+    from recbole_popprior import compare
+
+    out = tmp_path / "out"
+    run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, epochs=1), seeds=1, output=out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.name == "model.pth" for p in before)
+    real, calls = compare.train_arm, []
+
+    def stop_at_the_second_arm(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "train_arm", stop_at_the_second_arm)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, epochs=2, learning_rate=0.01), seeds=1,
+                    output=out)
+    assert calls == ["standard", "separated"]  # the new standard arm was trained (in the staging folder)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(compare, "train_arm", real)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".compare-{dead.pid}-killed" / "runs").mkdir(parents=True)  # what a SIGKILLed rerun leaves
+    payload = run_compare("SASRec", "synthetic", config_dict=_settings(tmp_path, epochs=2), seeds=1, output=out)
+    assert not list(out.glob(".compare-*"))
+    saved = json.loads((out / "compare.json").read_text())
+    for name, run_dir in saved["per_seed"][0]["run_dir"].items():
+        assert run_dir == str(out / "runs" / f"seed7-{name}") and (out / "runs" / f"seed7-{name}" / "model.pth").is_file()
+    assert saved["files"]["json"] == str(out / "compare.json") and all(
+        (out / "compare.json").parent == type(out)(path).parent for path in saved["files"].values())
+    assert payload["files"] == saved["files"]
+    assert (out / "runs" / "seed7-standard" / "model.pth").read_bytes() != before[type(out)("runs/seed7-standard/model.pth")]

@@ -4,6 +4,7 @@ the package."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -112,3 +113,53 @@ def test_every_plugin_default_lives_in_the_shipped_yaml():
     from recbole_popprior.data.synthetic import SyntheticSettings
 
     assert SyntheticSettings.defaults() == SyntheticSettings.from_config(synthetic)
+
+
+def test_an_unknown_setting_is_warned_about_and_never_carried_whole(tiny_data, tmp_path):
+    """A yaml file under the bounds can still alias a big value into a key nothing reads (issue 19,
+    2): it is named in one warning and kept as a short summary, so the log, the checkpoint's
+    metadata and tensorboard never hold it whole."""
+    from recbole_popprior.checkpoint import _plain_config
+
+    levels = "a: &a [" + ",".join(["xxxxxxxxxx"] * 9) + "]\n" + "".join(
+        f"{k}: &{k} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, k in zip("abcd", "bcde"))  # 9^5 cells
+    path = tmp_path / "aliases.yaml"
+    path.write_text(levels + "prior_tau: 0.5\n", encoding="utf-8")
+    config = Config(model="SASRec", dataset="tiny", config_file_list=[str(path)], config_dict=tiny_config(tiny_data))
+    assert config["prior_tau"] == 0.5 and set("abcde") <= set(config.unknown_keys)
+    (line,) = [w for w in config.unknown_key_warnings if "'a'" in w]
+    assert "'a', 'b', 'c', 'd', 'e'" in line and "have no effect" in line
+    summary = config["e"]
+    assert isinstance(summary, str) and summary.startswith("<list of ") and len(summary) < 300
+    expanded = 1 + 9 * 11  # a: a list of 9 strings of 10 characters (each entry counts 1 + its characters)
+    for _ in "bcde":
+        expanded = 1 + 9 * expanded
+    assert f"{expanded:,} entries and characters" in summary
+    assert len(str(config)) < 20_000 and len(json.dumps(_plain_config(config))) < 20_000
+    assert config["a"] == ["xxxxxxxxxx"] * 9  # short values stay as they are
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tiny_data, tmp_path):
+    bomb = "a: &a [" + ",".join(["x"] * 9) + "]\n" + "".join(
+        f"{k}: &{k} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, k in zip("abcdefg", "bcdefgh"))
+    assert len(bomb) == 271  # the issue's file: 9^8 = 43 million values
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb, encoding="utf-8")
+    with pytest.raises(PopPriorError, match="refused: its aliases expand it to more than 1,000,000"):
+        Config(model="SASRec", dataset="tiny", config_file_list=[str(path)], config_dict=tiny_config(tiny_data))
+
+
+def test_two_runs_started_in_the_same_second_never_share_a_run_folder(tiny_data, tmp_path, monkeypatch):
+    """The run folder is named after the time: a second run into the same --output that picks the
+    same name before the first made it must not write into it (issue 19, concurrency)."""
+    from recbole_popprior import quick_start
+
+    config = Config(model="SASRec", dataset="tiny", config_dict={**tiny_config(tiny_data), "output": str(tmp_path)})
+    taken = tmp_path / "SASRec-tiny-taken"
+    taken.mkdir()
+    (taken / "model.pth").write_bytes(b"the other run's")
+    names = iter([taken, tmp_path / "SASRec-tiny-taken-2"])
+    monkeypatch.setattr(quick_start, "run_dir_name", lambda _: next(names))
+    run_dir, created = quick_start._make_run_dir(config)
+    assert run_dir == tmp_path / "SASRec-tiny-taken-2" and created == [run_dir] and run_dir.is_dir()
+    assert (taken / "model.pth").read_bytes() == b"the other run's"

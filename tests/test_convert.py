@@ -733,3 +733,50 @@ def test_interrupted_run_leaves_no_output_and_no_temp_files(tmp_path, monkeypatc
 
 def test_convert_is_reexported_by_the_cli_module():
     assert cli_convert is convert
+
+
+def _sigkill_at_the_inter_rename(tmp_path: Path, src: Path, out: Path) -> None:
+    """Run the converter's command line and SIGKILL it as it renames its temporary .inter into place."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nreal = os.replace\n"
+        "def replace(a, b, **kw):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n")
+    proc = subprocess.run([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(src),
+                           "--output", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{ROOT}"), timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_the_next_conversion_removes_what_a_killed_one_left(tmp_path):
+    """SIGKILL leaves the work folder (the sorted buckets) and the temporary .inter: no clean-up code
+    runs. The next conversion of the same name removes them (issue 19, 12)."""
+    out = tmp_path / "out"
+    convert("tianchi", write_log(tmp_path / "old.csv", tianchi_lines(seed=23, n=100, bad=False)), out, progress=False)
+    lines = tianchi_lines(seed=24, bad=False)
+    src = write_log(tmp_path / "new.csv", lines)
+    _sigkill_at_the_inter_rename(tmp_path, src, out)
+    left = sorted(p.name for p in (out / "tianchi").iterdir() if p.name.startswith("."))
+    assert any(n.startswith(".tianchi.convert-") and not n.endswith(".lock") for n in left), left
+    assert any(n.startswith(".tianchi.inter.") and n.endswith(".tmp") for n in left), left
+    convert("tianchi", src, out, progress=False)
+    assert not [p.name for p in (out / "tianchi").iterdir() if p.name.startswith(".")]
+    assert describes(out / "tianchi/tianchi.summary.json")
+    assert (out / "tianchi/tianchi.inter").read_text() == reference("tianchi", lines, {"pv"}, (T0, T1), True, 0)["text"]
+
+
+def test_a_second_conversion_into_the_same_folder_is_refused_while_one_runs(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    src = write_log(tmp_path / "a.csv", tianchi_lines(seed=25, n=100, bad=False))
+    convert("tianchi", src, out, progress=False)
+    before = {p.name: p.read_bytes() for p in (out / "tianchi").iterdir()}
+    lock = out / "tianchi" / ".tianchi.convert.lock"
+    with open(lock, "w") as held:  # what a running conversion holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PopPriorError, match="another conversion is writing tianchi.inter"):
+            convert("tianchi", src, out, progress=False)
+    lock.unlink()
+    assert {p.name: p.read_bytes() for p in (out / "tianchi").iterdir()} == before

@@ -1,4 +1,4 @@
-"""The tau sweep (recbole_popprior/tau_sweep.py, tau_sweep_report.py, benchmarks/tau_sweep.py; DESIGN §10):
+"""The tau sweep (recbole_popprior/tau_sweep.py, tau_sweep_report.py, benchmarks/tau_sweep.py; DESIGN §12):
 real tiny trainings on the synthetic data; every reported number checked against a dense numpy
 computation from the saved contexts, or against ``--compare`` trained with the same settings."""
 

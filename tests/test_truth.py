@@ -1,4 +1,4 @@
-"""Measures against a known truth (recbole_popprior/evaluator/truth.py, docs/DESIGN.md §10), each checked
+"""Measures against a known truth (recbole_popprior/evaluator/truth.py, docs/DESIGN.md §12), each checked
 against a dense numpy computation written out here or against scipy / RecBole's own metric."""
 
 from __future__ import annotations

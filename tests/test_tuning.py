@@ -241,7 +241,7 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tiny_data, out_di
     study = optuna.create_study(study_name="n.SASRec", storage=storage, direction="maximize")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study.enqueue_trial({"prior_tau": 1e39, "prior_alpha": 1.0})  # overflows the logits -> NaN loss
+        study.enqueue_trial({"prior_tau": 3e38, "prior_alpha": 1.0})  # finite in float32, overflows the logits -> NaN loss
     summary = run_tuning("SASRec", "tiny", config_dict=_config(tiny_data, out_dir, tune_plots=False),
                          options=_options(n_trials=2, storage=storage, study_name="n"))
     trials = optuna.load_study(study_name="n.SASRec", storage=storage).get_trials()
@@ -284,13 +284,17 @@ def test_multi_objective_adds_shared_frac_and_a_pareto_front(tiny_data, out_dir)
 
 def test_a_model_stops_after_tune_max_failures_failed_trials_in_a_row(tiny_data, out_dir, tmp_path):
     space = _write(tmp_path / "nan.yaml", "prior_tau: {type: categorical, choices: [1.0e39]}\n")
-    summary = run_tuning("SASRec", "tiny", config_dict=_config(tiny_data, out_dir, tune_max_failures=2),
-                         options=_options(n_trials=5, study_name="f", search_space=str(space)))
+    # a study whose every trial failed has no result: the report is written, and the command fails (issue 19, 11)
+    with pytest.raises(PopPriorError, match="no trial of SASRec completed: 2 failed, the first with PopPriorError: "
+                                            "prior_tau must be a finite float32"):
+        run_tuning("SASRec", "tiny", config_dict=_config(tiny_data, out_dir, tune_max_failures=2),
+                   options=_options(n_trials=5, study_name="f", search_space=str(space)))
     trials = optuna.load_study(study_name="f.SASRec", storage=f"sqlite:///{out_dir / 'tuning' / 'f.db'}").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    summary = json.loads((out_dir / "tuning" / "f" / "summary.json").read_text())
     row = summary["models"][0]
     assert (row["complete"], row["failed"], row["best_value"], row["best_trial"]) == (0, 2, None, None)
-    assert summary["plots"] == []  # nothing to plot without a completed trial
+    assert not list((out_dir / "tuning" / "f").glob("plots/*"))  # nothing to plot without a completed trial
 
 
 # --- bad settings found before a study starts (issue 14) -------------------------------------------
@@ -337,6 +341,7 @@ def test_an_s3rec_trial_pretrains_for_epochs_not_500_and_completes(tmp_path_fact
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     saved = sorted(p.name for p in Path(trial.user_attrs["run_dir"]).glob("S3Rec-zoo-*.pth"))
     assert saved == ["S3Rec-zoo-2.pth"]  # pretrained for epochs=2 epochs, the last one saved
+
 
 
 def test_tuning_plots_name_study_and_model_count_trials_in_whole_numbers_and_caveat_few_trials(tmp_path,

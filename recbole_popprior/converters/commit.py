@@ -18,6 +18,13 @@ An interruption before step 3 leaves the previous ``.inter`` (if any) and no sum
 between steps 3 and 4 leaves the new, complete ``.inter`` and no summary.
 :meth:`OutputPair.left_behind` says which, for the command line's last line, and
 :func:`verify_output` lets a reader check a pair.
+
+**Temporary files.** A conversion holds ``.NAME.convert.lock`` (``flock``, released by the
+kernel when the process dies, even by SIGKILL) while it writes. Holding it, it removes what an
+earlier conversion of ``NAME`` that was killed left: its work folder ``.NAME.convert-*`` (the
+sorted buckets: up to hundreds of MB) and the temporary ``.NAME.inter.*.tmp`` and
+``.NAME.summary.json.*.tmp``. A second conversion into the same folder while one runs is refused
+(:meth:`OutputPair.exclusive`).
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from recbole_popprior.errors import PopPriorError
-from recbole_popprior.utils import atomic_write, write_json
+from recbole_popprior.utils import LockBusy, atomic_write, exclusive_lock, write_json
 
 __all__ = ["OutputPair", "verify_output", "file_digest"]
 
@@ -74,6 +82,24 @@ class OutputPair:
                                         f"choose another --output or --name")
             if path.exists() and not path.is_file():
                 raise PopPriorError(f"cannot write output {path}: it exists and is not a regular file")
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the pair's lock (see the module docstring) and remove a killed conversion's
+        temporary files; one line when another conversion holds it."""
+        folder, name = self.inter.parent, self.inter.stem
+        try:
+            with exclusive_lock(folder / f".{name}.convert.lock", wait=False):
+                for leftover in [*folder.glob(f".{name}.convert-*"), *folder.glob(f".{self.inter.name}.*.tmp"),
+                                 *folder.glob(f".{self.summary.name}.*.tmp")]:
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+                yield
+        except LockBusy:
+            raise PopPriorError(f"another conversion is writing {self.inter.name} in {folder} right now; "
+                                "wait for it, or choose another --output or --name") from None
 
     @contextlib.contextmanager
     def writing_inter(self) -> Iterator[_DigestWriter]:

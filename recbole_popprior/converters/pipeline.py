@@ -116,7 +116,7 @@ def convert(kind: str, input: str | Path, output_dir: str | Path, *, name: str |
     if progress is None:
         progress = sys.stderr.isatty() or size > _PROGRESS_MIN_BYTES
     try:
-        with _terminate_on_sigterm(), _workdir(out_dir, name) as workdir:
+        with _terminate_on_sigterm(), _workdir(out_dir, name, pair) as workdir:
             parser = _read.BlockParser(kind, codes, window, dedup, sample_users)
             columns = list(_buckets.COLUMNS) if kind == "alibaba" and dedup else list(_buckets.COLUMNS)[:5]
             bounds = _buckets.sample_bounds(input, rows_per_bucket) if plain else None
@@ -206,20 +206,27 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 @contextmanager
-def _workdir(out_dir: Path, name: str) -> Iterator[Path]:
-    """The output directory (created) and a temporary work directory inside it (removed)."""
+def _workdir(out_dir: Path, name: str, pair: OutputPair) -> Iterator[Path]:
+    """The output directory (created), the pair's lock (a killed conversion's temporary files are
+    removed, commit.py), and a temporary work directory inside it (removed)."""
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f".{name}.convert-", dir=out_dir))
     except OSError as exc:
         raise PopPriorError(f"cannot write output directory {out_dir}: {exc.strerror or exc}") from None
     ok = False
     try:
-        yield workdir
-        ok = True
+        with pair.exclusive():
+            try:
+                workdir = Path(tempfile.mkdtemp(prefix=f".{name}.convert-", dir=out_dir))
+            except OSError as exc:
+                raise PopPriorError(f"cannot write output directory {out_dir}: {exc.strerror or exc}") from None
+            try:
+                yield workdir
+                ok = True
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
         if not ok and created:
             try:
                 out_dir.rmdir()  # only if still empty

@@ -120,9 +120,45 @@ def create_dataset(config: Any):
     return dataset
 
 
+def check_splits(config: Any, dataset, built_datasets) -> None:
+    """One line for splits RecBole would train or evaluate on anyway: an empty train, valid or test
+    split (a run that tests nothing, or fails in torch's sampler), and a ``topk`` larger than the
+    candidates an evaluation ranks (torch's ``topk`` fails after the first epoch)."""
+    name, split = config["dataset"], (config["eval_args"] or {}).get("split") or {}
+    sizes = [len(built) for built in built_datasets]
+    mode = split.get("LS") if isinstance(split, dict) else None
+    ratios = split.get("RS") if isinstance(split, dict) else None
+    if mode is not None:  # leave-one-out: the parts its mode fills (RecBole's leave_one_mode)
+        wanted = {"valid_and_test": ("train", "valid", "test"), "valid_only": ("train", "valid"),
+                  "test_only": ("train", "test")}.get(mode, ("train",))
+    elif isinstance(ratios, (list, tuple)):  # ratios: the parts given a share
+        wanted = tuple(part for part, share in zip(("train", "valid", "test"), ratios) if share)
+    else:
+        wanted = ("train",)
+    # interactions a user needs for a first example in the part: train, then test, then valid
+    need = {"train": 2, "test": 3, "valid": 4 if mode == "valid_and_test" else 3}
+    for part, size in zip(("train", "valid", "test"), sizes):
+        if size == 0 and part in wanted:
+            hint = (f"; leave-one-out gives a user's first example to train, then one to test, then one to "
+                    f"valid: a user needs at least {need[part]} interactions for a {part} example"
+                    if mode is not None and config["MODEL_TYPE"] == ModelType.SEQUENTIAL else "")
+            raise PopPriorError(f"dataset {name!r}: the {part} split is empty ({'/'.join(map(str, sizes))} "
+                                f"train/valid/test examples){hint}")
+    largest = max(config["topk"] or [0])
+    for phase in ("valid", "test"):
+        mode = ((config["eval_args"] or {}).get("mode") or {}).get(phase)
+        sampled = (config[f"{phase}_neg_sample_args"] or {}).get("sample_num")
+        candidates = dataset.item_num - 1 if mode == "full" else (
+            sampled + 1 if isinstance(sampled, int) and not isinstance(sampled, bool) else None)
+        if candidates is not None and largest > candidates:
+            raise PopPriorError(f"topk {config['topk']} asks for {largest} items, but the {phase} evaluation ranks "
+                                f"{candidates} ({'the catalogue' if mode == 'full' else mode}); lower topk")
+
+
 def data_preparation(config: Any, dataset):
     """Split and wrap in RecBole dataloaders, as ``recbole.data.data_preparation`` without pickles."""
     built_datasets = dataset.build()
+    check_splits(config, dataset, built_datasets)
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
     if config["MODEL_TYPE"] != ModelType.KNOWLEDGE:

@@ -9,8 +9,9 @@ The result is the DataFrame RecBole's ``_load_feat`` would return: the same colu
 same order, token cells as ``str`` (never re-typed: ``"007"`` stays ``"007"``), pandas'
 default NA strings as NaN, float columns as float64, and the same ``field2type`` /
 ``field2source`` / ``field2seqlen`` / ``field2bucketnum`` entries. Anything the fast path does
-not handle exactly (sequence columns, encodings other than UTF-8, quotes, ragged rows,
-numbers pandas reads but pyarrow does not) falls back to RecBole's own code.
+not handle exactly (sequence columns, encodings other than UTF-8, a field that starts with a
+quote, rows without the header's width, numbers pandas reads but pyarrow does not) falls back
+to RecBole's own code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from pandas._libs.parsers import STR_NA_VALUES
 from recbole.utils import FeatureSource, FeatureType
+
+from recbole_popprior.data.row_shapes import header_line
 
 _NA_VALUES = sorted(STR_NA_VALUES)  # what pandas' read_csv turns into NaN by default
 _TOKEN = pa.dictionary(pa.int32(), pa.string())
@@ -85,10 +88,9 @@ def read_header(filepath, load_col: set | None, unload_col: set | None, separato
         utf8 = False
     if not utf8 or not isinstance(separator, str) or len(separator) != 1 or separator in "\"\r\n":
         raise _Unsupported("encoding or separator")
-    with open(filepath, "rb") as handle:
-        head_bytes = handle.readline()
+    head_bytes, _ = header_line(filepath)
     try:
-        head = head_bytes.decode("utf-8")[:-1]
+        head = head_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise _Unsupported("header is not UTF-8") from None
     names = head.split(separator)
@@ -130,11 +132,11 @@ def _read_table(filepath, names: list[str], fields: list, separator: str, memory
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
         raise _Unsupported(str(exc).splitlines()[0]) from None
-    for _, field_type, ftype in fields:  # pandas would read quoted cells differently
+    for _, field_type, ftype in fields:  # pandas reads a field that starts with a quote as quoted
         if ftype == FeatureType.TOKEN:
             for chunk in table.column(field_type).chunks:
-                if any('"' in token for token in chunk.dictionary.to_pylist()):
-                    raise _Unsupported("quote characters in tokens")
+                if any(token.startswith('"') for token in chunk.dictionary.to_pylist()):
+                    raise _Unsupported("a token starts with a quote character")
     return table
 
 

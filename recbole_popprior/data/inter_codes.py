@@ -5,7 +5,9 @@ GB). Here pyarrow dictionary-encodes token columns while parsing: a column becom
 code per row plus one vocabulary of distinct strings, shared by all rows. Header and parse
 options are the fast loader's (:func:`~recbole_popprior.data.fast_loader.read_header`), so cells
 mean what RecBole's reader makes of them: the same tokens (never re-typed), pandas' default NA
-strings as missing; anything doubtful raises ``_Unsupported``.
+strings as missing; anything doubtful raises ``_Unsupported``. Rows without the header's width
+are read as pandas reads them (:mod:`~recbole_popprior.data.row_shapes`): :attr:`InterCodes.shapes`
+says which, for the caller's one warning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.csv as pcsv
 from recbole.utils import FeatureType
 
 from recbole_popprior.data.fast_loader import _NA_VALUES, _TOKEN, _Unsupported, read_header
+from recbole_popprior.data.row_shapes import Normalised, RowShapes, scan_rows
 
 MISSING = -1
 """The code of a missing token cell."""
@@ -39,6 +42,7 @@ class InterCodes:
     fields: list[tuple[str, FeatureType]]
     columns: dict[str, np.ndarray]
     vocab: dict[str, np.ndarray]
+    shapes: RowShapes | None = None  #: set when some row did not have the header's width
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
@@ -64,12 +68,29 @@ def read_inter_codes(filepath, load_col: set | None, unload_col: set | None, sep
     names, fields = read_header(filepath, load_col, unload_col, separator, encoding)
     if not fields:
         raise _Unsupported("no column to load")
+    size = os.path.getsize(filepath)
+    try:
+        return _read(_open(filepath, names, fields, separator, block_size), fields, size, block_size)
+    except _Unsupported as why:
+        if not str(why).startswith("CSV parse error: Expected"):  # pyarrow: "Expected 4 columns, got 5"
+            raise
+    shapes = scan_rows(filepath, separator, len(names))
+    if shapes is None or shapes.quoted or shapes.drop_first:
+        raise _Unsupported("rows without the header's fields, where pandas' reading is not followed here")
+    skipped = [f"_index{k}" for k in range(shapes.shift)]  # pandas' implicit index: fields before the columns
+    codes = _read(_open(Normalised(filepath, separator, shapes), skipped + names, fields, separator, block_size,
+                        skip_rows=0), fields, size, block_size)
+    codes.shapes = shapes
+    return codes
+
+
+def _read(reader: pcsv.CSVStreamingReader, fields: list, size: int, block_size: int) -> InterCodes:
     columns: dict[str, _Buffer] = {}
     vocabularies = {field: _Vocabulary() for field, _, ftype in fields if ftype == FeatureType.TOKEN}
     try:
-        for batch in _open(filepath, names, fields, separator, block_size):
+        for batch in reader:
             if not columns:
-                rows = len(batch) * (os.path.getsize(filepath) / block_size * 1.05 + 1)
+                rows = len(batch) * (size / block_size * 1.05 + 1)
                 columns = {field: _Buffer(np.int32 if ftype == FeatureType.TOKEN else np.float64, int(rows))
                            for field, _, ftype in fields}
             for field, field_type, ftype in fields:
@@ -107,18 +128,22 @@ class _Buffer:
         return self.data[:self.size]
 
 
-def _open(filepath, names: list[str], fields: list, separator: str, block_size: int) -> pcsv.CSVStreamingReader:
+def _open(source, names: list[str], fields: list, separator: str, block_size: int,
+          skip_rows: int = 1) -> pcsv.CSVStreamingReader:
     """pyarrow's streaming CSV reader with the fast loader's options (tokens dictionary-encoded)."""
     types = {field_type: (_TOKEN if ftype == FeatureType.TOKEN else pa.float64()) for _, field_type, ftype in fields}
-    return pcsv.open_csv(
-        filepath,
-        read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=block_size),
-        parse_options=pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
-                                        escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
-        convert_options=pcsv.ConvertOptions(column_types=types, include_columns=[f[1] for f in fields],
-                                            null_values=_NA_VALUES, strings_can_be_null=True,
-                                            quoted_strings_can_be_null=True, check_utf8=True),
-    )
+    try:  # open_csv already parses the first block
+        return pcsv.open_csv(
+            source,
+            read_options=pcsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=block_size),
+            parse_options=pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
+                                            escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=[f[1] for f in fields],
+                                                null_values=_NA_VALUES, strings_can_be_null=True,
+                                                quoted_strings_can_be_null=True, check_utf8=True),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
+        raise _Unsupported(str(exc).splitlines()[0]) from None
 
 
 class _Vocabulary:
@@ -136,8 +161,8 @@ class _Vocabulary:
     def add(self, column: pa.DictionaryArray) -> np.ndarray:
         """The block's own indices (``MISSING`` where empty), to be translated by :meth:`recode`."""
         tokens = column.dictionary
-        if len(tokens) and pc.any(pc.match_substring(tokens, '"')).as_py():
-            raise _Unsupported("quote characters in tokens")  # pandas would read quoted cells differently
+        if len(tokens) and pc.any(pc.starts_with(tokens, '"')).as_py():
+            raise _Unsupported("a token starts with a quote character")  # pandas reads it as a quoted field
         self._dictionaries.append(tokens)
         self._blocks.append(len(column))
         return column.indices.fill_null(MISSING).to_numpy(zero_copy_only=False)

@@ -29,11 +29,12 @@ from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
 from recbole_popprior.data.atomic_files import (AtomicFileGuard, RecBoleReaderGuard, bad_number_message,
-                                                check_header, no_rows_message, ragged_message)
+                                                check_header, check_id_columns, inter_id_fields, no_rows_message)
 from recbole_popprior.data.fast_loader import FastLoadMixin, _Unsupported
 from recbole_popprior.data.filtering import filter_by_inter_num
 from recbole_popprior.data.inter_codes import InterCodes, read_inter_codes
 from recbole_popprior.data.remap import remap
+from recbole_popprior.data.row_shapes import scan_rows
 from recbole_popprior.data.sequences import LEAVE_ONE_OUT, RowsView, SequenceStore, SequenceView
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model.registry import recbole_model_name
@@ -108,16 +109,20 @@ class LeanSequentialDataset(AtomicFileGuard, FastLoadMixin, RecBoleReaderGuard, 
             raise _Unsupported("no .inter column is loaded")
         separator, encoding = self.config["field_separator"], self.config["encoding"]
         header = check_header(path, separator, encoding)
+        check_id_columns(path, header, inter_id_fields(self.config), load_col)
         try:
             codes = read_inter_codes(path, load_col, unload_col, separator, encoding)
         except _Unsupported as why:  # a malformed file is an error, not a reason to try RecBole's reader
             if str(why) == "no rows":
                 raise PopPriorError(no_rows_message(path)) from None
-            message = ragged_message(path, separator, len(header)) or (
-                bad_number_message(path, separator, encoding, header) if "conversion error" in str(why) else None)
-            if message:
-                raise PopPriorError(message) from None
+            if "conversion error" in str(why):
+                shapes = scan_rows(path, separator, len(header))
+                message = bad_number_message(path, separator, encoding, header, shapes.shift if shapes else 0)
+                if message:
+                    raise PopPriorError(message) from None
             raise
+        if codes.shapes is not None and codes.shapes.irregular:  # read as RecBole's reader reads them
+            self.logger.warning(codes.shapes.message(os.path.basename(path)))
         loaded = dict(codes.fields)
         if loaded.get(self.uid_field) != FeatureType.TOKEN or loaded.get(self.iid_field) != FeatureType.TOKEN:
             raise _Unsupported("the user and item id columns are not both loaded as tokens")

@@ -1,5 +1,5 @@
 """Measures against a known truth: what a model's learned scores hold next to the generator's PMI
-(docs/DESIGN.md §10; the generator: :mod:`recbole_popprior.data.synthetic`).
+(docs/DESIGN.md §12; the generator: :mod:`recbole_popprior.data.synthetic`).
 
 On the synthetic data the context of a step is its previous item, so the population-optimal
 score row of an evaluation context ``c`` is a row of a known table: ``PMI[prev(c)]`` for what

@@ -17,8 +17,10 @@ initial item table is ``Phi`` in its top-``dim`` principal coordinates:
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Sequence
+import zipfile
+from typing import IO, Sequence
 
 import numpy as np
 import torch
@@ -64,24 +66,7 @@ def ace_load_table(path: str | os.PathLike, item_tokens: Sequence[str]) -> np.nd
     ``item_tokens`` is RecBole's ``dataset.field2id_token[item_field]`` (``[PAD]`` first).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise PopPriorError(f"ace_init: no such file: {path}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise PopPriorError(f"ace_init: cannot read {path} as .npy/.npz without pickle ({exc})") from None
-    tokens = None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            if not {"tokens", "embeddings"} <= set(loaded.files):
-                raise PopPriorError(f"ace_init: {path} needs arrays 'tokens' and 'embeddings', has {loaded.files}")
-            tokens, emb = loaded["tokens"], loaded["embeddings"]
-    elif loaded.dtype.names is not None:
-        if not {"token", "embedding"} <= set(loaded.dtype.names):
-            raise PopPriorError(f"ace_init: {path} needs fields 'token' and 'embedding'")
-        tokens, emb = loaded["token"], loaded["embedding"]
-    else:
-        emb = loaded
+    tokens, emb = _read_table_file(path)
     if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.number):
         raise PopPriorError(f"ace_init: {path} must hold a 2-D numeric table, got shape {emb.shape}")
     emb = emb.astype(np.float64, copy=False)
@@ -110,6 +95,66 @@ def ace_load_table(path: str | os.PathLike, item_tokens: Sequence[str]) -> np.nd
         raise PopPriorError(f"ace_init: {path} lacks {len(missing)} of the dataset's items (e.g. {missing[:3]})")
     out[1:] = emb[[row_of[t] for t in wanted]]
     return out
+
+
+def check_ace_file(path: str | os.PathLike) -> None:
+    """The checks of :func:`ace_load_table` that need no dataset, from the arrays' headers only (no
+    data is read): one line for a missing, corrupt or pickled file, or one whose header claims
+    more data than it holds. Run before the data loads."""
+    _read_table_file(os.fspath(path), headers_only=True)
+
+
+def _read_table_file(path: str, headers_only: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(tokens or None, table)`` of an ``ace_init`` file, never unpickled: each array's ``.npy``
+    header is read and checked against the bytes that follow before any data is (``np.load``
+    would allocate what a header claims, and reads object arrays lazily, failing later)."""
+    if not os.path.isfile(path):
+        raise PopPriorError(f"ace_init: no such file: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+                if not {"tokens", "embeddings"} <= set(members):
+                    raise PopPriorError(f"ace_init: {path} needs arrays 'tokens' and 'embeddings', "
+                                        f"has {sorted(members)}")
+                arrays = []
+                for key in ("tokens", "embeddings"):
+                    info = archive.getinfo(members[key])
+                    with archive.open(info) as member:
+                        arrays.append(_read_npy(member, info.file_size, f"{path} ({key})", headers_only))
+                return arrays[0], arrays[1]
+        with open(path, "rb") as handle:
+            loaded = _read_npy(handle, os.path.getsize(path), path, headers_only)
+    except PopPriorError:
+        raise
+    except (ValueError, OSError, EOFError, MemoryError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PopPriorError(f"ace_init: cannot read {path} as .npy/.npz without pickle ({reason[:200]})") from None
+    if loaded is None or loaded.dtype.names is None:
+        return None, loaded
+    if not {"token", "embedding"} <= set(loaded.dtype.names):
+        raise PopPriorError(f"ace_init: {path} needs fields 'token' and 'embedding'")
+    return loaded["token"], loaded["embedding"]
+
+
+def _read_npy(stream: IO[bytes], size: int, where: str, headers_only: bool) -> np.ndarray | None:
+    """One ``.npy`` array from ``stream`` (``size`` bytes in all), after checking its header."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise PopPriorError(f"ace_init: {where} holds Python objects, which cannot be read without pickle: refused")
+    needed = math.prod(shape) * dtype.itemsize
+    header = 6 + 2 + (2 if version == (1, 0) else 4)  # magic, version, header length (its text is counted below)
+    if needed > size - header:
+        raise PopPriorError(f"ace_init: {where} claims a {'x'.join(map(str, shape))} array of {dtype} "
+                            f"({needed:,} bytes), more than the file holds ({size:,} bytes)")
+    if headers_only:
+        return None
+    data = stream.read(needed)
+    if len(data) != needed:
+        raise PopPriorError(f"ace_init: {where} is truncated ({len(data):,} of {needed:,} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
 def ace_init_table(path: str | os.PathLike, item_tokens: Sequence[str], lam: float, dim: int) -> torch.Tensor:

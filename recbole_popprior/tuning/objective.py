@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import optuna
 
+from recbole_popprior.errors import PopPriorError
 from recbole_popprior.quick_start import build_config, build_pipeline, train_and_test
 from recbole_popprior.serving import sweep_beta
 from recbole_popprior.tuning.space import Param, suggest
@@ -105,6 +106,8 @@ class Objective:
         params = suggest(trial, self.space)
         run_dir = self.trials_dir / str(trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # a trial's folder is its own (runner.claim_folder)
+            raise PopPriorError(f"the trial folder {run_dir} already holds files of another trial; not touched")
         config_dict = {**self.config_dict, **params, "run_dir": str(run_dir), "prior_beta": None}
         config = build_config(self.model, self.dataset, self.config_file_list, config_dict)
         pipe = build_pipeline(config)

@@ -45,7 +45,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from recbole.evaluator.register import metrics_dict
+from sqlalchemy.exc import SQLAlchemyError
 
+from recbole_popprior.unknown_settings import PLUGIN_PREFIXES, other_unknown_keys, unknown_key_warnings
 from recbole_popprior.data.dataset import check_dataset_files
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import check_supported, supported_models
@@ -53,7 +55,8 @@ from recbole_popprior.quick_start import build_config, make_folder
 from recbole_popprior.tuning.objective import Objective
 from recbole_popprior.tuning.report import write_report
 from recbole_popprior.tuning.space import Param, load_search_space
-from recbole_popprior.tuning.storage import check_storage, default_storage, make_storage, redact
+from recbole_popprior.tuning.storage import check_storage, default_storage, make_storage, redact, storage_file
+from recbole_popprior.tuning.studies import claim_folder, create_studies, fail_dead_trials
 
 logger = logging.getLogger("recbole_popprior.tuning")
 _HANDLER_TAG = "_recbole_popprior_tuning"
@@ -81,6 +84,7 @@ class TuningPlan:
     pruner: str = "median"
     n_workers: int = 1
     show_progress: bool = False
+    storage_given: bool = False  # --storage named it (else: the default under <output>/tuning/)
     settings: dict[str, Any] = field(default_factory=dict)  # the TUNE_KEYS values
     warnings: list[str] = field(default_factory=list)  # logged once the tuning log is open
 
@@ -127,6 +131,7 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
     known: dict[str, set[str]] = {}
     notes: list[str] = []
     first = None
+    unread: set[str] = set()
     for name in list(models):
         overrides = dict(config_dict)
         config = build_config(name, dataset, config_file_list, overrides)
@@ -145,12 +150,17 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
         epochs[name] = int(config["epochs"])
         # what RecBole, the model and the plugin define (the user's own keys do not make a key real)
         known[name] = set(config.internal_config_dict) | (set(config.final_config_dict) - set(config.external_config_dict))
+        unread = unread & set(config.unknown_keys) if first else set(config.unknown_keys)
         first = first or config
     if first is None:
         raise PopPriorError(f"no model can be tuned on {dataset!r}: {notes[0] if notes else 'none given'}")
     settings = {key: first[key] for key in TUNE_KEYS}
     space = load_search_space(options.get("search_space"), settings["tune_search_space"])
-    notes += first.unknown_key_warnings + _unknown_space_keys(space, known)
+    # a setting only some tuned models read is no mistake: warn about the ones none reads
+    notes += unknown_key_warnings({key: None for key in first.external_config_dict if key in unread})
+    others = [key for key in first.unknown_keys if key in unread and not key.startswith(PLUGIN_PREFIXES)]
+    notes += other_unknown_keys(others, set().union(*known.values()), ", ".join(models))
+    notes += _unknown_space_keys(space, known)
     study_name = options.get("study_name") or f"popprior-{dataset}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
         raise PopPriorError(f"--study-name may use letters, digits, '.', '_' and '-', got {study_name!r}")
@@ -164,7 +174,7 @@ def make_plan(model: str, dataset: str, config_file_list: list[str] | None = Non
         models=models, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
         space=space, study_name=study_name, storage_url=storage_url,
         folder=Path(output) / "tuning" / study_name, metrics=metrics, epochs=epochs,
-        multi_objective=multi, pruner=pruner, n_workers=n_workers,
+        multi_objective=multi, pruner=pruner, n_workers=n_workers, storage_given=bool(options.get("storage")),
         show_progress=bool(first["show_progress"]), settings=settings, warnings=notes)
 
 
@@ -190,27 +200,6 @@ def _pruner(plan: TuningPlan, model: str) -> optuna.pruners.BasePruner:
     if plan.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(plan.epochs[model], 1))
     return optuna.pruners.NopPruner()
-
-
-def create_studies(plan: TuningPlan, storage: optuna.storages.BaseStorage) -> dict[str, optuna.Study]:
-    """Create each model's study, or load it when it exists (resume); refuse a mismatch."""
-    studies = {}
-    for model in plan.models:
-        metric = plan.metrics[model][0]
-        study = optuna.create_study(storage=storage, study_name=plan.study_of(model),
-                                    directions=plan.directions(model), load_if_exists=True)
-        found = [d.name.lower() for d in study.directions]
-        if found != plan.directions(model):
-            raise PopPriorError(f"study {study.study_name} exists with directions {found}, not "
-                                f"{plan.directions(model)}: use another --study-name")
-        known = study.user_attrs.get("objective")
-        if known is not None and known != metric:
-            raise PopPriorError(f"study {study.study_name} optimises {known}, not {metric}: use another --study-name")
-        for key, value in (("objective", metric), ("model", model), ("dataset", plan.dataset)):
-            if study.user_attrs.get(key) is None:
-                study.set_user_attr(key, value)
-        studies[model] = study
-    return studies
 
 
 class _TrialLog:
@@ -250,38 +239,39 @@ def init_tuning_logger(folder: Path) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     make_folder(folder, "the tuning folder")
-    optimize_logger = logging.getLogger("optuna.study._optimize")
-    if not any(isinstance(f, _QuietInterrupt) for f in optimize_logger.filters):
-        optimize_logger.addFilter(_QuietInterrupt())
     formatter = logging.Formatter("%(asctime)s %(processName)s %(levelname)s  %(message)s", "%d %b %H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(folder / "tuning.log")):
+    log_file = logging.FileHandler(folder / "tuning.log")
+    for handler in (logging.StreamHandler(sys.stderr), log_file):
         handler.setFormatter(formatter)
         setattr(handler, _HANDLER_TAG, True)
         logger.addHandler(handler)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    for old in [f for f in optimize_logger.filters if isinstance(f, _TrialFailures)]:
+        optimize_logger.removeFilter(old)
+    optimize_logger.addFilter(_TrialFailures(log_file))
     logger.setLevel(logging.INFO)
     logger.propagate = False
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return logger
 
 
-class _QuietInterrupt(logging.Filter):
-    """Drops Optuna's two warnings about a trial stopped by Ctrl-C (one carries a traceback): the
-    trial is recorded as FAIL with ``fail_reason`` "interrupted", and the command says so in one line."""
+class _TrialFailures(logging.Filter):
+    """Keeps Optuna's two warnings about a failed trial (one carries the traceback) off stderr: the
+    tuner's own line says it (``_TrialLog``, with ``fail_reason``). The traceback goes to
+    ``tuning.log``; for a trial stopped by Ctrl-C (recorded as FAIL, "interrupted") it is dropped."""
 
-    def __init__(self):
+    def __init__(self, log_file: logging.Handler):
         super().__init__()
-        self._trials: set[str] = set()
+        self._log_file = log_file
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        number = message.split()[1] if message.startswith("Trial ") and len(message.split()) > 1 else None
-        if record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0], KeyboardInterrupt):
-            self._trials.add(number)
-            return False
-        if number in self._trials and "failed with value" in message:
-            self._trials.discard(number)
-            return False
-        return True
+        if not (message.startswith("Trial ") and " failed with " in message):
+            return True
+        interrupted = record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0], KeyboardInterrupt)
+        if record.exc_info and not interrupted:
+            self._log_file.handle(record)
+        return False
 
 
 def work(plan: TuningPlan, worker: int, n_trials: int, deadline: float | None) -> None:
@@ -368,28 +358,34 @@ def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = No
     if timeout is not None and float(timeout) <= 0:
         raise PopPriorError(f"--timeout must be positive seconds, got {timeout}")
     plan = make_plan(model, dataset, config_file_list, config_dict, options)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # (not "A new study created in RDB ...")
+    storage, studies = open_studies(plan)
     init_tuning_logger(plan.folder)
     for line in plan.warnings:
         logger.warning(line)
-    storage = plan.storage()
-    studies = create_studies(plan, storage)
+    with _storage_errors(plan):
+        for study in studies.values():
+            fail_dead_trials(study)
     deadline = None if timeout is None else time.time() + float(timeout)
     interrupted = False
     try:
-        if n_trials > 0:
-            if plan.n_workers == 1:
-                work(plan, 0, n_trials, deadline)
-            else:
-                _run_workers(plan, n_trials, deadline)
+        with _storage_errors(plan):
+            if n_trials > 0:
+                if plan.n_workers == 1:
+                    work(plan, 0, n_trials, deadline)
+                else:
+                    _run_workers(plan, n_trials, deadline)
     except KeyboardInterrupt:  # Ctrl-C: report what finished, then stop with status 130
         interrupted = True
         logger.warning("interrupted: writing the report of the trials that finished")
-    for model, study in studies.items():  # fresh views of every worker's trials
-        if isinstance(storage, optuna.storages.RDBStorage) and plan.settings["tune_heartbeat_interval"]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-        studies[model] = optuna.load_study(study_name=study.study_name, storage=storage)
+    with _storage_errors(plan):
+        for model, study in studies.items():  # fresh views of every worker's trials
+            if isinstance(storage, optuna.storages.RDBStorage) and plan.settings["tune_heartbeat_interval"]:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            fail_dead_trials(study)
+            studies[model] = optuna.load_study(study_name=study.study_name, storage=storage)
     metric, bigger = plan.metrics[plan.models[0]]
     meta = {
         "study_name": plan.study_name, "dataset": plan.dataset, "objective": metric,
@@ -407,4 +403,52 @@ def run_tuning(model: str, dataset: str, config_file_list: list[str] | None = No
     if interrupted:
         done = sum(row.get("complete", 0) for row in summary.get("models", []))
         raise KeyboardInterrupt(f"the report of the {done} completed trial(s) is in {plan.folder / 'summary.md'}")
+    _refuse_all_failed(studies, plan.folder / "summary.md")
     return summary
+
+
+def open_studies(plan: TuningPlan) -> tuple[optuna.storages.BaseStorage, dict[str, optuna.Study]]:
+    """Open the storage, check or create each model's study and claim the tuning folder for them;
+    on any refusal, leave nothing behind that this command created (the default storage's folder
+    and file, a new storage file)."""
+    created: list[Path] = []
+    path = storage_file(plan.storage_url)
+    new_file = path is not None and not path.exists()
+    try:
+        if not plan.storage_given:
+            created = make_folder(plan.folder.parent, "the tuning folder")
+        with _storage_errors(plan):
+            storage = plan.storage()
+            studies = create_studies(plan, storage)
+        claim_folder(plan.folder, plan.storage_url, {model: study.user_attrs["uid"] for model, study in studies.items()})
+    except BaseException:
+        if new_file and path is not None:
+            for leftover in (path, path.with_name(path.name + ".lock")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+    return storage, studies
+
+
+@contextlib.contextmanager
+def _storage_errors(plan: TuningPlan):
+    """A database error from the storage (a corrupt SQLite page, a lost server) as one line."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise PopPriorError(f"storage {redact(plan.storage_url)} failed: {reason[:200]}") from None
+
+
+def _refuse_all_failed(studies: dict[str, optuna.Study], report: Path) -> None:
+    """A study whose every finished trial failed has no result: one line (exit 2), not exit 0."""
+    for model, study in studies.items():
+        trials = study.get_trials(deepcopy=False)
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        if failed and not any(t.state == TrialState.COMPLETE for t in trials):
+            reason = failed[0].user_attrs.get("fail_reason", "unknown")
+            raise PopPriorError(f"no trial of {model} completed: {len(failed)} failed, the first with {reason}; "
+                                f"the report is in {report}")

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import yaml
 
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.yaml_files import BoundedSafeLoader, read_yaml_file
 
 _KEYS = {
     "float": {"type", "low", "high", "log", "step"},
@@ -133,13 +133,7 @@ def load_search_space(path: str | os.PathLike | None, default: dict[str, Any]) -
     space = {name: param for name, param in parse_space(default).items() if param is not None}
     if path is None:
         return space
-    if not os.path.isfile(path):
-        raise PopPriorError(f"search space file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            entries = yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise PopPriorError(f"search space file {path} is not valid yaml: {str(exc).splitlines()[0]}") from None
+    entries = read_yaml_file(path, "search space file", loader=BoundedSafeLoader)
     for name, param in parse_space(entries, f"search space file {path}").items():
         if param is None:
             space.pop(name, None)

@@ -7,7 +7,12 @@
 - ``sqlite:///path.db``, ``postgresql://user:pw@host:port/db``, ``mysql+pymysql://...``: an
   Optuna ``RDBStorage`` with a heartbeat, so a worker that dies mid-trial has that trial
   marked FAIL by the next worker that starts a trial (``fail_stale_trials``).
-- ``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage`` on a file.
+- ``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage`` on a file, through
+  :class:`~recbole_popprior.tuning.journal.CheckedJournal` (a torn last record is cut off, never
+  appended to).
+
+A storage must outlive the command: ``sqlite:///:memory:`` (and ``sqlite:///``, which SQLAlchemy
+reads as memory) is refused, and so is a path that is not a regular file (``journal:/dev/null``).
 
 The folder of a storage file must exist: the tuner creates ``<output>/tuning/`` for its
 default, never the folders of a URL given with ``--storage``.
@@ -25,9 +30,10 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalStorage
 
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.tuning.journal import CheckedJournal
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")
 
@@ -71,6 +77,8 @@ def check_storage_file(path: str | Path) -> None:
         raise PopPriorError(f"storage file {path}: the folder {folder} {what}")
     if path.is_dir():
         raise PopPriorError(f"storage file {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise PopPriorError(f"storage file {path} is not a regular file (a device or a pipe cannot hold a study)")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -98,8 +106,14 @@ def storage_file(url: str) -> Path | None:
 
 
 def check_storage(url: str) -> None:
-    """Check ``url`` without opening it: a known scheme and, for a file, :func:`check_storage_file`."""
+    """Check ``url`` without opening it: a known scheme, a study that outlives the command, and, for
+    a file, :func:`check_storage_file`."""
     path = storage_file(url)
+    if _scheme(url) == "journal" and not str(path or "").strip(". "):
+        raise PopPriorError(f"--storage {url!r} names no journal file: journal:path/to/study.journal")
+    if _scheme(url) == "sqlite" and (path is None or "mode=memory" in url):
+        raise PopPriorError(f"--storage {redact(url)} keeps the study in memory, lost when the command ends (and "
+                            "each worker would see another one): give a file, e.g. sqlite:///tuning.db")
     if path is not None:
         check_storage_file(path)
 
@@ -110,7 +124,10 @@ def make_storage(url: str, *, heartbeat_interval: int | None = 60,
     check_storage(url)
     scheme = _scheme(url)
     if scheme == "journal":
-        return JournalStorage(JournalFileBackend(str(storage_file(url))))
+        try:
+            return JournalStorage(CheckedJournal(str(storage_file(url))))
+        except OSError as exc:
+            raise PopPriorError(f"cannot open storage {redact(url)}: {exc.strerror or exc}") from None
     kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         # several processes may write: wait for SQLite's lock instead of failing at once
