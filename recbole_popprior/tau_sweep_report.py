@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from recbole_popprior.arms import ARMS
-from recbole_popprior.compare import _arm_info, _matched, _Plan, _write_compare, score_singular_values
+from recbole_popprior.compare import _arm_info, _matched, _Plan, _write_compare, output_set, score_singular_values
 from recbole_popprior.compare_report import summarise
 from recbole_popprior.evaluator.energy import ContextStats, energy_from_stats, reduction_from_energies
 from recbole_popprior.evaluator.truth import (kl_to_truth, ndcg_at_k, optimum_table, row_spearman,
@@ -325,6 +326,8 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
            f"l = the centred log p_hat of the training targets (alpha = {payload.get('prior_alpha')}), on the test "
            f"contexts; R against the tau=0 run of the same seed (B = {payload['permutations']}). `p (own test)`: "
            f"the run's own item-label permutation test of its dir_frac (mean of the per-seed p).", ""]
+    if payload.get("config_files"):  # e.g. a speed preset: the numerics the runs trained with
+        out[-1:] = ["", f"Config files (in order): {', '.join(f'`{f}`' for f in payload['config_files'])}.", ""]
     cols = [("tau", "trained tau", 3), ("dir_frac", "dir_frac", 4), ("shared_frac", "shared_frac", 3),
             ("p_own", "p (own test)", 3),
             ("R_dir", "R_dir", 4), ("R_shared", "R_shared", 4), ("pop_slope", "pop slope", 3),
@@ -432,7 +435,8 @@ def compare_from_runs(pairs: Sequence[tuple[tuple, tuple]], out_dir: Any, *, sta
                         permutations=int(first["permutations"]), confidence=float(first["confidence"]))
     payload["tau"] = taus.get("separated")
     labelled = {_arm_info(plan, model, taus[plan.spec.name])["label"]: spectra[plan.spec.name] for plan in plans}
-    files = _write_compare(out_dir, payload, labelled, nulls)
+    with output_set(Path(out_dir), "compare", "compare.json") as stage:  # committed as one, as --compare's
+        files = _write_compare(stage, payload, labelled, nulls)
     payload["files"] = {k: str(v) for k, v in files.items()}
     return payload
 

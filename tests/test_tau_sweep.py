@@ -17,6 +17,7 @@ from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.truth import row_spearman
 from recbole_popprior.tau_sweep import (Variant, load_contexts, parse_taus, plan_variants, prepare, run_folder,
                                         run_tau_sweep)
+from recbole_popprior.tau_sweep_report import sweep_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +131,12 @@ def test_resume_trains_only_what_is_missing_and_refuses_other_settings(tmp_path)
     assert _row(again, "tau=learned")["R_dir"] == pytest.approx(_row(more, "tau=learned")["R_dir"], rel=1e-9)
     with pytest.raises(PopPriorError, match="other settings"):
         run_tau_sweep("SASRec", "synthetic", "0,1", seeds=1, config_dict={**settings, "epochs": 2}, output=out)
+    preset = tmp_path / "preset.yaml"  # a speed preset's file: its contents are part of every run's settings
+    preset.write_text("learning_rate: 0.001\n", encoding="utf-8")  # RecBole's default: only the file differs
+    with pytest.raises(PopPriorError, match="other settings"):
+        run_tau_sweep("SASRec", "synthetic", "0,1", seeds=1, config_file_list=[str(preset)], config_dict=settings,
+                      output=out)
+    assert f"Config files (in order): `{preset}`." in sweep_markdown({**first, "config_files": [str(preset)]})
     report_only = run_tau_sweep("SASRec", "synthetic", "0,1,learned", seeds=2, config_dict=settings, output=out,
                                 train=False)
     assert report_only["trained_now"] == 0 and report_only["seeds"] == [7]
