@@ -106,7 +106,7 @@ def _zipf_ranks(rng: np.random.Generator, m: int, n: int, s: float) -> np.ndarra
 
 # ----------------------------------------------------------------------------- phases (in the child)
 def phase_convert(raw: str, out: str, **_) -> dict:
-    from recbole_popprior.converters import convert
+    from recbole_popprior.converters.pipeline import convert
 
     summary = convert("tianchi", raw, out, progress=False)
     return {"rows": int(summary["rows_kept"])}
@@ -216,7 +216,7 @@ PHASES: dict[str, Callable[..., dict]] = {"convert": phase_convert, "load_prepar
 
 def child(phase: str, options: dict) -> None:
     import recbole_popprior.config  # noqa: F401  (imports are start-up, not the phase)
-    import recbole_popprior.converters  # noqa: F401
+    import recbole_popprior.converters.pipeline  # noqa: F401
     import recbole_popprior.data  # noqa: F401
 
     start = time.perf_counter()

@@ -1,10 +1,11 @@
 """recbole-popprior: separate the popularity prior from RecBole's softmax recommenders, and measure it.
 
 Importing the package itself is light (no torch, no RecBole), so that the command lines parse
-their arguments and print ``--help`` before anything heavy loads. The public functions below
-load their module on first use: this module's ``__getattr__`` (PEP 562) is the package's one
-lazy import point, and ``tests/test_package.py`` checks that it stays the only one. It sets
-OpenMP's wait policy first, while torch is not loaded yet (:mod:`recbole_popprior.openmp`).
+their arguments and print ``--help`` before anything heavy loads. The public functions below,
+and the command lines' heavy modules (``commands``, ``conversion``), load on first use: this
+module's ``__getattr__`` (PEP 562) is the package's one lazy import point, and
+``tests/test_package.py`` checks that it stays the only one. It sets OpenMP's wait policy first,
+while torch is not loaded yet (:mod:`recbole_popprior.openmp`).
 
 Every module that runs RecBole code imports :mod:`recbole_popprior.compat` (which applies
 RecBole 1.2.1's compatibility shims when it is imported) and the evaluator registers the energy
@@ -22,7 +23,7 @@ _set_wait_policy()  # before torch is imported: libgomp reads it once (recbole_p
 
 __version__ = "0.2.0"
 
-#: public name -> the module that defines it, imported on first access
+#: public function -> the module that defines it, imported on first access
 _LAZY = {
     "estimate_log_prior": "recbole_popprior.prior",
     "get_model": "recbole_popprior.model",
@@ -30,23 +31,34 @@ _LAZY = {
     "supported_models": "recbole_popprior.model",
     "run_recbole_popprior": "recbole_popprior.quick_start",
     "popularity_energy": "recbole_popprior.evaluator",
-    # the heavy half of the command line (:mod:`recbole_popprior.cli` loads it after parsing)
-    "commands": "recbole_popprior.commands",
+}
+
+#: the heavy halves of the command lines, which load after parsing: name -> the module itself
+_LAZY_MODULES = {
+    "commands": "recbole_popprior.commands",  # torch and RecBole, for :mod:`recbole_popprior.cli`
+    # numpy, pyarrow and polars, for :mod:`recbole_popprior.converters.cli`
+    "conversion": "recbole_popprior.converters.pipeline",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Load a public function's module (or the ``commands`` module) on first access."""
-    if name not in _LAZY:
+    """Load a public function's module, or one of the command lines' heavy modules, on first access.
+
+    ``recbole_popprior.get_model`` is the function of that name in :mod:`recbole_popprior.model`;
+    ``recbole_popprior.commands`` and ``recbole_popprior.conversion`` are modules (``_LAZY_MODULES``).
+    """
+    if name in _LAZY_MODULES:
+        value = importlib.import_module(_LAZY_MODULES[name])
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
         raise AttributeError(f"module 'recbole_popprior' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__.endswith(f".{name}") else getattr(module, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
 
 
 __all__ = ["PopPriorError", "estimate_log_prior", "get_model", "register_model", "supported_models",

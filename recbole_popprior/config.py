@@ -48,6 +48,7 @@ from recbole_popprior.model.remedy_objectives import REMEDIES
 from recbole_popprior.model.sampled_softmax import SAMPLERS
 from recbole_popprior.optim import check_optimizer_settings
 from recbole_popprior.presets import config_file
+from recbole_popprior.prior_source import PRIOR_SOURCES
 from recbole_popprior.remedies.resn import LINKS
 from recbole_popprior.unknown_settings import (INTERNAL_KEYS, PLUGIN_PREFIXES, known_plugin_keys,  # noqa: F401
                                                other_unknown_keys, summarised, unknown_key_warnings)
@@ -287,6 +288,7 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
     _choice(config, "prior_mode", ("static", "windowed"))
     _number(config, "prior_windows", low=1, integer=True)
     _choice(config, "prior_window_by", ("time", "count"))
+    _validate_prior_source(config)
     windows = config["prior_windows"]
     serve = config.get("prior_serve_window")
     if isinstance(serve, bool) or not isinstance(serve, int) or not -windows <= serve < windows:
@@ -308,6 +310,21 @@ def _validate(config: dict[str, Any], model_class: type) -> None:
     _validate_tuning(config)
     if "synthetic_users" in config:
         _validate_synthetic(config)
+
+
+def _validate_prior_source(config: dict[str, Any]) -> None:
+    """``prior_source: truth`` reads the synthetic generator's marginal (DESIGN §2): static priors only."""
+    if isinstance(config.get("prior_source"), bool):  # yaml and the command line read true / false as booleans
+        raise PopPriorError(f"prior_source must be one of {', '.join(PRIOR_SOURCES)}, got {config['prior_source']!r} "
+                            "(a boolean: for the generator's marginal write truth)")
+    _choice(config, "prior_source", PRIOR_SOURCES)
+    if config["prior_source"] != "truth":
+        return
+    if "synthetic_users" not in config:
+        raise PopPriorError(f"prior_source: truth needs a data set with known truth (--dataset=synthetic), "
+                            f"not {config.get('dataset')!r}")
+    if config["prior_mode"] != "static":
+        raise PopPriorError("prior_source: truth gives one (pooled) marginal: use prior_mode: static")
 
 
 def _validate_running(config: dict[str, Any], model_class: type | None = None) -> None:
@@ -501,4 +518,5 @@ def _validate_synthetic(config: dict[str, Any]) -> None:
     _number(config, "synthetic_zipf", low=0.0)
     _number(config, "synthetic_pmi_scale", low=0.0)
     _number(config, "synthetic_drift")
+    _number(config, "synthetic_pop_pmi", low=0.0)
     _number(config, "synthetic_seed", integer=True)

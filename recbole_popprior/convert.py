@@ -3,9 +3,9 @@
 
 import sys
 
-from recbole_popprior.converters.cli import convert, main
+from recbole_popprior.converters.cli import main
 
-__all__ = ["convert", "main"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

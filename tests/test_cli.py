@@ -3,10 +3,13 @@ plugin settings, derived defaults. Bad input to the command line is one table in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,9 +90,74 @@ def test_the_usage_line_names_the_command_that_was_run():
 
 def test_the_converters_help_shows_each_sources_input_layout():
     text = _run("--help", program=[sys.executable, "-m", "recbole_popprior.convert"]).stdout
-    from recbole_popprior.converters.read import ALIBABA_COLUMNS, TIANCHI_COLUMNS
+    from recbole_popprior.converters.read import ALIBABA_COLUMNS, TIANCHI_COLUMNS  # what the reader checks
     assert ",".join(TIANCHI_COLUMNS) in text and ",".join(ALIBABA_COLUMNS) in text
     assert "NO header" in text and "WITH the header" in text and "unix seconds" in text and "'YYYY-MM-DD HH'" in text
+
+
+HEAVY = {"numpy", "pandas", "polars", "pyarrow", "torch", "recbole", "scipy"}
+
+
+def _loaded(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime ARGV``; the top-level packages its import-time lines name
+    (``import time: self | cumulative | name``) are what the process loaded."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+             if line.startswith("import time:")}
+    return proc, names
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["alibaba", "--help"], ["--input", "x", "-h"]])
+def test_the_converters_help_loads_nothing_heavy_and_lists_both_layouts(argv):
+    proc, loaded = _loaded(["-m", "recbole_popprior.convert", *argv])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recbole_popprior" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
+    text = proc.stdout
+    assert text.startswith("usage: python -m recbole_popprior.convert")
+    assert "user_id,item_id,category_id,behavior_type,timestamp" in text and "NO header" in text
+    assert "user_id,item_id,behavior_type,user_geohash,item_category,time" in text and "WITH the header" in text
+
+
+def test_a_bad_converter_argument_is_one_error_line_before_anything_heavy_loads(tmp_path):
+    raw = tmp_path / "UserBehavior.csv"
+    raw.write_text("1,2,3,pv,1511539200\n")
+    proc, loaded = _loaded(["-m", "recbole_popprior.convert", "tianchi", "--input", str(raw),
+                            "--output", str(tmp_path / "out"), "--k-core", "many"])
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and errors == ["error: argument --k-core: invalid int value: 'many'"], errors
+    assert not loaded & HEAVY and not (tmp_path / "out").exists()
+    # the same command with a good --k-core converts, so the import-time listing does see the heavy modules
+    proc, loaded = _loaded(["-m", "recbole_popprior.convert", "tianchi", "--input", str(raw),
+                            "--output", str(tmp_path / "out"), "--k-core", "0", "--no-progress"])
+    assert proc.returncode == 0 and {"numpy", "pyarrow"} <= loaded, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "tianchi" / "tianchi.inter").is_file()
+
+
+def test_ctrl_c_while_the_converter_loads_its_pipeline_is_one_line_and_status_130(tmp_path):
+    """SIGINT once numpy's extension is mapped (the lazy import after parsing is under way): one
+    ``error:`` line and 130, no KeyboardInterrupt traceback, no output folder."""
+    raw = tmp_path / "UserBehavior.csv"
+    raw.write_text("1,2,3,pv,1511539200\n")
+    proc = subprocess.Popen([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(raw),
+                             "--output", str(tmp_path / "out"), "--no-progress"], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if "_multiarray_umath" in Path(f"/proc/{proc.pid}/maps").read_text():
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert not (tmp_path / "out" / "tianchi" / "tianchi.inter").exists()
 
 
 def test_importing_the_command_line_loads_neither_torch_nor_recbole():

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recbole_popprior.converters.cli import convert as cli_convert
 from recbole_popprior.converters.cli import main
 from recbole_popprior.converters import buckets as converters_buckets
 from recbole_popprior.converters.pipeline import convert
@@ -381,7 +380,7 @@ def describes(summary_path: Path) -> bool:
 
 
 def test_summary_identifies_its_inter_and_verify_output_checks_it(tmp_path):
-    from recbole_popprior.converters import verify_output
+    from recbole_popprior.converters.commit import verify_output
 
     src = write_log(tmp_path / "u.csv", tianchi_lines(seed=14, bad=False))
     summary = convert("tianchi", src, tmp_path / "out", progress=False)
@@ -442,19 +441,7 @@ def test_sigkill_at_the_commit_point_never_leaves_a_summary_beside_another_inter
     old_inter = (out / "tianchi/tianchi.inter").read_bytes()
     lines = tianchi_lines(seed=22, bad=False)
     src = write_log(tmp_path / "new.csv", lines)
-    # the real command, with os.replace patched at start-up by a sitecustomize module
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\nreal, calls = os.replace, []\n"
-        "def replace(a, b, **kw):\n    calls.append(b)\n"
-        f"    if len(calls) == {stop_at}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(a, b, **kw)\n"
-        "os.replace = replace\n")
-    proc = subprocess.run([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(src),
-                           "--output", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
-                          env=dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{ROOT}"), timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _sigkill_at_rename(tmp_path, src, out, stop_at)
     summary = out / "tianchi/tianchi.summary.json"
     assert not summary.exists() or describes(summary)
     new_text = reference("tianchi", lines, {"pv"}, (T0, T1), True, 0)["text"].encode()
@@ -731,17 +718,16 @@ def test_interrupted_run_leaves_no_output_and_no_temp_files(tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_convert_is_reexported_by_the_cli_module():
-    assert cli_convert is convert
-
-
-def _sigkill_at_the_inter_rename(tmp_path: Path, src: Path, out: Path) -> None:
-    """Run the converter's command line and SIGKILL it as it renames its temporary .inter into place."""
+def _sigkill_at_rename(tmp_path: Path, src: Path, out: Path, stop_at: int = 1) -> None:
+    """Run the converter's real command line and SIGKILL it at its ``stop_at``-th ``os.replace`` (1:
+    the temporary .inter renamed into place), patched at start-up by a sitecustomize module."""
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(
-        "import os, signal\nreal = os.replace\n"
-        "def replace(a, b, **kw):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import os, signal\nreal, calls = os.replace, []\n"
+        "def replace(a, b, **kw):\n    calls.append(b)\n"
+        f"    if len(calls) == {stop_at}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(a, b, **kw)\n"
         "os.replace = replace\n")
     proc = subprocess.run([sys.executable, "-m", "recbole_popprior.convert", "tianchi", "--input", str(src),
                            "--output", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
@@ -756,7 +742,7 @@ def test_the_next_conversion_removes_what_a_killed_one_left(tmp_path):
     convert("tianchi", write_log(tmp_path / "old.csv", tianchi_lines(seed=23, n=100, bad=False)), out, progress=False)
     lines = tianchi_lines(seed=24, bad=False)
     src = write_log(tmp_path / "new.csv", lines)
-    _sigkill_at_the_inter_rename(tmp_path, src, out)
+    _sigkill_at_rename(tmp_path, src, out)
     left = sorted(p.name for p in (out / "tianchi").iterdir() if p.name.startswith("."))
     assert any(n.startswith(".tianchi.convert-") and not n.endswith(".lock") for n in left), left
     assert any(n.startswith(".tianchi.inter.") and n.endswith(".tmp") for n in left), left

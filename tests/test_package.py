@@ -4,6 +4,7 @@ module, and the yaml folders shipped inside an installed copy."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+import recbole_popprior
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "recbole_popprior"
@@ -217,3 +220,15 @@ def test_every_module_that_imports_recbole_applies_the_compat_shims():
         if imports_recbole and name != f"{PACKAGE}.compat" and f"{PACKAGE}.compat" not in reaches(name):
             missing.append(name)
     assert not missing, "import RecBole without reaching recbole_popprior.compat: " + ", ".join(missing)
+
+
+def test_every_lazy_name_of_the_package_is_what_it_names():
+    """A public function is that function of its module; a lazy module (the command lines' heavy
+    halves, such as the converter's pipeline) is that module itself."""
+    for name, module in recbole_popprior._LAZY.items():
+        assert getattr(recbole_popprior, name) is getattr(importlib.import_module(module), name), name
+    for name, module in recbole_popprior._LAZY_MODULES.items():
+        assert getattr(recbole_popprior, name) is importlib.import_module(module), name
+    assert set(recbole_popprior._LAZY) | set(recbole_popprior._LAZY_MODULES) <= set(dir(recbole_popprior))
+    with pytest.raises(AttributeError, match="no attribute 'pipeline'"):
+        recbole_popprior.pipeline  # noqa: B018

@@ -195,3 +195,22 @@ def test_ensure_regenerates_only_when_settings_change(tmp_path) -> None:
     ensure_synthetic_dataset(changed)
     assert json.loads((path.parent / "synthetic.settings.json").read_text())["digest"] != stamp["digest"]
     assert load_truth(changed).settings.seed == 99
+
+
+def test_planted_popularity_pmi_keeps_the_marginals_and_follows_the_planted_preference() -> None:
+    """``pop_pmi = g``: S gains ``g z_c (log p - mean) / sd``; Sinkhorn keeps both marginals at p, and each
+    context's PMI row leans on log p by its planted ``g z_c`` up to one constant (the Sinkhorn offsets
+    ``a_c + b_i`` project on the centred direction as a constant over contexts)."""
+    plain = generate(SyntheticSettings.defaults(users=20, items=40, seq_len=5))
+    planted = generate(SyntheticSettings.defaults(users=20, items=40, seq_len=5, pop_pmi=0.5))
+    p = np.exp(planted.log_p)
+    np.testing.assert_allclose(p, np.exp(zipf_log_p(40, 1.0)))
+    np.testing.assert_allclose((p[None, :] * np.exp(planted.pmi)).sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose((p[:, None] * np.exp(planted.pmi)).sum(axis=0), 1.0, atol=1e-10)
+    lc = zipf_log_p(40, 1.0) - zipf_log_p(40, 1.0).mean()
+    unit = lc / lc.std()
+    z = np.random.default_rng([SyntheticSettings.defaults().seed, 1]).standard_normal(40)  # the documented draw
+    lean = (planted.pmi - plain.pmi) @ unit / (unit @ unit)  # per context: the slope the planting added
+    assert np.corrcoef(lean, z)[0, 1] > 0.99
+    np.testing.assert_allclose(lean - lean.mean(), 0.5 * (z - z.mean()), atol=1e-8)  # PMI = S + a_c + b_i exactly
+    assert not np.array_equal(plain.items, planted.items)

@@ -10,6 +10,10 @@ saying what it left on disk (normally nothing). A reader of stdout that goes awa
 (``| head -0``) is not an error: the files are complete before anything is printed, so the
 status stays 0 (141, the shell's SIGPIPE status, would fail ``set -o pipefail`` scripts
 for a conversion that succeeded).
+
+The parser and ``--help`` need the standard library only (:mod:`~recbole_popprior.converters.layouts`);
+the pipeline (numpy, pyarrow, polars) loads after parsing, through the package's lazy
+``recbole_popprior.conversion``.
 """
 
 from __future__ import annotations
@@ -19,44 +23,19 @@ import contextlib
 import io
 import os
 import sys
-from datetime import datetime
 from typing import NoReturn, Sequence, TextIO
 
-from recbole_popprior.converters.pipeline import (DEFAULT_MAX_BAD_ROWS, KINDS, ConversionInterrupted, convert,
-                                              format_summary)
-from recbole_popprior.converters.read import ALIBABA_COLUMNS, BEHAVIORS, TIANCHI_COLUMNS, TIANCHI_WINDOW, UTC8
+import recbole_popprior
+from recbole_popprior.converters.layouts import DEFAULT_MAX_BAD_ROWS, KINDS, input_layouts
 from recbole_popprior.errors import PopPriorError
 
-__all__ = ["convert", "main"]
+__all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, as every plugin CLI
         _say(sys.stderr, f"error: {message}")
         raise SystemExit(2)
-
-
-def input_layouts() -> str:
-    """The raw layout each ``kind`` reads (columns, header, time format), from the reader's own tables."""
-    codes = ", ".join(f"{code}={name}" for code, name in BEHAVIORS["alibaba"].items())
-    start, end = (datetime.fromtimestamp(t, UTC8).strftime("%Y-%m-%d %H:%M:%S") for t in TIANCHI_WINDOW)
-    return "\n".join([
-        "input layouts (comma separated; .csv, .csv.gz or a single-member .zip):",
-        "  tianchi  UserBehavior.csv (Tianchi dataset 649), NO header line; columns",
-        f"           {','.join(TIANCHI_COLUMNS)}",
-        f"           behavior_type as a word ({', '.join(BEHAVIORS['tianchi'].values())}); timestamp in unix seconds;",
-        f"           default window {start} .. {end} (UTC+8), the official one; default --behaviors pv",
-        "  alibaba  tianchi_mobile_recommend_train_user.csv (Tianchi 2015), WITH the header line",
-        f"           {','.join(ALIBABA_COLUMNS)}",
-        f"           behavior_type as a code ({codes}); user_geohash may be empty;",
-        "           time as 'YYYY-MM-DD HH' (e.g. 2014-12-01 10) in UTC+8; no default window; default --behaviors click",
-        "  ids are non-negative decimal integers (007 and 7 are one id); --start/--end take unix seconds or",
-        "  YYYY-MM-DD[ HH[:MM[:SS]]] in UTC+8 for either kind.",
-        "",
-        "output: OUTPUT/NAME/NAME.inter (tab separated, header user_id:token item_id:token timestamp:float",
-        "behavior_type:token category_id:token; rows by user, then time) and NAME.summary.json (counts per",
-        "drop reason, the .inter's size and SHA-256), committed as one pair.",
-    ])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _to_devnull(sys.stdout)
         return 0
     try:
-        summary = convert(args.kind, args.input, args.output, name=args.name, behaviors=args.behaviors,
+        pipeline = recbole_popprior.conversion  # the lazy import: numpy, pyarrow and polars load now
+        summary = pipeline.convert(args.kind, args.input, args.output, name=args.name, behaviors=args.behaviors,
                           dedup=args.dedup, k_core=args.k_core, start=args.start, end=args.end,
                           sample_users=args.sample_users, max_bad_rows=args.max_bad_rows, progress=args.progress,
                           workers=args.workers)
@@ -101,10 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(sys.stderr, f"error: {exc}")
         return 2
     except KeyboardInterrupt as exc:  # ConversionInterrupted says what was left on disk
-        why = str(exc) if isinstance(exc, ConversionInterrupted) else "interrupted; no output written"
+        # a Ctrl-C during the lazy import above arrives before ``pipeline`` is bound
+        interrupted = sys.modules.get("recbole_popprior.converters.pipeline")
+        known = interrupted is not None and isinstance(exc, interrupted.ConversionInterrupted)
+        why = str(exc) if known else "interrupted; no output written"
         _say(sys.stderr, f"error: {why}")
         return 130
-    _say(sys.stdout, format_summary(summary))
+    _say(sys.stdout, pipeline.format_summary(summary))
     return 0
 
 

@@ -46,16 +46,16 @@ from tqdm import tqdm
 from recbole_popprior.converters import buckets as _buckets
 from recbole_popprior.converters import read as _read
 from recbole_popprior.converters.commit import OutputPair
-from recbole_popprior.converters.read import BAD_KINDS, BEHAVIORS, DEFAULT_BEHAVIORS, TIANCHI_WINDOW
+from recbole_popprior.converters.layouts import (BEHAVIORS, DEFAULT_BEHAVIORS, DEFAULT_MAX_BAD_ROWS, KINDS,
+                                                 TIANCHI_WINDOW)
+from recbole_popprior.converters.read import BAD_KINDS
 from recbole_popprior.converters.sample import check_fraction
 from recbole_popprior.errors import PopPriorError
 
-KINDS = ("tianchi", "alibaba")
-DEFAULT_MAX_BAD_ROWS = 1000
 MAX_WORKERS = 64  # each parser thread keeps two blocks in flight: a huge count would only fill memory
 _PROGRESS_MIN_BYTES = 256 << 20
 
-__all__ = ["convert", "KINDS", "DEFAULT_MAX_BAD_ROWS", "ConversionInterrupted", "format_summary"]
+__all__ = ["convert", "ConversionInterrupted", "format_summary"]
 
 
 class ConversionInterrupted(KeyboardInterrupt):

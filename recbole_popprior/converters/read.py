@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -28,25 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
+from recbole_popprior.converters.layouts import ALIBABA_COLUMNS, BEHAVIORS, TIANCHI_COLUMNS, UTC8, UTC8_OFFSET_S
 from recbole_popprior.converters.sample import keep_users
 from recbole_popprior.errors import PopPriorError
-
-#: China standard time, in which both logs are stamped.
-UTC8 = timezone(timedelta(hours=8))
-UTC8_OFFSET_S = 8 * 3600
-
-#: Official Tianchi UserBehavior window, 2017-11-25 00:00:00 to 2017-12-03 23:59:59 UTC+8.
-TIANCHI_WINDOW = (1511539200, 1512316799)
-
-TIANCHI_COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
-ALIBABA_COLUMNS = ["user_id", "item_id", "behavior_type", "user_geohash", "item_category", "time"]
-
-#: Behaviour codes per kind (code -> name); the code is what the converters store.
-BEHAVIORS = {
-    "tianchi": {1: "pv", 2: "buy", 3: "cart", 4: "fav"},
-    "alibaba": {1: "click", 2: "collect", 3: "cart", 4: "buy"},
-}
-DEFAULT_BEHAVIORS = {"tianchi": ("pv",), "alibaba": ("click",)}
 
 #: Kinds of row-level problems, as counted in the summary.
 BAD_KINDS = ("column_count", "encoding", "bad_id", "bad_time", "unknown_behavior")

@@ -117,19 +117,26 @@ def read_header(filepath, load_col: set | None, unload_col: set | None, separato
     return names, fields
 
 
+def csv_options(names: list[str], fields: list, separator: str, block_size: int = 16 << 20,
+                skip_rows: int = 1) -> dict[str, object]:
+    """pyarrow's read, parse and convert options as pandas' python parser reads an atomic file:
+    no quoting, tokens dictionary-encoded, pandas' default NA strings; keywords of ``read_csv``
+    and ``open_csv`` alike."""
+    types = {field_type: (_TOKEN if ftype == FeatureType.TOKEN else pa.float64()) for _, field_type, ftype in fields}
+    return {
+        "read_options": pcsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=block_size),
+        "parse_options": pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
+                                           escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+        "convert_options": pcsv.ConvertOptions(column_types=types, include_columns=[f[1] for f in fields],
+                                               null_values=_NA_VALUES, strings_can_be_null=True,
+                                               quoted_strings_can_be_null=True, check_utf8=True),
+    }
+
+
 def _read_table(filepath, names: list[str], fields: list, separator: str, memory_pool=None) -> pa.Table:
     """Parse the file body with pyarrow; any doubt raises :class:`_Unsupported`."""
-    types = {field_type: (_TOKEN if ftype == FeatureType.TOKEN else pa.float64()) for _, field_type, ftype in fields}
     try:
-        table = pcsv.read_csv(
-            filepath, memory_pool=memory_pool,
-            read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=16 << 20),
-            parse_options=pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
-                                            escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
-            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=[f[1] for f in fields],
-                                                null_values=_NA_VALUES, strings_can_be_null=True,
-                                                quoted_strings_can_be_null=True, check_utf8=True),
-        )
+        table = pcsv.read_csv(filepath, memory_pool=memory_pool, **csv_options(names, fields, separator))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
         raise _Unsupported(str(exc).splitlines()[0]) from None
     for _, field_type, ftype in fields:  # pandas reads a field that starts with a quote as quoted

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from recbole.utils import FeatureType
 
-from recbole_popprior.data.fast_loader import _NA_VALUES, _TOKEN, _Unsupported, read_header
+from recbole_popprior.data.fast_loader import _Unsupported, csv_options, read_header
 from recbole_popprior.data.row_shapes import Normalised, RowShapes, scan_rows
 
 MISSING = -1
@@ -131,17 +131,8 @@ class _Buffer:
 def _open(source, names: list[str], fields: list, separator: str, block_size: int,
           skip_rows: int = 1) -> pcsv.CSVStreamingReader:
     """pyarrow's streaming CSV reader with the fast loader's options (tokens dictionary-encoded)."""
-    types = {field_type: (_TOKEN if ftype == FeatureType.TOKEN else pa.float64()) for _, field_type, ftype in fields}
     try:  # open_csv already parses the first block
-        return pcsv.open_csv(
-            source,
-            read_options=pcsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=block_size),
-            parse_options=pcsv.ParseOptions(delimiter=separator, quote_char=False, double_quote=False,
-                                            escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
-            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=[f[1] for f in fields],
-                                                null_values=_NA_VALUES, strings_can_be_null=True,
-                                                quoted_strings_can_be_null=True, check_utf8=True),
-        )
+        return pcsv.open_csv(source, **csv_options(names, fields, separator, block_size, skip_rows))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
         raise _Unsupported(str(exc).splitlines()[0]) from None
 

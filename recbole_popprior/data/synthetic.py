@@ -8,6 +8,8 @@ sequential model that sees the whole history can represent the optimum exactly.
 
 * ``p(i)`` is Zipf: ``p(i) ∝ i^(-zipf)``; item ``1`` is the most popular.
 * ``S = scale * U V^T`` is a random rank-``r`` score matrix (``U, V ~ N(0, 1/r)``), shared by all windows.
+  With ``pop_pmi = g > 0``, ``S`` gains ``g z_c (log p(i) - mean) / sd`` (``z_c ~ N(0, 1)``): PMI that
+  prefers popular items in some contexts and avoids them in others (rank ``r + 1``).
 * The joint of two consecutive items, ``J(c, i) = x_c exp(S[c, i]) y_i``, is Sinkhorn-scaled
   so that **both** of its marginals equal ``p``.  The transition is ``p(i | c) = J(c, i) / p(c)``.
 
@@ -49,6 +51,7 @@ import yaml
 
 from recbole_popprior.config import _validate_synthetic, dataset_config_file
 from recbole_popprior.errors import PopPriorError
+from recbole_popprior.prior_source import raw_item_ids, truth_file
 from recbole_popprior.utils import atomic_write
 
 WINDOW_SPAN = 1_000_000
@@ -72,6 +75,7 @@ class SyntheticSettings:
     windows: int
     drift: float
     seed: int
+    pop_pmi: float = 0.0  # last, with a default: truth files written before it load as 0
 
     def __post_init__(self) -> None:
         _validate_synthetic({f"synthetic_{k}": v for k, v in dataclasses.asdict(self).items()})
@@ -170,6 +174,19 @@ def sinkhorn_pmi(S: np.ndarray, log_p: np.ndarray, tol: float = 1e-12, max_iter:
     return log_transition - log_p[None, :]
 
 
+def _popularity_preference(settings: SyntheticSettings) -> np.ndarray:
+    """``z_c * (log p(i) - mean) / sd``: a context-specific preference for popular items (``z_c ~ N(0, 1)``).
+
+    PMI that is correlated with popularity, context by context; the Sinkhorn scaling keeps the
+    marginals at ``p``. Drawn from its own generator, so ``pop_pmi = 0`` leaves the data unchanged.
+    """
+    base = zipf_log_p(settings.items, settings.zipf)
+    centred = base - base.mean()
+    scale = centred.std() or 1.0
+    z = np.random.default_rng([settings.seed, 1]).standard_normal(settings.items)
+    return np.outer(z, centred / scale)
+
+
 def _window_log_p(settings: SyntheticSettings, rng: np.random.Generator) -> np.ndarray:
     base = zipf_log_p(settings.items, settings.zipf)
     if settings.windows == 1:
@@ -202,6 +219,8 @@ def generate(settings: SyntheticSettings) -> SyntheticTruth:
     U = rng.standard_normal((n, r)) / np.sqrt(r)
     V = rng.standard_normal((n, r)) / np.sqrt(r)
     S = settings.pmi_scale * (U @ V.T)
+    if settings.pop_pmi:
+        S = S + settings.pop_pmi * _popularity_preference(settings)
     log_p_windows = _window_log_p(settings, rng)
     pmi_windows = np.stack([sinkhorn_pmi(S, log_p_windows[t]) for t in range(T)])
 
@@ -260,7 +279,7 @@ def write_atomic_files(truth: SyntheticTruth, directory: str | os.PathLike, name
     with atomic_write(inter_path, "w") as handle:
         handle.write("\n".join(lines))
         handle.write("\n")
-    truth.save(directory / f"{name}.truth.npz")
+    truth.save(truth_file(directory, name))
     return inter_path
 
 
@@ -278,7 +297,7 @@ def ensure_synthetic_dataset(config: Any) -> Path:
     inter_path = directory / f"{name}.inter"
     stamp_path = directory / f"{name}.settings.json"
     digest = settings.digest()
-    if inter_path.exists() and (directory / f"{name}.truth.npz").exists() and _read_digest(stamp_path) == digest:
+    if inter_path.exists() and truth_file(directory, name).exists() and _read_digest(stamp_path) == digest:
         return inter_path
     logging.getLogger().info(f"generating synthetic dataset in {directory} ({settings})")
     write_atomic_files(generate(settings), directory, name)
@@ -295,7 +314,7 @@ def load_truth(config_or_dir: Any, name: str = "synthetic") -> SyntheticTruth:
     else:
         directory = Path(_config_get(config_or_dir, "data_path"))
         name = _config_get(config_or_dir, "dataset") or name
-    path = directory / f"{name}.truth.npz"
+    path = truth_file(directory, name)
     if not path.exists():
         raise PopPriorError(f"synthetic: no truth file at {path}")
     return SyntheticTruth.load(path)
@@ -308,13 +327,8 @@ def truth_in_recbole_ids(truth: SyntheticTruth, dataset: Any, item_field: str | 
     where ``n_items = dataset.item_num`` counts padding id 0; padding rows/columns, and items that do
     not occur in the data set, are ``nan``.  ``raw_of_internal`` maps internal id -> raw id (0 = none).
     """
-    item_field = item_field or dataset.iid_field
-    token_id = dataset.field2token_id[item_field]
-    n_items = dataset.item_num
-    raw_of_internal = np.zeros(n_items, dtype=np.int64)
-    for token, internal in token_id.items():
-        if token != "[PAD]":
-            raw_of_internal[internal] = int(token)
+    raw_of_internal = raw_item_ids(dataset, item_field)
+    n_items = raw_of_internal.shape[0]
     known = raw_of_internal > 0
     idx = raw_of_internal[known] - 1
 

@@ -45,6 +45,7 @@ from recbole_popprior.model.registry import require_record
 from recbole_popprior.model.remedy_objectives import remedy_objective
 from recbole_popprior.model.sampled_softmax import SampledSoftmax, sampler_distribution
 from recbole_popprior.prior import WindowedPrior, estimate_log_prior, estimate_windowed_log_prior
+from recbole_popprior.prior_source import true_log_prior
 from recbole_popprior.remedies.ace import ace_init_table
 
 
@@ -146,7 +147,7 @@ class PriorSeparatedMixin:
     """Prior separation for a RecBole sequential model; put it first in the bases.
 
     Config keys (defaults in ``properties/overall.yaml``): ``prior_tau`` (float or
-    ``learned``), ``prior_beta`` (None = tau), ``prior_alpha``, ``prior_mode``,
+    ``learned``), ``prior_beta`` (None = tau), ``prior_alpha``, ``prior_source``, ``prior_mode``,
     ``prior_windows``, ``prior_window_by``, ``prior_serve_window``; for the factorised
     training path ``softmax_negatives``, ``softmax_sampler`` and ``remedy`` with its
     ``directspec_*``, ``adap_tau_*`` and ``resn_*`` keys; ``ace_init`` and ``ace_lambda``.
@@ -236,7 +237,11 @@ class PriorSeparatedMixin:
         item_field = config["ITEM_ID_FIELD"]
         n_items = dataset.num(item_field)
         targets = dataset.inter_feat[item_field]
-        self.register_buffer("log_prior", estimate_log_prior(targets, n_items, self.prior_alpha))
+        #: ``estimate`` (counted on the training targets) or ``true`` (the synthetic generator's p)
+        self.prior_source = config["prior_source"] if "prior_source" in config else "estimate"
+        log_prior = true_log_prior(config, dataset) if self.prior_source == "truth" else \
+            estimate_log_prior(targets, n_items, self.prior_alpha)
+        self.register_buffer("log_prior", log_prior)
         self.prior_windowed = config["prior_mode"] == "windowed"
         self.prior_serve_window = int(config["prior_serve_window"])
         self._train_window_ids: torch.Tensor | None = None
