@@ -3,14 +3,12 @@
     train:  logits[c, i] = h_c . e_i + tau  * log p_hat(i)
     serve:  scores[c, i] = h_c . e_i + beta * log p_hat(i)
 
-RecBole models have no shared logits method: each builds its logits inline and calls
-``self.loss_fct``. The mixin therefore replaces ``self.loss_fct`` after ``__init__`` with
-:class:`PriorLoss`, which adds the prior whenever the class dimension is the item table
-(auxiliary losses of other widths pass through untouched). Serving adds
-``beta * log p_hat`` in ``full_sort_predict`` and ``predict``. Models that need more
-(BERT4Rec, S3Rec, probability models, ...) are plain subclasses in
-:mod:`recbole_popprior.model.special_cases`, the one place where models differ; they override
-the class attributes below.
+RecBole models have no shared logits method: each builds its logits inline and calls ``self.loss_fct``.
+The mixin therefore replaces ``self.loss_fct`` after ``__init__`` with :class:`PriorLoss`, which adds
+the prior whenever the class dimension is the item table (auxiliary losses of other widths pass
+through untouched). Serving adds ``beta * log p_hat`` in ``full_sort_predict`` and ``predict``. Models
+that need more (BERT4Rec, S3Rec, probability models, ...) override the class attributes below in
+plain subclasses in :mod:`recbole_popprior.model.special_cases`, the one place where models differ.
 
 With ``loss_type: BPR`` (and for the BPR-only FPMC and TransRec) the model's BPR loss is wrapped
 with :class:`~recbole_popprior.model.pairwise.PairwisePriorLoss` instead, which adds
@@ -19,9 +17,8 @@ with :class:`~recbole_popprior.model.pairwise.PairwisePriorLoss` instead, which 
 With ``softmax_negatives > 0`` or a ``remedy`` training takes the factorised path instead
 (docs/DESIGN.md §6, §7): ``calculate_loss`` gets ``(H, E)`` of the training rows from
 :func:`~recbole_popprior.model.factors.training_factors` and the configured
-:class:`~recbole_popprior.model.objective.TrainingObjective` computes the loss.
-:func:`training_objective` chooses the objective. ``ace_init`` replaces the initial item
-table (docs/DESIGN.md §7.3).
+:class:`~recbole_popprior.model.objective.TrainingObjective` computes the loss (chosen by
+:func:`training_objective`). ``ace_init`` replaces the initial item table (docs/DESIGN.md §7.3).
 """
 
 from __future__ import annotations
