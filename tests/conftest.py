@@ -166,6 +166,27 @@ def loader_contexts(model, loader) -> LoaderContexts:
     return LoaderContexts(torch.cat(Hs).numpy(), E.detach().double().numpy(), ids, last)
 
 
+def pmi_spearman(arm) -> tuple[float, float]:
+    """The known-truth measure of a trained arm on the synthetic data: Spearman correlation of its
+    centred dot products ``h.e`` with the true centred PMI, and with the popularity-laden
+    ``PMI + log p`` (a separated model should track the first better than the second)."""
+    from scipy import stats
+
+    from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
+
+    sep = loader_contexts(arm.pipe.model, arm.pipe.test_data)
+    truth = truth_in_recbole_ids(load_truth(arm.pipe.config), arm.pipe.dataset)
+    pmi = truth["pmi"][sep.last_items][:, 1:]
+    scores = sep.H @ sep.E[1:].T
+
+    def centred(A: np.ndarray) -> np.ndarray:
+        return (A - A.mean(axis=1, keepdims=True)).ravel()
+
+    rho = stats.spearmanr(centred(scores), centred(pmi))[0]
+    rho_pop = stats.spearmanr(centred(scores), centred(pmi + truth["log_p"][1:]))[0]
+    return float(rho), float(rho_pop)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest single-threaded; on a busy 2-core machine extra threads thrash."""

@@ -22,15 +22,13 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
-from conftest import loader_contexts, theory_settings, tiny_config
+from conftest import pmi_spearman, theory_settings, tiny_config
 from test_model_zoo import _CACHE, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
 from recbole_popprior.compat import AUTOCAST_BROKEN
 from recbole_popprior.compare import arm_config, train_arm
 from recbole_popprior.config import Config
-from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.energy import matched_reduction, popularity_energy
 from recbole_popprior.model import supported_models
@@ -170,14 +168,8 @@ def test_separated_model_trained_with_amp_tracks_pmi(tmp_path):
     config = arm_config("SASRec", "synthetic", None, settings, seed=None, baseline=False, run_dir=tmp_path / "sep")
     arm = train_arm("separated", config, saved=False)
     assert arm.pipe.trainer.enable_amp
-    sep = loader_contexts(arm.pipe.model, arm.pipe.test_data)
-    truth = truth_in_recbole_ids(load_truth(arm.pipe.config), arm.pipe.dataset)
-    pmi = truth["pmi"][sep.last_items][:, 1:]
-    Z = sep.H @ sep.E[1:].T
-    centred = lambda A: A - A.mean(axis=1, keepdims=True)  # noqa: E731
-    rho = stats.spearmanr(centred(Z).ravel(), centred(pmi).ravel())[0]
+    rho, rho_pop = pmi_spearman(arm)
     assert rho >= 0.90, rho  # tests/test_theory.py's bound for the float32 run
-    rho_pop = stats.spearmanr(centred(Z).ravel(), centred(pmi + truth["log_p"][1:]).ravel())[0]
     assert rho_pop < rho, (rho_pop, rho)
 
 

@@ -10,9 +10,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-from conftest import loader_contexts, numpy_log_prior, theory_settings, tiny_config, window_of
+from conftest import numpy_log_prior, pmi_spearman, theory_settings, tiny_config, window_of
 from test_model_zoo import N_ITEMS, Zoo, s3rec_pretrained, zoo_data  # noqa: F401  (fixtures)
 
 from recbole.utils import init_seed
@@ -20,7 +19,6 @@ from recbole.utils import init_seed
 from recbole_popprior.compare import arm_config, train_arm
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
-from recbole_popprior.data.synthetic import load_truth, truth_in_recbole_ids
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import get_model, supported_models
 from recbole_popprior.model.factors import factorised_training_refusal, training_factors
@@ -326,13 +324,7 @@ def test_popularity_sampled_separated_model_tracks_pmi(tmp_path) -> None:
     config = arm_config("SASRec", "synthetic", None, settings, seed=None, baseline=False, run_dir=tmp_path / "sep")
     arm = train_arm("separated", config, saved=False)
     assert arm.pipe.model.training_objective is not None
-    sep = loader_contexts(arm.pipe.model, arm.pipe.test_data)
-    truth = truth_in_recbole_ids(load_truth(arm.pipe.config), arm.pipe.dataset)
-    pmi = truth["pmi"][sep.last_items][:, 1:]
-    Z = sep.H @ sep.E[1:].T
-    centred = lambda A: A - A.mean(axis=1, keepdims=True)  # noqa: E731
-    rho = stats.spearmanr(centred(Z).ravel(), centred(pmi).ravel())[0]
+    rho, rho_pop = pmi_spearman(arm)
     assert rho >= 0.90, rho
     # and not the popularity-laden logit: the sampled model did not relearn log p
-    rho_pop = stats.spearmanr(centred(Z).ravel(), centred(pmi + truth["log_p"][1:]).ravel())[0]
     assert rho_pop < rho, (rho_pop, rho)

@@ -114,7 +114,7 @@ class _KeepScale(torch.autograd.Function):
 
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with a mask from :func:`keep_mask` (still an ``nn.Dropout``: ``isinstance``
-    checks, ``p``, ``train()``/``eval()`` and ``state_dict`` are unchanged)."""
+    checks, ``p``, the train and eval modes and ``state_dict`` are unchanged)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or self.inplace:
