@@ -57,8 +57,10 @@ RUN_FILE, CONTEXTS_FILE = "run.json", "contexts.npz"
 MODES = ("static", "windowed")
 #: keys the sweep chooses per run; the user's config must leave them alone
 SWEPT_KEYS = ("prior_tau", "prior_source", "prior_mode", "popprior_baseline")
-#: settings that do not change a run's numbers (left out of its digest, so a resume may differ in them)
-_COSMETIC_KEYS = frozenset({"output", "show_progress", "state", "checkpoint_dir"})
+#: settings that do not change a run's numbers (left out of its digest, so a resume may differ in them);
+#: ``seed`` only picks the first of the sweep's seeds: each run's own seed is in its digest, so runs of
+#: ``--seed=2022 --seeds=1`` (another machine, another folder) join a ``--seeds=3`` sweep of base 2020
+_COSMETIC_KEYS = frozenset({"output", "show_progress", "state", "checkpoint_dir", "seed"})
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,18 @@ def test_resume_trains_only_what_is_missing_and_refuses_other_settings(tmp_path)
     report_only = run_tau_sweep("SASRec", "synthetic", "0,1,learned", seeds=2, config_dict=settings, output=out,
                                 train=False)
     assert report_only["trained_now"] == 0 and report_only["seeds"] == [7]
+    # seed 8 trained elsewhere as a sweep of its own (base seed 8), its folders copied in: a sweep of
+    # base 7 with two seeds takes them as they are; a folder of another seed is not taken for seed 8
+    elsewhere = tmp_path / "elsewhere"
+    run_tau_sweep("SASRec", "synthetic", "0,1", seeds=1, config_dict={**settings, "seed": 8}, output=elsewhere)
+    for variant in (Variant(0.0), Variant(1.0)):
+        shutil.copytree(run_folder(elsewhere, variant, 8), run_folder(out, variant, 8))
+    joined = run_tau_sweep("SASRec", "synthetic", "0,1", seeds=2, config_dict=settings, output=out)
+    assert joined["trained_now"] == 0 and joined["seeds"] == [7, 8]
+    shutil.rmtree(run_folder(out, Variant(1.0), 8))
+    shutil.copytree(run_folder(out, Variant(1.0), 7), run_folder(out, Variant(1.0), 8))
+    with pytest.raises(PopPriorError, match="other settings"):
+        run_tau_sweep("SASRec", "synthetic", "0,1", seeds=2, config_dict=settings, output=out)
 
 
 def test_windowed_prior_runs_report_the_dense_subspace_share(tmp_path) -> None:
