@@ -227,8 +227,11 @@ def _check_rows(rows: Mapping[str, np.ndarray], arm: Arm) -> None:
     if mine.m != state.contexts.m:
         raise PopPriorError(f"the tau sweep measures every test context ({mine.m}), the energy metrics saw "
                             f"{state.contexts.m}: remove energy_max_contexts")
+    # Other contexts give O(1) differences. The same contexts through two float32 passes (another
+    # kernel path or GEMM blocking) agree to ~1e-6 per entry of H, and G's small entries lose that
+    # through cancellation: rtol 1e-6 refused a converged ml-100k run with the speed preset.
     scale = float(np.abs(state.contexts.G).max()) or 1.0
-    if not np.allclose(mine.G, state.contexts.G, rtol=1e-6, atol=1e-9 * scale):
+    if not np.allclose(mine.G, state.contexts.G, rtol=1e-4, atol=1e-5 * scale):
         raise RuntimeError("the tau sweep's context pass disagrees with the evaluation's contexts")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import runpy
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from conftest import synthetic_settings
 from recbole_popprior.compare import run_compare
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.evaluator.truth import row_spearman
-from recbole_popprior.tau_sweep import (Variant, load_contexts, parse_taus, plan_variants, prepare, run_folder,
-                                        run_tau_sweep)
+from recbole_popprior.evaluator.energy import ContextStats
+from recbole_popprior.tau_sweep import (Variant, _check_rows, load_contexts, parse_taus, plan_variants, prepare,
+                                        run_folder, run_tau_sweep)
 from recbole_popprior.tau_sweep_report import sweep_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,3 +193,19 @@ def test_the_script_plots_any_set_of_sweeps_and_refuses_bad_input(sweep, tmp_pat
         status, err = _script(argv, capsys)
         lines = [line for line in err.splitlines() if line.strip()]
         assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
+
+
+def test_the_context_check_takes_float32_noise_and_refuses_other_contexts() -> None:
+    """The sweep's own pass must be the energies' contexts: the same rows through another float32 kernel
+    path (rounding of about 1e-6 per entry, as the speed preset's encoder gives) pass; the same number
+    of other contexts, or the same ones with one row changed, do not."""
+    rng = np.random.default_rng(0)
+    H = rng.standard_normal((943, 64)).astype(np.float32).astype(np.float64)
+    arm = types.SimpleNamespace(state=types.SimpleNamespace(contexts=ContextStats.from_H(H)), pipe=None)
+    noisy = H * (1 + rng.uniform(-2 ** -20, 2 ** -20, H.shape))  # float32 rounding, twice over
+    _check_rows({"H": noisy}, arm)
+    other = H.copy()
+    other[7] = rng.standard_normal(64)
+    for rows in (rng.standard_normal(H.shape), other):
+        with pytest.raises(RuntimeError, match="disagrees"):
+            _check_rows({"H": rows}, arm)
