@@ -111,18 +111,9 @@ def write_tiny(root: Path, name: str = "gpucheck_tiny", n_users: int = 40, n_ite
     lines = ["user_id:token\titem_id:token\ttimestamp:float"]
     for u in range(1, n_users + 1):
         lines += [f"{u}\t{int(i)}\t{1000 * u + t}" for t, i in enumerate(rng.choice(n_items, size=length, p=p) + 1)]
-    vec = lambda: " ".join(f"{v:.4f}" for v in rng.normal(size=8))  # noqa: E731
-    files = {
-        "inter": lines,
-        "item": ["item_id:token\tclass:token_seq"] + [f"{i}\tc{i % 4} c{(i * 7) % 5}" for i in range(1, n_items + 1)],
-        "link": ["item_id:token\tentity_id:token"] + [f"{i}\te{i}" for i in range(1, n_items + 1)],
-        "kg": ["head_id:token\trelation_id:token\ttail_id:token"]
-        + [f"e{i}\tr{i % 2}\tx{i % 3}" for i in range(1, n_items + 1)]
-        + [f"e{i}\tr2\te{i % n_items + 1}" for i in range(1, n_items + 1)],
-        "ent": ["ent_id:token\tent_emb:float_seq"]
-        + [f"{e}\t{vec()}" for e in [f"e{i}" for i in range(1, n_items + 1)] + ["x0", "x1", "x2"]],
-        "rel": ["rel_id:token\trel_emb:float_seq"] + [f"r{r}\t{vec()}" for r in range(3)],
-    }
+    from recbole_popprior.data.synthetic import feature_and_kg_files
+
+    files = {"inter": lines, **feature_and_kg_files(n_items, rng)}
     for suffix, rows in files.items():
         (folder / f"{name}.{suffix}").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return root

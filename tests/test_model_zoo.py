@@ -28,6 +28,7 @@ from recbole.utils import init_seed
 from recbole_popprior import checkpoint
 from recbole_popprior.config import Config
 from recbole_popprior.data import create_dataset, data_preparation
+from recbole_popprior.data.synthetic import feature_and_kg_files
 from recbole_popprior.errors import PopPriorError
 from recbole_popprior.model import PriorSeparatedMixin, get_model, record_of, records, supported_models
 
@@ -45,17 +46,7 @@ def write_zoo(root: Path, name: str = "zoo", n_users: int = 40) -> Path:
     folder = root / name
     write_inter(folder / f"{name}.inter", tiny_rows(n_users=n_users, n_items=N_ITEMS, length=10))
     rng = np.random.default_rng(1)
-    vec = lambda: " ".join(f"{v:.4f}" for v in rng.normal(size=8))  # noqa: E731
-    files = {
-        "item": ["item_id:token\tclass:token_seq"] + [f"{i}\tc{i % 4} c{(i * 7) % 5}" for i in range(1, N_ITEMS + 1)],
-        "link": ["item_id:token\tentity_id:token"] + [f"{i}\te{i}" for i in range(1, N_ITEMS + 1)],
-        "kg": ["head_id:token\trelation_id:token\ttail_id:token"]
-        + [f"e{i}\tr{i % 2}\tx{i % 3}" for i in range(1, N_ITEMS + 1)]
-        + [f"e{i}\tr2\te{i % N_ITEMS + 1}" for i in range(1, N_ITEMS + 1)],
-        "ent": ["ent_id:token\tent_emb:float_seq"]
-        + [f"{e}\t{vec()}" for e in [f"e{i}" for i in range(1, N_ITEMS + 1)] + ["x0", "x1", "x2"]],
-        "rel": ["rel_id:token\trel_emb:float_seq"] + [f"r{r}\t{vec()}" for r in range(3)],
-    }
+    files = feature_and_kg_files(N_ITEMS, rng)
     for suffix, lines in files.items():
         (folder / f"{name}.{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root

@@ -355,3 +355,20 @@ def _read_digest(path: Path) -> str | None:
         return json.loads(path.read_text())["digest"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def feature_and_kg_files(n_items: int, rng: np.random.Generator) -> dict[str, list[str]]:
+    """The lines of a generated log's side files, by suffix: ``.item`` (a ``token_seq`` feature for
+    the feature-aware models) and the knowledge graph KSR and GRU4RecKG read (``.kg``, ``.link``,
+    ``.ent`` and ``.rel`` with 8-d pretrained embeddings), over items ``1..n_items``."""
+    items = range(1, n_items + 1)
+    vec = lambda: " ".join(f"{v:.4f}" for v in rng.normal(size=8))  # noqa: E731
+    return {
+        "item": ["item_id:token\tclass:token_seq"] + [f"{i}\tc{i % 4} c{(i * 7) % 5}" for i in items],
+        "link": ["item_id:token\tentity_id:token"] + [f"{i}\te{i}" for i in items],
+        "kg": ["head_id:token\trelation_id:token\ttail_id:token"] + [f"e{i}\tr{i % 2}\tx{i % 3}" for i in items]
+        + [f"e{i}\tr2\te{i % n_items + 1}" for i in items],
+        "ent": ["ent_id:token\tent_emb:float_seq"]
+        + [f"{e}\t{vec()}" for e in [f"e{i}" for i in items] + ["x0", "x1", "x2"]],
+        "rel": ["rel_id:token\trel_emb:float_seq"] + [f"r{r}\t{vec()}" for r in range(3)],
+    }
