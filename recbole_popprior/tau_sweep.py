@@ -48,7 +48,7 @@ from recbole_popprior.prior import estimate_windowed_log_prior
 from recbole_popprior.prior_source import PRIOR_SOURCES
 from recbole_popprior.quick_start import build_pipeline, train_and_test
 from recbole_popprior.tau_sweep_plot import plot_tau_sweep
-from recbole_popprior.tau_sweep_report import compare_from_runs, summarise_sweep, sweep_csv, sweep_markdown
+from recbole_popprior.tau_sweep_report import compare_from_runs, kept_epoch, summarise_sweep, sweep_csv, sweep_markdown
 from recbole_popprior.trained import with_metrics
 from recbole_popprior.utils import atomic_write, write_json
 
@@ -273,7 +273,7 @@ def train_run(setup: SweepSetup, variant: Variant, seed: int) -> dict[str, Any]:
     _check_rows(rows, arm)
     arrays = _arrays(arm, rows)
     bigger = bool(config["valid_metric_bigger"])
-    best = max(curve, key=lambda c: c[1] if bigger else -c[1])[0] if curve else None
+    best = kept_epoch(curve, bigger)
     epochs, split_digest = len(pipe.trainer.train_loss_dict), data_digest(pipe)
     release_arm(arm)  # the model, trainer and loaders go before the next run trains (what it needs is saved)
     del pipe
@@ -281,7 +281,7 @@ def train_run(setup: SweepSetup, variant: Variant, seed: int) -> dict[str, Any]:
            "digest": run_digest(setup, variant, seed), "model": setup.model, "dataset": setup.dataset,
            "record": record, "data_digest": split_digest, "epochs": epochs, "best_epoch": best,
            "max_epochs": int(config["epochs"]), "stopped_early": epochs < int(config["epochs"]),
-           "valid_curve": curve, "valid_metric": config["valid_metric"],
+           "valid_curve": curve, "valid_metric": config["valid_metric"], "valid_metric_bigger": bigger,
            "fit_seconds": result.get("fit_seconds"), "wall_seconds": time.perf_counter() - start,
            "topk": int(config["topk"][0]), "permutations": int(config["energy_permutations"]),
            "energy_seed": int(config["energy_seed"]), "confidence": float(config["compare_confidence"]),

@@ -58,6 +58,17 @@ def pop_slope(mean_row: np.ndarray, log_prior: np.ndarray) -> float:
     return float(z @ lp / (lp @ lp))
 
 
+def kept_epoch(curve: Sequence[Sequence[float]], bigger: bool = True) -> int | None:
+    """The validated epoch whose model RecBole keeps and tests: the *last* of the tied best scores.
+
+    RecBole's ``early_stopping`` updates on ``value >= best``, and its valid scores are rounded to
+    4 digits, so ties are common; a plain ``max`` names the first of them, a model RecBole discarded."""
+    if not curve:
+        return None
+    sign = 1.0 if bigger else -1.0
+    return int(max(reversed(list(curve)), key=lambda c: sign * c[1])[0])
+
+
 def _split(energy: Mapping[str, Any]) -> dict[str, float]:
     """``dir_frac`` cut into its context-shared and context-specific parts, ``E_shared / T + E_specific / T``
     (DESIGN §12: estimating ``p`` and mis-weighting it can only add to the shared part)."""
@@ -68,6 +79,15 @@ def _split(energy: Mapping[str, Any]) -> dict[str, float]:
 def _windows(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
     W = arrays.get(key)
     return W if W is not None and W.ndim == 2 and W.shape[0] > 1 else None
+
+
+def _best_epoch(run: Mapping[str, Any]) -> int | None:
+    """1-based kept epoch, from the saved validation curve (runs saved before ``valid_metric_bigger``
+    was recorded used RecBole's default, bigger is better)."""
+    kept = kept_epoch(run.get("valid_curve") or [], bool(run.get("valid_metric_bigger", True)))
+    if kept is None and run.get("best_epoch") is not None:
+        kept = int(run["best_epoch"])
+    return None if kept is None else kept + 1
 
 
 def measure_run(run: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ref_arrays: Mapping[str, np.ndarray]
@@ -91,7 +111,7 @@ def measure_run(run: Mapping[str, Any], arrays: Mapping[str, np.ndarray], ref_ar
         # the run's own permutation test of dir_frac (PopPermutation at its test evaluation, DESIGN §3.1)
         "p_own": run["record"]["specificity"][name].get("p_value"),
         "null_mean_own": run["record"]["specificity"][name].get("null_mean"),
-        "epochs": run["epochs"], "best_epoch": None if run["best_epoch"] is None else run["best_epoch"] + 1,
+        "epochs": run["epochs"], "best_epoch": _best_epoch(run),
         "fit_seconds": run["fit_seconds"],
         "wall_seconds": run["wall_seconds"], "stopped_early": run["stopped_early"]}
     if arrays is not ref_arrays:

@@ -209,3 +209,24 @@ def test_the_context_check_takes_float32_noise_and_refuses_other_contexts() -> N
     for rows in (rng.standard_normal(H.shape), other):
         with pytest.raises(RuntimeError, match="disagrees"):
             _check_rows({"H": rows}, arm)
+
+
+def test_the_kept_epoch_is_the_one_recbole_keeps_on_ties() -> None:
+    """RecBole's own early_stopping, replayed over 4-digit curves full of ties, against kept_epoch."""
+    from recbole.utils import early_stopping
+
+    from recbole_popprior.tau_sweep_report import _best_epoch, kept_epoch
+
+    rng = np.random.default_rng(0)
+    for bigger in (True, False):
+        for _ in range(200):
+            scores = np.round(rng.choice([0.0601, 0.0602, 0.0603], size=int(rng.integers(1, 15))), 4)
+            best, step, kept = (-np.inf if bigger else np.inf), 0, None
+            for epoch, value in enumerate(scores):
+                best, step, _, update = early_stopping(float(value), best, step, max_step=100, bigger=bigger)
+                kept = epoch if update else kept
+            curve = [[epoch, float(v)] for epoch, v in enumerate(scores)]
+            assert kept_epoch(curve, bigger) == kept
+    # the report reads the curve, so runs saved with the old first-of-ties value are reported right
+    run = {"valid_curve": [[0, 0.05], [1, 0.07], [2, 0.06], [3, 0.07], [4, 0.065]], "best_epoch": 1}
+    assert _best_epoch(run) == 4 and kept_epoch([]) is None
